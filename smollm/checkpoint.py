@@ -1,0 +1,244 @@
+"""HuggingFace checkpoints in and out: `config.json` + safetensors, strictly.
+
+Loading never unpickles anything: only `model.safetensors` or a sharded
+`model.safetensors.index.json` is read. Every tensor the model needs must be there with
+the right shape, and every tensor there must be used; otherwise a `CheckpointError`
+names the tensor (and both shapes), or the file when it is truncated or corrupt.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, SmolLMConfig
+from .model import SmolLM
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+# Buffers some older Llama checkpoints stored; we rebuild them from the config.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is: the message names the file or tensor."""
+
+
+# ------------------------------------------------------------------------ loading
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local checkpoint directory, downloading a hub id (`owner/name`) into the cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory holding {CONFIG_NAME}")
+    from . import hub
+
+    if hub.looks_like_repo_id(str(name_or_path)):
+        return hub.snapshot_model(str(name_or_path))
+    raise CheckpointError(f"{path}: no such checkpoint directory, and not a hub id like 'HuggingFaceTB/SmolLM-135M'")
+
+
+def weight_files(checkpoint_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, single-file or sharded."""
+    single, index = checkpoint_dir / WEIGHTS_NAME, checkpoint_dir / WEIGHTS_INDEX_NAME
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        shards = []
+        for name in dict.fromkeys(weight_map.values()):  # unique, in order
+            shard = checkpoint_dir / name
+            if Path(name).is_absolute() or ".." in Path(name).parts or shard.parent != checkpoint_dir:
+                raise CheckpointError(f"{index}: shard name {name!r} points outside {checkpoint_dir}")
+            if not shard.is_file():
+                raise CheckpointError(f"{index}: shard {name} is missing from {checkpoint_dir}")
+            shards.append(shard)
+        return shards
+    pickled = [n for n in PICKLE_NAMES if (checkpoint_dir / n).exists()]
+    if pickled:
+        raise CheckpointError(
+            f"{checkpoint_dir} holds only {pickled[0]}, a pickle checkpoint, which is never loaded "
+            f"(it can run arbitrary code). Convert it to {WEIGHTS_NAME} with safetensors first."
+        )
+    raise CheckpointError(f"{checkpoint_dir}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} is there")
+
+
+def read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Yield (name, tensor, file) for every tensor; a corrupt or truncated file raises CheckpointError."""
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name), file
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            size = file.stat().st_size if file.exists() else 0
+            raise CheckpointError(
+                f"{file}: corrupt or truncated safetensors file ({size} bytes): {e}"
+            ) from None
+
+
+@torch.no_grad()
+def load_weights(model: SmolLM, files: list[Path]) -> None:
+    """Copy every tensor of `files` into `model`, strictly (names, shapes, completeness)."""
+    params = dict(model.named_parameters())  # a tied head appears once, as embed_tokens
+    expected = set(params)
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for name, tensor, file in read_safetensors(files):
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and model.tied:
+            continue  # a tied checkpoint may carry a copy of the embedding; the embedding wins
+        if name not in params:
+            unexpected.append(f"{name} (in {file.name})")
+            continue
+        target = params[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{file}: tensor {name} has shape {tuple(tensor.shape)}, but the model "
+                f"(from config.json) expects {tuple(target.shape)}"
+            )
+        if name in seen:
+            raise CheckpointError(f"{file}: tensor {name} appears in more than one shard")
+        target.copy_(tensor)
+        seen.add(name)
+    if unexpected:
+        raise CheckpointError(
+            f"unexpected tensors in the checkpoint (config.json does not describe them): {unexpected[:10]}"
+            + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
+        )
+    missing = sorted(expected - seen)
+    if missing:
+        raise CheckpointError(
+            f"tensors missing from {', '.join(f.name for f in files)}: {missing[:10]}"
+            + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        )
+
+
+def load_pretrained(name_or_path: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> SmolLM:
+    """Load a SmolLM from a local HF checkpoint directory or a hub id.
+
+    dtype: the parameters' dtype (default float32, whatever the checkpoint stores).
+    """
+    directory = resolve_checkpoint_dir(name_or_path)
+    try:
+        config = SmolLMConfig.from_json(directory / CONFIG_NAME)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    files = weight_files(directory)
+    with torch.device("meta"):  # no time spent on a random init that is overwritten anyway
+        model = SmolLM(config)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives each module its own tensor; tie them again
+    load_weights(model, files)
+    model.to(device=device, dtype=dtype or torch.float32)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------- saving
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it into place only if the block succeeds.
+
+    A crash mid-write leaves whatever was at `final` before untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def export_state_dict(model: SmolLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """HF-named tensors to save: contiguous CPU copies, the tied head left out (HF re-ties it)."""
+    out = {}
+    for name, p in model.named_parameters():  # tied: lm_head.weight is not listed separately
+        t = p.detach().to("cpu", dtype=dtype or p.dtype).contiguous()
+        out[name] = t.clone() if t.data_ptr() == p.data_ptr() else t
+    if not model.tied and "lm_head.weight" not in out:
+        out["lm_head.weight"] = model.lm_head.weight.detach().cpu().contiguous()
+    return out
+
+
+def save_pretrained(model: SmolLM, out_dir: str | os.PathLike, *, tokenizer=None,
+                    dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` (or shards + index) in HuggingFace's layout.
+
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads the result. A tokenizer
+    (a `SmolTokenizer`, or a path that `load_tokenizer` reads) is written beside it.
+    Each file is written atomically.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_hf_dict()
+    config["tie_word_embeddings"] = model.tied  # an untied copy of a tied model stays untied
+    tensors = export_state_dict(model, dtype)
+    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    write_json(out / CONFIG_NAME, config)
+
+    shards = _split_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        with atomic_path(out / WEIGHTS_NAME) as tmp:
+            save_file(shards[0], str(tmp), metadata={"format": "pt"})
+        (out / WEIGHTS_INDEX_NAME).unlink(missing_ok=True)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            with atomic_path(out / name) as tmp:
+                save_file(shard, str(tmp), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(out / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        (out / WEIGHTS_NAME).unlink(missing_ok=True)
+
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, out)
+    return out
+
+
+def _split_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_shard_bytes:
+        return [tensors]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    from .tokenizer import load_tokenizer
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    tokenizer.save(out)

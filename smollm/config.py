@@ -1,0 +1,172 @@
+"""SmolLM configuration: a typed dataclass with HuggingFace's `config.json` field names.
+
+SmolLM is a Llama-architecture decoder, so a checkpoint's `config.json` is a
+`LlamaConfig`. We read the fields we implement, and refuse (with a clear error)
+any setting this model cannot honour, rather than silently running a different
+network: another `model_type`, a `rope_scaling` other than the default, biases
+in attention or MLP, an activation other than SiLU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config.json that this model cannot run faithfully."""
+
+
+@dataclass
+class SmolLMConfig:
+    vocab_size: int = 49152  # tokens in the vocabulary (embedding rows)
+    hidden_size: int = 576  # width of the residual stream, C
+    intermediate_size: int = 1536  # width of the SwiGLU MLP's hidden layer
+    num_hidden_layers: int = 30  # number of transformer blocks
+    num_attention_heads: int = 9  # query heads, H
+    num_key_value_heads: int = 3  # key/value heads, KV (grouped-query attention: H % KV == 0)
+    head_dim: int | None = None  # per-head width D; None means hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5  # epsilon inside RMSNorm's square root
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+    max_position_embeddings: int = 2048  # longest sequence the rotary table is built for
+    tie_word_embeddings: bool = True  # LM head shares the input embedding matrix
+    bos_token_id: int | None = 0  # beginning-of-sequence token id
+    eos_token_id: int | None = 0  # end-of-sequence token id (generation stops here)
+    pad_token_id: int | None = None  # padding id; None means reuse eos for padding
+    initializer_range: float = 0.02  # std of the normal init for fresh (untrained) weights
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size={self.hidden_size} is not divisible by "
+                    f"num_attention_heads={self.num_attention_heads}; give head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def padding_id(self) -> int:
+        """The id used to pad batches: pad_token_id, else eos_token_id, else 0."""
+        for candidate in (self.pad_token_id, self.eos_token_id):
+            if candidate is not None:
+                return candidate
+        return 0
+
+    # ------------------------------------------------------------------ HF JSON
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "config") -> "SmolLMConfig":
+        """Build from a HuggingFace config dict, refusing settings we do not implement."""
+        _check_supported(raw, source)
+        nullable = {"head_dim", "bos_token_id", "eos_token_id", "pad_token_id"}
+        kwargs = {
+            f.name: raw[f.name]
+            for f in dataclasses.fields(cls)
+            if f.name in raw and (raw[f.name] is not None or f.name in nullable)
+        }
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if "rope_theta" not in kwargs and isinstance(rope, dict) and "rope_theta" in rope:
+            kwargs["rope_theta"] = rope["rope_theta"]  # transformers >= 5 nests it here
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(kwargs.get(key), list):  # some configs list several EOS ids
+                kwargs[key] = kwargs[key][0] if kwargs[key] else None
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "SmolLMConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json there") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        return cls.from_dict(raw, source=str(path))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` that `transformers` reads as a LlamaForCausalLM."""
+        d = dataclasses.asdict(self)
+        d.update(
+            architectures=["LlamaForCausalLM"],
+            model_type="llama",
+            hidden_act="silu",
+            attention_bias=False,
+            attention_dropout=0.0,
+            mlp_bias=False,
+            rope_scaling=None,
+            use_cache=True,
+            torch_dtype="float32",
+        )
+        return d
+
+
+def _check_supported(raw: dict[str, Any], source: str) -> None:
+    model_type = raw.get("model_type", "llama")
+    if model_type != "llama":
+        raise ConfigError(f"{source}: model_type={model_type!r} is not supported; SmolLM is a 'llama' model")
+    archs = raw.get("architectures") or ["LlamaForCausalLM"]
+    if any(a != "LlamaForCausalLM" for a in archs):
+        raise ConfigError(f"{source}: architectures={archs} is not supported; expected ['LlamaForCausalLM']")
+    act = raw.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError(f"{source}: hidden_act={act!r} is not supported; the SwiGLU MLP uses 'silu'")
+    for key in ("attention_bias", "mlp_bias"):
+        if raw.get(key):
+            raise ConfigError(f"{source}: {key}=true is not supported; SmolLM has no biases")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = raw.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: {key}={rope!r} is not a JSON object")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(
+                f"{source}: {key} with rope_type={rope_type!r} is not implemented; "
+                "only plain rotary embeddings (rope_type 'default') are"
+            )
+    if raw.get("pretraining_tp", 1) != 1:
+        raise ConfigError(f"{source}: pretraining_tp={raw['pretraining_tp']} is not supported")
+
+
+# ----------------------------------------------------------------------- presets
+# Sources: https://huggingface.co/HuggingFaceTB/SmolLM-135M/blob/main/config.json and siblings.
+SMOLLM_135M = SmolLMConfig()  # 30 x 576, 9 heads / 3 KV heads, tied, rope_theta 1e4
+SMOLLM_360M = SmolLMConfig(
+    hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+    num_attention_heads=15, num_key_value_heads=5,
+)
+SMOLLM2_135M = SmolLMConfig(rope_theta=100000.0, max_position_embeddings=8192)
+# SmolLM-135M-Instruct: the same network, chat special tokens as BOS/EOS.
+SMOLLM_135M_INSTRUCT = SmolLMConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+# A tiny config for tests: every feature (GQA, tied head) at toy size.
+TINY = SmolLMConfig(
+    vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+)
+
+PRESETS: dict[str, SmolLMConfig] = {
+    "smollm-135m": SMOLLM_135M,
+    "smollm-135m-instruct": SMOLLM_135M_INSTRUCT,
+    "smollm-360m": SMOLLM_360M,
+    "smollm2-135m": SMOLLM2_135M,
+    "tiny": TINY,
+}

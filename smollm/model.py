@@ -1,0 +1,283 @@
+"""SmolLM, a Llama-architecture decoder, written top to bottom like the architecture.
+
+    tokens -> embed -> [ RMSNorm -> attention(RoPE, GQA) -> + -> RMSNorm -> SwiGLU MLP -> + ] x L
+           -> RMSNorm -> LM head -> logits
+
+Shape legend: B batch, T new positions, S attended positions (cached + new), C hidden size,
+H query heads, KV key/value heads, D head dim, V vocabulary, I MLP width.
+
+Parameter names equal HuggingFace's LlamaForCausalLM (`model.layers.{i}.self_attn.q_proj.weight`,
+...), so a checkpoint loads by name with no renaming, and `save_pretrained` writes one that
+`transformers` loads. Numerics follow HF too: RMSNorm in fp32 then cast back, rotary cos/sin
+tables kept in fp32, softmax inside scaled_dot_product_attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SmolLMConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm: x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding tables, in HF's split-halves (`rotate_half`) convention.
+
+    Dimension i of the first half of a head is rotated together with dimension i of the
+    second half (not interleaved pairs), so HF checkpoints need no q/k permutation.
+    cos/sin are fp32, non-persistent buffers of shape [max_positions, D].
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        cos, sin = self._tables(torch.device("cpu"))
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)  # [D/2]
+        positions = torch.arange(self.max_positions, device=device).float()
+        freqs = torch.outer(positions, inv_freq)  # [P, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [P, D]: both halves share a frequency
+        return angles.cos(), angles.sin()
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` would cast the tables and `to_empty` would leave them
+        # uninitialised: rebuild them, in fp32, on whatever device the module moved to.
+        super()._apply(fn, recurse)
+        self.cos, self.sin = self._tables(self.cos.device)
+        return self
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, T] -> cos, sin [B, 1, T, D] (broadcast over heads)."""
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] on the last dimension, split into halves."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys [B, heads, T, D] by their positions' angles."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer for positions already seen, preallocated.
+
+    `generate` makes one, the model writes into it: after a forward over T new positions,
+    `length` grows by T and the next forward only needs the new tokens.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int,
+                 head_dim: int, *, device=None, dtype=torch.float32):
+        shape = (batch_size, num_kv_heads, max_length, head_dim)  # [B, KV, S_max, D]
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.max_length = max_length
+        self.length = 0  # positions stored (advanced by the model after its last layer)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new k, v [B, KV, T, D] and return all of them so far [B, KV, S, D]."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache is full: {end} positions requested, {self.max_length} allocated")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention: H query heads share KV key/value heads."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, layer_idx: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)  # [B, KV, S, D]
+        # Grouped-query attention: each KV head serves H // KV query heads.
+        groups = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(groups, dim=1)  # [B, H, S, D]
+        v = v.repeat_interleave(groups, dim=1)  # [B, H, S, D]
+        if mask is None:  # no padding, no cache: the plain causal mask, fastest kernels
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask [B, 1, T, S]
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # [B, T, H*D]
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, eps: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.mlp = MLP(hidden_size, intermediate_size)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, layer_idx: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SmolLM(nn.Module):
+    """The whole decoder. `model(input_ids, attention_mask)` -> logits [B, T, V]."""
+
+    def __init__(self, config: SmolLMConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(c.vocab_size, c.hidden_size),
+            layers=nn.ModuleList(
+                Block(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+                      c.head_dim, c.rms_norm_eps)
+                for _ in range(c.num_hidden_layers)
+            ),
+            norm=RMSNorm(c.hidden_size, c.rms_norm_eps),
+        ))
+        self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings, make the LM head the very same tensor as the embedding."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+    @property
+    def tied(self) -> bool:
+        """Whether the LM head is the very same tensor as the input embedding."""
+        return self.lm_head.weight is self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V].
+
+        attention_mask [B, S], 1 for real tokens and 0 for padding, covers the cached positions
+        too (S = kv_cache.length + T). Right or left padding both work: positions count from
+        each row's first real token, and no real token attends to a padding token.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, kv_cache)
+        return self.lm_head(hidden)  # [B, T, V]
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      kv_cache: KVCache | None = None, *, start_layer: int = 0,
+                      end_layer: int | None = None, hidden: torch.Tensor | None = None,
+                      final_norm: bool = True) -> torch.Tensor:
+        """The residual stream [B, T, C] after blocks [start_layer, end_layer), then the final norm.
+
+        The defaults run the whole trunk. `start_layer`/`end_layer`/`hidden` run a slice of it
+        (used to share a frozen trunk between policy and reference); `final_norm=False` skips
+        model.norm, e.g. when more blocks follow.
+        """
+        end_layer = self.config.num_hidden_layers if end_layer is None else end_layer
+        past = kv_cache.length if kv_cache is not None else 0
+        position_ids, mask = self._positions_and_mask(input_ids, attention_mask, past)
+        cos, sin = self.rotary(position_ids)  # [B, 1, T, D] each
+        x = self.model.embed_tokens(input_ids) if hidden is None else hidden  # [B, T, C]
+        for i in range(start_layer, end_layer):
+            x = self.model.layers[i](x, cos, sin, mask, kv_cache, i)
+        if kv_cache is not None and end_layer == self.config.num_hidden_layers:
+            kv_cache.length += input_ids.shape[1]
+        return self.model.norm(x) if final_norm else x
+
+    def _positions_and_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                            past: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Position ids [B, T] and a boolean attention mask [B, 1, T, S] (None: plain causal)."""
+        B, T = input_ids.shape
+        S = past + T
+        if S > self.config.max_position_embeddings:  # positions never exceed S - 1
+            raise ValueError(
+                f"{S} positions (cached {past} + new {T}) exceed max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        device = input_ids.device
+        if attention_mask is None:
+            position_ids = torch.arange(past, S, device=device).expand(B, T)
+            if past == 0:
+                return position_ids, None
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=device)
+        if attention_mask.shape != (B, S):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
+                f"(batch, cached {past} + new {T} positions)"
+            )
+        real = attention_mask.bool()  # [B, S]
+        # Positions count real tokens only, so left padding shifts nothing.
+        position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
+        if past == 0 and bool(real.all()):
+            return position_ids, None
+        query_pos = torch.arange(past, S, device=device)[:, None]  # [T, 1]
+        key_pos = torch.arange(S, device=device)[None, :]  # [1, S]
+        causal = key_pos <= query_pos  # [T, S]
+        # A padding query would see no key at all (a NaN row); let every query see itself.
+        allowed = causal & (real[:, None, :] | (key_pos == query_pos))  # [B, T, S]
+        return position_ids, allowed[:, None]  # [B, 1, T, S]
+
+    def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty cache for `batch_size` sequences of up to `max_length` positions."""
+        weight = self.model.embed_tokens.weight
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch_size, max_length, c.num_key_value_heads, c.head_dim,
+                       device=weight.device, dtype=weight.dtype)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count, shared (tied) tensors counted once."""
+        seen = {}
+        for p in self.parameters():
+            if not trainable_only or p.requires_grad:
+                seen[id(p)] = p.numel()
+        return sum(seen.values())

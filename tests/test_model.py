@@ -1,0 +1,151 @@
+"""The hand-written SmolLM against transformers' LlamaForCausalLM, and its own invariants."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smollm import SMOLLM_135M, SmolLM, generate, load_pretrained
+from smollm.model import KVCache
+
+from model_utils import random_model, save_random_checkpoint, small_config
+
+transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle (pip install -r requirements-dev.txt)")
+
+UNTIED_ONE_KV = small_config(tie_word_embeddings=False, num_key_value_heads=1, rope_theta=100000.0,
+                             num_hidden_layers=3)
+
+
+def hf_model(directory):
+    model = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.mark.parametrize("config", [SMOLLM_135M, UNTIED_ONE_KV], ids=["smollm-135m", "untied-1kv-theta1e5"])
+def test_logits_match_transformers(tmp_path, config):
+    save_random_checkpoint(tmp_path, config, seed=1)
+    ours, theirs = load_pretrained(tmp_path), hf_model(tmp_path)
+    torch.manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (2, 48))
+    with torch.no_grad():
+        a = ours(ids)
+        b = theirs(ids).logits
+    diff = (a - b).abs().max().item()
+    print(f"max |logit difference| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_untied_checkpoint_really_untied(tmp_path):
+    save_random_checkpoint(tmp_path, UNTIED_ONE_KV)
+    model = load_pretrained(tmp_path)
+    assert not model.tied
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_parameter_names_are_huggingfaces():
+    model = SmolLM(small_config(tie_word_embeddings=False))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.config.to_hf_dict()))
+    assert set(dict(model.named_parameters())) == set(dict(hf.named_parameters()))
+
+
+def test_right_padding_leaves_real_logits_unchanged():
+    model = random_model(small_config())
+    ids = torch.randint(0, 1000, (1, 10))
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 5)], dim=1).long()
+    with torch.no_grad():
+        ref = model(ids)
+        out = model(padded, mask)
+    torch.testing.assert_close(out[:, :10], ref, atol=1e-5, rtol=0)
+    assert torch.isfinite(out).all()
+
+
+def test_left_padding_counts_positions_from_first_real_token():
+    model = random_model(small_config())
+    a, b = torch.randint(0, 1000, (1, 10)), torch.randint(0, 1000, (1, 6))
+    batch = torch.cat([a, torch.cat([torch.full((1, 4), 7), b], dim=1)])  # row 1 left-padded
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        out = model(batch, mask)
+        ref_a, ref_b = model(a), model(b)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], ref_a[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1, 4:], ref_b[0], atol=1e-5, rtol=0)
+
+
+def test_kv_cache_steps_equal_full_forward():
+    model = random_model(small_config(num_hidden_layers=3))
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_kv_cache(2, 12)
+        steps = [model(ids[:, :5], kv_cache=cache)]  # a 5-token prefill, then one token at a time
+        for t in range(5, 12):
+            steps.append(model(ids[:, t:t + 1], torch.ones(2, t + 1, dtype=torch.long), kv_cache=cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert cache.length == 12
+
+
+def test_kv_cache_overflow_is_an_error():
+    cache = KVCache(1, 1, 4, 1, 8)
+    with pytest.raises(ValueError, match="KV cache is full"):
+        cache.update(0, torch.zeros(1, 1, 5, 8), torch.zeros(1, 1, 5, 8))
+
+
+def test_greedy_generate_matches_transformers(tmp_path):
+    config = small_config(num_hidden_layers=3)
+    save_random_checkpoint(tmp_path, config, seed=3)
+    ours, theirs = load_pretrained(tmp_path), hf_model(tmp_path)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(5))
+    mine = generate(ours, ids, max_new_tokens=32)
+    ref = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert mine.shape == (2, 41)
+    assert torch.equal(mine, ref)
+
+
+def test_generate_stops_rows_at_eos_and_pads_with_it():
+    model = random_model(small_config())
+    ids = torch.randint(0, 1000, (1, 4))
+    first = generate(model, ids, max_new_tokens=1)[0, -1].item()
+    out = generate(model, ids, max_new_tokens=10, eos_token_id=first)  # EOS is the first greedy token
+    assert out.shape == (1, 5) and out[0, -1].item() == first
+
+
+def test_generate_left_padded_batch_equals_single_rows():
+    model = random_model(small_config())
+    a, b = torch.randint(0, 1000, (1, 8)), torch.randint(0, 1000, (1, 5))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], dim=1)])
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    out = generate(model, batch, max_new_tokens=6, attention_mask=mask)
+    assert torch.equal(out[0], generate(model, a, 6)[0])
+    assert torch.equal(out[1, 3:], generate(model, b, 6)[0])
+
+
+def test_sampling_with_top_k_1_is_greedy():
+    model = random_model(small_config())
+    ids = torch.randint(0, 1000, (1, 4))
+    sampled = generate(model, ids, 8, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, generate(model, ids, 8))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    from smollm.generate import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_bf16_model_keeps_fp32_rotary_tables():
+    model = SmolLM(small_config()).to(torch.bfloat16)
+    assert model.rotary.cos.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert torch.isfinite(model(torch.randint(0, 100, (1, 6))).float()).all()
+
+
+def test_sequence_longer_than_max_positions_is_refused():
+    model = SmolLM(small_config(max_position_embeddings=8))
+    with pytest.raises(ValueError, match="max_position_embeddings=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
