@@ -4,7 +4,7 @@
 """
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .config import PRESETS, SMOLLM2_135M, SMOLLM_135M, SMOLLM_360M, TINY, ConfigError, SmolLMConfig
-from .generate import generate
+from .generation import generate
 from .model import KVCache, SmolLM
 from .tokenizer import SmolTokenizer, TokenizerError, load_tokenizer
 

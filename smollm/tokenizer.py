@@ -59,16 +59,19 @@ class SmolTokenizer:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def save(self, out_dir: str | os.PathLike) -> None:
-        """Write tokenizer.json and tokenizer_config.json into `out_dir`."""
+        """Write tokenizer.json and tokenizer_config.json into `out_dir`, each atomically."""
+        from .checkpoint import atomic_path, write_json  # lazy: checkpoint imports the model
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if self.source is not None and self.source.is_file():
-            shutil.copyfile(self.source, out / TOKENIZER_NAME)  # byte-for-byte, keeps formatting
-        else:
-            self.tokenizer.save(str(out / TOKENIZER_NAME))
+        with atomic_path(out / TOKENIZER_NAME) as tmp:
+            if self.source is not None and self.source.is_file():
+                shutil.copyfile(self.source, tmp)  # byte-for-byte, keeps formatting
+            else:
+                self.tokenizer.save(str(tmp))
         config = {k: v for k, v in self.special_tokens.items() if v is not None}
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        (out / TOKENIZER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_json(out / TOKENIZER_CONFIG_NAME, config)
 
 
 def _token_text(value) -> str | None:

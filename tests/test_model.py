@@ -131,7 +131,7 @@ def test_sampling_with_top_k_1_is_greedy():
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
-    from smollm.generate import filter_logits
+    from smollm.generation import filter_logits
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = torch.isfinite(filter_logits(logits, top_p=0.7))
