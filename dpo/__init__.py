@@ -1,0 +1,1 @@
+"""Direct Preference Optimization (DPO) on SmolLM: data, tokenization, log-probs, losses, training."""
