@@ -1,0 +1,509 @@
+"""Preference data: load (prompt, chosen, rejected) triples from HH-RLHF style files.
+
+Anthropic's HH-RLHF rows are two whole transcripts that share every turn but the last::
+
+    {"chosen":   "\\n\\nHuman: Hi?\\n\\nAssistant: Hello! How can I help?",
+     "rejected": "\\n\\nHuman: Hi?\\n\\nAssistant: Go away."}
+
+DPO needs them as one prompt and two responses. ``split_hh_transcript`` cuts both at the
+last ``"\\n\\nAssistant:"``; the prompt keeps the marker and the response keeps its leading
+space, so ``prompt + chosen`` is the original transcript byte for byte (the tokenizer sees
+the same text either way).
+
+What is accepted (``load_preferences``):
+
+* files ``.jsonl``, ``.jsonl.gz``, ``.json`` (one JSON list), ``.parquet`` (needs pyarrow),
+  a directory of such files, or a list of any of these;
+* rows ``{"chosen", "rejected"}`` (HH transcripts) or ``{"prompt", "chosen", "rejected"}``
+  (Dahoas/full-hh-rlhf style: chosen/rejected are already the responses; extra keys such
+  as ``response`` are ignored);
+* hub names ``"Anthropic/hh-rlhf"`` (subsets helpful-base + harmless-base),
+  ``"Anthropic/hh-rlhf/<subset>"``, or ``"<owner>/<repo>/<path/to/file.jsonl.gz>"``,
+  downloaded through ``smollm.hub.download_file``. A name is a hub name only when no
+  local path of that name exists.
+
+Bad records raise ``DataError`` naming the file, line (``item`` for JSON lists, ``row``
+for parquet) and field. With ``skip_bad_records=True`` they are skipped and counted in a
+``LoadReport`` instead; the reasons are the keys of ``SKIP_REASONS``. Problems with a
+whole input (a missing path, an unsupported suffix, a corrupt gzip stream, a ``.json``
+file that does not parse) are always errors.
+
+HH-RLHF edge cases, as found in the test splits (4,666 rows):
+
+* 14 rows (helpful 9, harmless 5) whose transcripts diverge before the last Assistant
+  turn: the two "prompts" differ, so the row is not one prompt with two answers.
+  -> ``prompt_mismatch``.
+* 8 rows (4 + 4) whose chosen or rejected final answer is empty (just ``" "``): there is
+  nothing to prefer or to push down. -> ``empty``.
+* 2 rows (helpful) whose chosen and rejected transcripts are identical: no preference.
+  -> ``identical``.
+
+So the real test splits load as 2,354 + 2,312 - 24 = 4,642 pairs with
+``skip_bad_records=True``, and raise on the first such row without it.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+import os
+import random
+import zlib
+from collections import Counter
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+ASSISTANT = "\n\nAssistant:"
+HUMAN = "\n\nHuman:"
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+MAX_LINE_BYTES = 1_000_000  # default cap on one JSONL line (the longest real HH line is ~8 kB)
+HH_REPO = "Anthropic/hh-rlhf"
+HH_DEFAULT_SUBSETS = ("helpful-base", "harmless-base")
+SPLIT_NAMES = ("train", "test", "validation", "valid", "eval", "dev")
+
+# Why a record can be rejected; the keys of LoadReport.skipped, in this order.
+SKIP_REASONS = (
+    "line_too_long",      # a JSONL line above max_line_bytes (read in bounded chunks, never whole)
+    "bad_utf8",           # the line is not valid UTF-8
+    "bad_json",           # the line is not valid JSON
+    "bad_shape",          # not an object, or a required field is missing
+    "not_string",         # a field is not a string (e.g. a list of chat messages)
+    "empty",              # prompt, chosen or rejected (response) is empty or whitespace only
+    "no_assistant_turn",  # an HH transcript without "\n\nAssistant:"
+    "prompt_mismatch",    # chosen and rejected transcripts differ before the last Assistant turn
+    "identical",          # chosen == rejected: no preference to learn
+)
+
+# Well-formed rows that carry no usable preference. Real HH-RLHF has some (see above), so the
+# training CLI skips and reports them (skip_unusable=True) while malformed rows still stop it.
+UNUSABLE_REASONS = ("empty", "prompt_mismatch", "identical")
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str  # "\n\nHuman: ...\n\nAssistant:" (HH style), shared by both responses
+    chosen: str  # the preferred response, e.g. " Sure! ..." (leading space kept)
+    rejected: str  # the dispreferred response
+    source: str = ""  # where it came from, "helpful-base/test.jsonl.gz:17" (file + 1-based line)
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, the line (or item/row) and the field.
+
+    ``reason`` is one of SKIP_REASONS for a bad record (skippable with
+    skip_bad_records=True), or None for a problem with the input as a whole.
+    """
+
+    def __init__(self, detail: str, *, reason: str | None = None, path: str | None = None,
+                 line: int | None = None, unit: str = "line", field: str | None = None):
+        self.detail, self.reason, self.path, self.line, self.unit, self.field = (
+            detail, reason, path, line, unit, field)
+        parts = [str(path)] if path is not None else []
+        if line is not None:
+            parts.append(f"{unit} {line}")
+        if field is not None:
+            parts.append(f"field {field!r}")
+        super().__init__(": ".join(parts + [detail]))
+
+    def located(self, path: str, line: int, unit: str = "line") -> "DataError":
+        """The same error with the file and line filled in."""
+        return DataError(self.detail, reason=self.reason, path=path, line=line, unit=unit,
+                         field=self.field)
+
+
+@dataclass
+class LoadReport:
+    """What load_preferences_with_report read, and what it skipped and why."""
+
+    files: list[str] = field(default_factory=list)  # the files read, in order
+    loaded: int = 0  # pairs returned
+    skipped: Counter = field(default_factory=Counter)  # reason -> count (reasons: SKIP_REASONS)
+    examples: list[str] = field(default_factory=list)  # the first few "file:line: reason" messages
+    max_examples: int = 10
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def add_skip(self, err: DataError) -> None:
+        self.skipped[err.reason] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(f"{err.reason}: {err}")
+
+    def __str__(self) -> str:
+        lines = [f"loaded {self.loaded} pairs from {len(self.files)} file(s), "
+                 f"skipped {self.total_skipped}"]
+        for reason in SKIP_REASONS:
+            if self.skipped.get(reason):
+                lines.append(f"  {reason:<18} {self.skipped[reason]:>6}")
+        if self.examples:
+            lines.append("  first skipped:")
+            lines += [f"    {e[:200]}" for e in self.examples]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- HH transcripts
+
+def split_hh_transcript(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split two HH transcripts into (prompt, chosen_response, rejected_response).
+
+    The prompt is everything up to and including the last "\\n\\nAssistant:"; both
+    transcripts must share it exactly. ``prompt + chosen_response == chosen``.
+    Raises DataError (reason ``no_assistant_turn`` or ``prompt_mismatch``, no location).
+    """
+    prompts = []
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        cut = text.rfind(ASSISTANT)
+        if cut < 0:
+            raise DataError(f"no {ASSISTANT!r} turn in the transcript", reason="no_assistant_turn",
+                            field=name)
+        prompts.append(text[: cut + len(ASSISTANT)])
+    prompt = prompts[0]
+    if prompts[1] != prompt:
+        at = len(os.path.commonprefix(prompts))
+        raise DataError(
+            f"chosen and rejected transcripts differ before the last Assistant turn "
+            f"(at character {at}: {chosen[at:at + 40]!r} vs {rejected[at:at + 40]!r})",
+            reason="prompt_mismatch")
+    chosen_response, rejected_response = chosen[len(prompt):], rejected[len(prompt):]
+    assert prompt + chosen_response == chosen and prompt + rejected_response == rejected
+    return prompt, chosen_response, rejected_response
+
+
+def _pair_from_row(row: object, source: str) -> PreferencePair:
+    """One JSON object -> PreferencePair, or DataError (with reason and field, no location)."""
+    if not isinstance(row, dict):
+        raise DataError(f"expected a JSON object, got {type(row).__name__}", reason="bad_shape")
+    needed = ("prompt", "chosen", "rejected") if "prompt" in row else ("chosen", "rejected")
+    missing = [k for k in needed if k not in row]
+    if missing:
+        raise DataError(
+            f"missing field(s) {', '.join(map(repr, missing))}; expected {{chosen, rejected}} "
+            f"HH transcripts or {{prompt, chosen, rejected}}, got keys {sorted(row)[:10]}",
+            reason="bad_shape", field=missing[0])
+    for k in needed:
+        if not isinstance(row[k], str):
+            raise DataError(f"expected a string, got {type(row[k]).__name__}",
+                            reason="not_string", field=k)
+    for k in needed:
+        if not row[k].strip():
+            raise DataError("empty or whitespace only", reason="empty", field=k)
+    if "prompt" in row:
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    else:
+        prompt, chosen, rejected = split_hh_transcript(row["chosen"], row["rejected"])
+        for k, response in (("chosen", chosen), ("rejected", rejected)):
+            if not response.strip():
+                raise DataError("the final Assistant answer is empty", reason="empty", field=k)
+    if chosen == rejected:
+        raise DataError("chosen and rejected are identical", reason="identical", field="chosen")
+    return PreferencePair(prompt, chosen, rejected, source)
+
+
+# ---------------------------------------------------------------------------- file readers
+
+def _suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+
+
+def _iter_jsonl(path: Path, max_line_bytes: int) -> Iterator[tuple[int, object]]:
+    """Yield (line number, parsed JSON or DataError) per non-blank line, in bounded memory."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            while True:
+                raw = f.readline(max_line_bytes + 1)
+                if not raw:
+                    return
+                lineno += 1
+                if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                    size = len(raw)
+                    while raw and not raw.endswith(b"\n"):  # drain the rest, chunk by chunk
+                        raw = f.readline(1 << 20)
+                        size += len(raw)
+                    size -= raw.endswith(b"\n")  # the newline does not count
+                    yield lineno, DataError(
+                        f"line is {size:,} bytes, above the cap max_line_bytes={max_line_bytes:,}",
+                        reason="line_too_long")
+                    continue
+                try:
+                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    yield lineno, DataError(f"invalid UTF-8 at byte {e.start}: {e.reason}",
+                                            reason="bad_utf8")
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(text)
+                except json.JSONDecodeError as e:
+                    yield lineno, DataError(f"malformed JSON: {e.msg} at column {e.colno}",
+                                            reason="bad_json")
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read the file after line {lineno}: {e}", path=str(path)) from e
+
+
+def _iter_json_list(path: Path) -> Iterator[tuple[int, object]]:
+    """A .json file holding one list of rows (read whole: use .jsonl for big data)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"invalid UTF-8 at byte {e.start}: {e.reason}", reason="bad_utf8",
+                        path=str(path), line=line) from e
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON: {e.msg} at column {e.colno}", reason="bad_json",
+                        path=str(path), line=e.lineno) from e
+    if not isinstance(rows, list):
+        raise DataError(f"expected a JSON list of rows, got {type(rows).__name__}", path=str(path))
+    yield from enumerate(rows, 1)
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, object]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError(f"reading parquet needs pyarrow: pip install pyarrow ({e})",
+                        path=str(path)) from e
+    n = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            n += 1
+            yield n, row
+
+
+def _read_file(path: Path, display: str, report: LoadReport, skip_bad_records: bool,
+               max_line_bytes: int, limit: int | None, out: list[PreferencePair],
+               skip_unusable: bool = False) -> None:
+    suffix = _suffix(path)
+    if suffix == ".json":
+        rows, unit = _iter_json_list(path), "item"
+    elif suffix == ".parquet":
+        rows, unit = _iter_parquet(path), "row"
+    else:
+        rows, unit = _iter_jsonl(path, max_line_bytes), "line"
+    report.files.append(str(path))
+    with closing(rows):  # closes the file when we stop early (limit) or raise
+        for n, row in rows:
+            try:
+                if isinstance(row, DataError):
+                    raise row
+                out.append(_pair_from_row(row, f"{display}:{n}"))
+            except DataError as e:
+                e = e.located(str(path), n, unit)
+                if not (skip_bad_records or (skip_unusable and e.reason in UNUSABLE_REASONS)):
+                    raise e from None
+                report.add_skip(e)
+                continue
+            if limit is not None and len(out) >= limit:
+                return
+
+
+# ---------------------------------------------------------------------------- resolving inputs
+
+def _files_in_dir(directory: Path, split: str) -> list[Path]:
+    """Supported files under a directory (recursively, sorted).
+
+    When files are named after splits (train.jsonl.gz, test.jsonl.gz, as in a clone of
+    Anthropic/hh-rlhf), only those of ``split`` are taken, so train and test never mix.
+    """
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and _suffix(p))
+    stems = {p: p.name[: -len(_suffix(p))] for p in files}
+    named = {s for s in stems.values() if s in SPLIT_NAMES}
+    if named:
+        if split not in named:
+            raise DataError(f"no {split!r} split here; the directory has splits {sorted(named)} "
+                            f"(pass split=...)", path=str(directory))
+        files = [p for p in files if stems[p] == split]
+    if not files:
+        raise DataError(f"no {', '.join(SUFFIXES)} files in the directory", path=str(directory))
+    return files
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    parts = name.split("/")
+    return (len(parts) >= 2 and all(parts) and not name.startswith((".", "~"))
+            and "\\" not in name)
+
+
+def _hub_files(name: str, split: str) -> list[tuple[Path, str]]:
+    """Download a hub dataset name and return [(local path, display name)]."""
+    parts = name.split("/")
+    repo_id, rest = "/".join(parts[:2]), "/".join(parts[2:])
+    if rest and _suffix(Path(rest)):
+        filenames = [rest]
+    elif repo_id == HH_REPO:
+        subsets = [rest] if rest else list(HH_DEFAULT_SUBSETS)
+        filenames = [f"{s}/{split}.jsonl.gz" for s in subsets]
+    else:
+        raise DataError(
+            f"{name!r} is not a local path, and not a known hub dataset: use {HH_REPO!r}, "
+            f"'{HH_REPO}/<subset>' or '<owner>/<repo>/<file{SUFFIXES[1]}>'")
+    hub = importlib.import_module("smollm.hub")  # lazy: only hub names need it
+    out = []
+    for filename in filenames:
+        local = hub.download_file(repo_id, filename, repo_type="dataset")
+        out.append((Path(local), f"{repo_id}/{filename}"))
+    return out
+
+
+def _resolve(item: PathLike, split: str) -> list[tuple[Path, str]]:
+    path = Path(item)
+    if path.is_dir():
+        return [(p, f"{p.parent.name}/{p.name}") for p in _files_in_dir(path, split)]
+    if path.exists():
+        if not _suffix(path):
+            raise DataError(f"unsupported file type (expected one of {', '.join(SUFFIXES)})",
+                            path=str(path))
+        return [(path, f"{path.parent.name}/{path.name}")]
+    if isinstance(item, str) and _looks_like_hub_name(item):
+        return _hub_files(item, split)
+    raise DataError("no such file or directory", path=str(path))
+
+
+# ---------------------------------------------------------------------------- public API
+
+def load_preferences_with_report(
+    path_or_name: PathLike | Sequence[PathLike],
+    *,
+    split: str = "train",
+    skip_bad_records: bool = False,
+    limit: int | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    skip_unusable: bool = False,
+) -> tuple[list[PreferencePair], LoadReport]:
+    """Load preference pairs and report what was skipped; see load_preferences."""
+    items = [path_or_name] if isinstance(path_or_name, (str, os.PathLike)) else list(path_or_name)
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    pairs: list[PreferencePair] = []
+    report = LoadReport()
+    for item in items:
+        for path, display in _resolve(item, split):
+            _read_file(path, display, report, skip_bad_records, max_line_bytes, limit, pairs, skip_unusable)
+            if limit is not None and len(pairs) >= limit:
+                break
+        if limit is not None and len(pairs) >= limit:
+            break
+    report.loaded = len(pairs)
+    if not pairs:
+        raise DataError(f"no preference pairs loaded from {[str(i) for i in items]}"
+                        + (f" ({report.total_skipped} bad records skipped: "
+                           f"{dict(report.skipped)})" if report.total_skipped else ""))
+    return pairs, report
+
+
+def load_preferences(
+    path_or_name: PathLike | Sequence[PathLike],
+    *,
+    split: str = "train",
+    skip_bad_records: bool = False,
+    limit: int | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    skip_unusable: bool = False,
+) -> list[PreferencePair]:
+    """Load (prompt, chosen, rejected) pairs from files, directories or hub names.
+
+    path_or_name: one path/name or a list. Files: .jsonl, .jsonl.gz, .json (a list),
+        .parquet. A directory: its supported files, recursively, sorted (only the
+        ``split`` files when they are named after splits). Hub names (used only when no
+        local path of that name exists): "Anthropic/hh-rlhf" -> helpful-base and
+        harmless-base ``{subset}/{split}.jsonl.gz``; "Anthropic/hh-rlhf/<subset>";
+        "<owner>/<repo>/<file>". ``split`` does not apply to explicit files.
+    skip_bad_records: skip and count bad rows (see SKIP_REASONS) instead of raising.
+    skip_unusable: skip and count only well-formed rows without a usable preference
+        (UNUSABLE_REASONS: empty answer, prompts that differ, chosen == rejected).
+    limit: stop after this many pairs.
+    max_line_bytes: a longer JSONL line is a bad record (it is never held in memory whole).
+
+    Raises DataError naming the file, line and field; also when nothing was loaded.
+    """
+    pairs, _ = load_preferences_with_report(path_or_name, split=split,
+                                            skip_bad_records=skip_bad_records, limit=limit,
+                                            max_line_bytes=max_line_bytes, skip_unusable=skip_unusable)
+    return pairs
+
+
+def train_eval_split(pairs: Sequence[PreferencePair], eval_size: int | float, seed: int = 0
+                     ) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Shuffle with random.Random(seed) and split off ``eval_size`` pairs for evaluation.
+
+    eval_size: a count, or a fraction in (0, 1). Pairs with identical (prompt, chosen,
+    rejected) are kept together on one side, so no pair is in both; when the data has
+    such duplicates the eval side can exceed eval_size by the duplicates of its last pair.
+    """
+    if isinstance(eval_size, float) and 0 < eval_size < 1:
+        eval_size = round(eval_size * len(pairs))
+    if not isinstance(eval_size, int) or not 0 <= eval_size <= len(pairs):
+        raise ValueError(f"eval_size must be a count in [0, {len(pairs)}] or a fraction in "
+                         f"(0, 1), got {eval_size!r}")
+    groups: dict[tuple[str, str, str], list[PreferencePair]] = {}
+    for p in pairs:
+        groups.setdefault((p.prompt, p.chosen, p.rejected), []).append(p)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    train: list[PreferencePair] = []
+    evals: list[PreferencePair] = []
+    for k in keys:
+        (evals if len(evals) < eval_size else train).extend(groups[k])
+    return train, evals
+
+
+# ---------------------------------------------------------------------------- synthetic data
+
+_TOPICS = ("bake bread", "fix a bike", "plant tomatoes", "learn chess", "write a poem",
+           "clean a window", "train a puppy", "save money", "paint a fence", "brew tea",
+           "fold a shirt", "cook rice", "tune a guitar", "read faster", "sleep better",
+           "start running", "draw a cat", "pack a bag", "wash a car", "learn french")
+_QUESTIONS = ("How do I {t}?", "Can you help me {t}?", "What is the best way to {t}?",
+              "Any tips to {t}?", "I want to {t}. Where do I start?")
+_STEPS = ("make a simple plan", "gather the right tools", "practice a little every day",
+          "watch a short video guide", "ask a friend for feedback", "start with small steps",
+          "keep notes on your progress", "take your time with each step")
+
+
+# Each pool mixes "!" and "." equally, so punctuation carries no preference by itself.
+_GOOD_OPENERS = ("Sure!", "Of course.", "Gladly!", "Certainly.", "Absolutely!", "Happy to help.",
+                 "Great question!", "Yes.", "With pleasure!", "Good idea.", "Definitely!", "Wonderful.")
+_BAD_OPENERS = ("No.", "Nope!", "Never.", "Whatever!", "Ugh.", "Meh!", "Nah.", "Forget it!",
+                "Boring.", "Pointless!", "Hopeless.", "Stop asking!")
+_GOOD_CLOSERS = ("Good luck!", "Have fun.", "You can do it!", "Enjoy.", "Best wishes!", "Keep going.")
+_BAD_CLOSERS = ("Do not bother!", "Waste of time.", "Give up!", "Why even try.", "So dull!", "Too bad.")
+
+
+def make_synthetic_pairs(n: int, seed: int = 0) -> list[PreferencePair]:
+    """A preference set that a tiny randomly initialised LM learns in a few dozen DPO steps.
+
+    Design:
+      * prompt: HH style "\\n\\nHuman: <question about a topic>\\n\\nAssistant:", from 5
+        question templates x 20 topics;
+      * chosen:   " <friendly opener> To <topic>, <step> and then <step>. <friendly closer>"
+      * rejected: " <dismissive opener> To <topic>, <step> and then <step>. <dismissive closer>"
+        (openers and closers from pools of 12 and 6 per side; two steps of 8 per side).
+    Both sides have the same shape and length, and the markers are drawn from pools, so an
+    untrained model's arbitrary token preferences average out: it prefers chosen for about
+    half of the pairs. What separates the sides is consistent (friendly vs dismissive
+    vocabulary), which a few DPO steps learn; topics and steps keep pairs distinct.
+    Deterministic in ``seed``.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        topic = rng.choice(_TOPICS)
+        question = rng.choice(_QUESTIONS).format(t=topic)
+        a, b = rng.sample(_STEPS, 2)
+        c, d = rng.sample(_STEPS, 2)
+        prompt = f"{HUMAN} {question}{ASSISTANT}"
+        chosen = f" {rng.choice(_GOOD_OPENERS)} To {topic}, {a} and then {b}. {rng.choice(_GOOD_CLOSERS)}"
+        rejected = f" {rng.choice(_BAD_OPENERS)} To {topic}, {c} and then {d}. {rng.choice(_BAD_CLOSERS)}"
+        pairs.append(PreferencePair(prompt, chosen, rejected, source=f"synthetic:{i + 1}"))
+    return pairs
