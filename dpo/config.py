@@ -1,0 +1,166 @@
+"""The training run's configuration: one dataclass, and the argparse flags derived from it.
+
+Each field's `help` metadata is its documentation and its `--help` line. Defaults
+reproduce the assignment: SmolLM-135M-Instruct, 1,000 strong HH-RLHF pairs, the last 5
+of 30 blocks + LM head trained, beta 0.8, lr 1e-4, AdamW weight decay 1e-2, batch 8,
+max length 512, one epoch, mean log-prob reduction.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .loss import LOSS_TYPES
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent setting, caught before any expensive work."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    model: str = _f("HuggingFaceTB/SmolLM-135M-Instruct",
+                    "starting policy: checkpoint directory (config.json + model.safetensors) or hub id")
+    tokenizer: str | None = _f(None, "tokenizer.json or its directory (default: the model's own)")
+    data: list[str] = _f(["Anthropic/hh-rlhf"],
+                         "preference data: .jsonl/.jsonl.gz/.json/.parquet files, directories, or hub "
+                         "names (Anthropic/hh-rlhf = helpful-base + harmless-base)", nargs="+")
+    data_split: str = _f("train", "split to fetch for hub data names (train or test)")
+    output_dir: str = _f("runs/dpo", "where metrics.jsonl, eval.json, curves.png and final/ are written")
+    overwrite: bool = _f(False, "allow writing into an output directory that holds a previous run")
+    # --- which pairs
+    num_pairs: int = _f(1000, "training pairs to use (after filtering)")
+    eval_pairs: int = _f(200, "held-out pairs for the reference-vs-policy evaluation (never trained on)")
+    filter: bool = _f(True, "apply the NLTK strong-preference filter (--no-filter uses the pairs as they are)")
+    filter_workers: int = _f(1, "processes for the NLTK filter")
+    skip_bad_records: bool = _f(False, "skip and count malformed data rows instead of stopping")
+    # --- optimisation
+    epochs: int = _f(1, "passes over the training pairs")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (default: run all epochs)")
+    batch_size: int = _f(8, "preference pairs per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-4, "AdamW learning rate")
+    weight_decay: float = _f(1e-2, "AdamW weight decay")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps (then constant)")
+    max_grad_norm: float | None = _f(None, "clip the gradient norm to this (default: no clipping)")
+    # --- the DPO objective
+    beta: float = _f(0.8, "DPO beta: higher keeps the policy closer to the reference")
+    loss_type: str = _f("sigmoid", "DPO loss variant", choices=list(LOSS_TYPES))
+    label_smoothing: float = _f(0.0, "assumed label noise for conservative (sigmoid) and robust DPO, in [0, 0.5)")
+    logp_reduction: str = _f("mean", "sequence log-prob over response tokens: 'mean' (the assignment) or "
+                                     "'sum' (the DPO paper)", choices=["mean", "sum"])
+    # --- the model
+    train_last_n: int = _f(5, "train only the last N transformer blocks (the rest is frozen)")
+    freeze_head: bool = _f(False, "keep the LM head and final norm frozen too")
+    max_length: int = _f(512, "longest prompt + response in tokens (the prompt is cut from the left first)")
+    max_prompt_length: int | None = _f(None, "cut prompts to this many tokens first (default: no separate limit)")
+    shared_trunk: bool = _f(True, "run the frozen trunk once for policy and reference (exact; "
+                                  "--no-shared-trunk gives the textbook two-model path)")
+    # --- run control
+    seed: int = _f(0, "random seed (data order, split, sampling)")
+    device: str | None = _f(None, "cpu, cuda, cuda:1 ... (default: cuda when present)")
+    dtype: str | None = _f(None, "compute dtype: bfloat16 (autocast, fp32 master weights) or float32 "
+                                 "(default: bfloat16 on CUDA, float32 on CPU)", choices=["float32", "bfloat16"])
+    eval_every: int = _f(0, "evaluate on the held-out pairs every N steps (0: only before and after)")
+    save_every: int = _f(0, "write a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "how many of the latest checkpoints to keep")
+    resume: str | None = _f(None, "continue from a checkpoint directory, or a run directory (its latest)")
+    skip_nonfinite: bool = _f(False, "skip (and count) a batch whose loss or gradient is not finite, "
+                                     "instead of stopping")
+    progress: bool = _f(True, "show a progress bar")
+
+    # ---------------------------------------------------------------- checks
+    def check(self) -> "TrainConfig":
+        """Reject impossible settings at once, with the flag's name."""
+        def bad(flag: str, why: str):
+            raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
+
+        if not self.beta > 0 or self.beta != self.beta or self.beta == float("inf"):
+            bad("beta", f"must be a positive finite number, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
+            bad("label_smoothing", f"has no meaning for loss type {self.loss_type!r}")
+        for name in ("num_pairs", "batch_size", "grad_accum", "epochs", "max_length"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.max_length < 2:
+            bad("max_length", "must be at least 2 (a prompt token and a response token)")
+        for name in ("eval_pairs", "warmup_steps", "eval_every", "save_every", "train_last_n"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            bad("keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad("max_steps", f"must be at least 1, got {self.max_steps}")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            bad("max_prompt_length", f"must be in [1, max_length={self.max_length}), got {self.max_prompt_length}")
+        if not self.lr > 0:
+            bad("lr", f"must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            bad("max_grad_norm", f"must be positive, got {self.max_grad_norm}")
+        if self.train_last_n == 0 and self.freeze_head:
+            bad("train_last_n", "0 with --freeze-head leaves nothing to train")
+        if self.filter_workers < 1:
+            bad("filter_workers", f"must be at least 1, got {self.filter_workers}")
+        if not self.data:
+            bad("data", "give at least one file, directory or hub name")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        width = max(len(f.name) for f in dataclasses.fields(self))
+        return "\n".join(f"  {f.name:<{width}} = {json.dumps(getattr(self, f.name))}"
+                         for f in dataclasses.fields(self))
+
+
+# -------------------------------------------------------------------- argparse
+def _base_type(annotation: str):
+    """The scalar type of a field annotation like 'int | None' or 'list[str]'."""
+    for name, typ in (("int", int), ("float", float), ("str", str), ("bool", bool)):
+        if annotation.replace("list[", "").startswith(name):
+            return typ
+    raise TypeError(f"unsupported config annotation {annotation!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """One flag per field: --field-name; bools become --flag / --no-flag."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        typ = _base_type(str(f.type))
+        if typ is bool:  # --flag / --no-flag (so no field may itself start with "no_")
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+            continue
+        parser.add_argument(flag, dest=f.name, type=typ, default=default,
+                            help=f"{help_text} (default: {default})", **meta)
+
+
+def config_from_args(args: argparse.Namespace, cls=TrainConfig):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def build_parser(prog: str = "python -m dpo.train", description: str | None = None, cls=TrainConfig):
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, cls)
+    return parser
+
+

@@ -1,0 +1,61 @@
+"""Training curves: loss, reward accuracy and rewards over steps, in one PNG."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (window 1 leaves the values as they are)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_curves(metrics: list[dict], path: str | os.PathLike, evals: list[dict] | None = None) -> Path:
+    """Write a 3-panel figure: DPO loss, reward accuracy (train and held-out), rewards and margin."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    rows = [m for m in metrics if "loss" in m]
+    steps = [m["step"] for m in rows]
+    window = max(1, len(rows) // 20)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+
+    ax = axes[0]
+    ax.plot(steps, [m["loss"] for m in rows], alpha=0.3, color="C0")
+    ax.plot(steps, _smooth([m["loss"] for m in rows], window), color="C0", label="loss")
+    ax.axhline(0.6931, ls=":", color="grey", label="ln 2 (no preference)")
+    ax.set(title="DPO loss", xlabel="step")
+    ax.legend()
+
+    ax = axes[1]
+    ax.plot(steps, _smooth([m["reward_accuracy"] for m in rows], window), label="train reward accuracy")
+    for e in evals or []:
+        ax.scatter([e["step"]], [e["policy_accuracy"]], color="C1", zorder=3)
+        ax.scatter([e["step"]], [e["reward_accuracy"]], color="C2", marker="x", zorder=3)
+    if evals:
+        ax.scatter([], [], color="C1", label="held-out policy accuracy")
+        ax.scatter([], [], color="C2", marker="x", label="held-out reward accuracy")
+        ax.axhline(evals[0]["reference_accuracy"], ls="--", color="grey", label="held-out reference accuracy")
+    ax.set(title="accuracy", xlabel="step", ylim=(-0.02, 1.02))
+    ax.legend()
+
+    ax = axes[2]
+    for key, label in (("chosen_reward", "chosen reward"), ("rejected_reward", "rejected reward"),
+                       ("margin", "margin")):
+        ax.plot(steps, _smooth([m[key] for m in rows], window), label=label)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(title="implicit rewards  beta * (log pi - log pi_ref)", xlabel="step")
+    ax.legend()
+
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

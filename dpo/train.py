@@ -1,0 +1,317 @@
+"""`python -m dpo.train`: the whole DPO pipeline in one command.
+
+    load pairs -> NLTK strong-preference filter -> hold out eval pairs -> tokenize
+    -> load policy, freeze all but the last N blocks, frozen reference copy
+    -> train (metrics.jsonl, checkpoints) -> evaluate reference vs policy (eval.json)
+    -> curves.png, final/ (HF format + tokenizer)
+
+Everything that can be checked is checked before the expensive work starts, and the output
+directory is created only once the data and model are known to be usable.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from smollm import SmolLMConfig, load_pretrained, load_tokenizer, save_pretrained
+from smollm.checkpoint import CheckpointError, resolve_checkpoint_dir
+from smollm.config import ConfigError as ModelConfigError
+from smollm.hub import HubError
+from smollm.tokenizer import TokenizerError
+
+from .checkpointing import CheckpointLoadError, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig, build_parser, config_from_args
+from .data import DataError, load_preferences_with_report, train_eval_split
+from .freeze import freeze_all_but_last, frozen_reference
+from .plots import plot_curves
+from .tokenization import TokenizedPair, tokenize_pairs
+from .trainer import DPOTrainer, NonFiniteError
+
+METRICS_NAME, EVAL_NAME, CURVES_NAME, FINAL_DIR, CONFIG_NAME = (
+    "metrics.jsonl", "eval.json", "curves.png", "final", "train_config.json")
+
+
+def log(msg: str = "") -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------- data
+def prepare_data(config: TrainConfig, tokenizer, model_config: SmolLMConfig
+                 ) -> tuple[list[TokenizedPair], list[TokenizedPair], dict]:
+    """Load, filter, split and tokenize; the held-out pairs never enter training."""
+    pairs, load_report = load_preferences_with_report(
+        config.data, split=config.data_split, skip_bad_records=config.skip_bad_records, skip_unusable=True)
+    log(f"loaded {len(pairs)} preference pairs from {', '.join(config.data)}")
+    if load_report.total_skipped:
+        log(str(load_report))
+    info: dict = {"loaded": len(pairs)}
+    need = config.num_pairs + config.eval_pairs
+    import random
+
+    random.Random(config.seed).shuffle(pairs)
+    if not config.filter:
+        kept = pairs
+    else:
+        from .filtering import filter_pairs
+
+        # Ask for a few more than needed: tokenization may drop a pair with no response left.
+        kept, report = filter_pairs(pairs, limit=math.ceil(need * 1.05) + 8,
+                                    num_workers=config.filter_workers, progress=config.progress)
+        log(report.format())
+        info["filter"] = {"total": report.total, "kept": report.kept, "rejected": report.rejected,
+                          "pairs_per_s": report.pairs_per_s}
+    if len(kept) < config.eval_pairs + 1:
+        raise DataError(f"only {len(kept)} pairs are left after filtering; need at least "
+                        f"{config.eval_pairs + 1} (--eval-pairs {config.eval_pairs} + 1 to train). "
+                        "Use more data, fewer --eval-pairs, or --no-filter.")
+    train_raw, eval_raw = train_eval_split(kept, config.eval_pairs, seed=config.seed)
+    eos = tokenizer.eos_token_id
+    kwargs = dict(max_length=config.max_length, eos_token_id=eos, max_prompt_length=config.max_prompt_length)
+    eval_pairs, eval_stats = tokenize_pairs(tokenizer, eval_raw, **kwargs)
+    train_pairs, train_stats = tokenize_pairs(tokenizer, train_raw[:math.ceil(config.num_pairs * 1.05) + 8], **kwargs)
+    train_pairs = train_pairs[:config.num_pairs]
+    for name, stats in (("train", train_stats), ("eval", eval_stats)):
+        log(f"tokenized {name}: {stats}")
+    if not train_pairs:
+        raise DataError("no training pair survived tokenization (every response was empty or cut away)")
+    if len(train_pairs) < config.num_pairs:
+        log(f"note: only {len(train_pairs)} training pairs are available (asked for {config.num_pairs})")
+    too_big = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in train_pairs + eval_pairs)
+    if too_big > model_config.max_position_embeddings:
+        raise ConfigError(f"--max-length {config.max_length} exceeds the model's max_position_embeddings "
+                          f"{model_config.max_position_embeddings}")
+    info.update(train_pairs=len(train_pairs), eval_pairs=len(eval_pairs),
+                fingerprint=_fingerprint(train_pairs + eval_pairs))
+    return train_pairs, eval_pairs, info
+
+
+def _fingerprint(pairs: list[TokenizedPair]) -> str:
+    """A hash of the exact token ids, to check that a resumed run sees the same data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.chosen_ids, p.chosen_mask, p.rejected_ids, p.rejected_mask]).encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------- checks
+def check_model_and_tokenizer(config: TrainConfig, model_config: SmolLMConfig, tokenizer) -> None:
+    n = model_config.num_hidden_layers
+    if config.train_last_n > n:
+        raise ConfigError(f"--train-last-n {config.train_last_n}: the model has only {n} blocks")
+    if config.max_length > model_config.max_position_embeddings:
+        raise ConfigError(f"--max-length {config.max_length} exceeds the model's max_position_embeddings "
+                          f"({model_config.max_position_embeddings})")
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                          f"{model_config.vocab_size}: they do not belong together (pass the right --tokenizer)")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer defines no EOS token (set eos_token in tokenizer_config.json)")
+
+
+def prepare_output_dir(config: TrainConfig) -> Path:
+    out = Path(config.output_dir)
+    previous = [n for n in (METRICS_NAME, FINAL_DIR, "checkpoints", EVAL_NAME) if (out / n).exists()]
+    if previous and not config.overwrite and not config.resume:
+        raise ConfigError(f"--output-dir {out} already holds a run ({', '.join(previous)}); "
+                          "pass --resume to continue it, --overwrite to replace it, or another --output-dir")
+    return out
+
+
+# ----------------------------------------------------------------------- main
+class _StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        log(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by a crash
+        if up_to_step is None or row.get("step", 0) <= up_to_step:
+            rows.append(row)
+    return rows
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    from smollm.checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def run(config: TrainConfig) -> dict:
+    """The whole pipeline; returns the final eval dict. Raises the project's clear errors."""
+    config.check()
+    resume_state = None
+    if config.resume:
+        tensors, meta, ckpt_dir = load_checkpoint(config.resume)
+        saved = TrainConfig(**meta["config"])
+        saved.resume, saved.progress = config.resume, config.progress
+        if config.max_steps is not None:
+            saved.max_steps = config.max_steps
+        config = saved.check()
+        resume_state = (tensors, meta, ckpt_dir)
+        log(f"resuming from {ckpt_dir} (step {meta['step']}); the run's saved settings are used")
+    out = prepare_output_dir(config)
+    log("settings:\n" + str(config))
+
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_dir = resolve_checkpoint_dir(config.model)
+    model_config = SmolLMConfig.from_json(model_dir / "config.json")
+    tokenizer_source = config.tokenizer or model_dir
+    if config.tokenizer is None and not (model_dir / "tokenizer.json").is_file():
+        raise ConfigError(f"{model_dir} has no tokenizer.json; pass --tokenizer")
+    tokenizer = load_tokenizer(tokenizer_source)
+    check_model_and_tokenizer(config, model_config, tokenizer)
+    train_pairs, eval_pairs, data_info = prepare_data(config, tokenizer, model_config)
+    if resume_state and resume_state[1].get("data_fingerprint") not in (None, data_info["fingerprint"]):
+        raise CheckpointLoadError(f"{resume_state[2]}: the data differs from the run being resumed "
+                                  "(different files, filter or tokenizer)")
+
+    policy = load_pretrained(model_dir, device=device)
+    trainable = freeze_all_but_last(policy, config.train_last_n, train_head=not config.freeze_head,
+                                    train_final_norm=not config.freeze_head)
+    log(str(trainable))
+    reference = frozen_reference(policy)
+    trainer = DPOTrainer(policy, reference, train_pairs, config, pad_token_id=tokenizer.pad_token_id, device=device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / METRICS_NAME
+    if resume_state:
+        tensors, meta, _ = resume_state
+        trainer.load_state_dict(tensors, meta)
+        history = _read_metrics(metrics_path, up_to_step=trainer.step)  # drop steps after the checkpoint
+        _write_metrics(metrics_path, history)
+        evals = meta.get("evals", [])
+    else:
+        if config.overwrite:
+            for name in (METRICS_NAME, EVAL_NAME, CURVES_NAME):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / FINAL_DIR, ignore_errors=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        _write_metrics(metrics_path, [])
+        evals = []
+        if eval_pairs:
+            before = trainer.evaluate(eval_pairs)
+            evals.append({"step": 0, **before.to_dict()})
+            log(f"before training: reference accuracy {before.reference_accuracy:.1%} on {len(eval_pairs)} held-out pairs")
+
+    def checkpoint() -> Path:
+        tensors, meta = trainer.state_dict()
+        meta.update(data_fingerprint=data_info["fingerprint"], evals=evals)
+        return save_checkpoint(out, tensors, meta, keep=config.keep_checkpoints)
+
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="DPO", unit="step", dynamic_ncols=True)
+    with _StopRequested() as stop, open(metrics_path, "a", encoding="utf-8") as metrics_file:
+        while not trainer.done:
+            try:
+                m = trainer.train_step()
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{e}. The last good checkpoint is kept in {out / 'checkpoints'}; "
+                                     "--skip-nonfinite skips such batches instead") from None
+            if config.eval_every and trainer.step % config.eval_every == 0 and eval_pairs and not trainer.done:
+                ev = trainer.evaluate(eval_pairs)
+                evals.append({"step": trainer.step, **ev.to_dict()})
+                m.update({f"eval_{k}": v for k, v in ev.to_dict().items()})
+            metrics_file.write(json.dumps(m) + "\n")
+            metrics_file.flush()
+            if bar is not None:
+                bar.update(1)
+                if "loss" in m:
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['reward_accuracy']:.2f}",
+                                    margin=f"{m['margin']:+.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            if config.save_every and trainer.step % config.save_every == 0 and not trainer.done:
+                checkpoint()
+            if stop.signal is not None:
+                path = checkpoint()
+                if bar is not None:
+                    bar.close()
+                log(f"checkpoint saved to {path}; continue with: python -m dpo.train --resume {out}")
+                raise SystemExit(128 + stop.signal)
+    if bar is not None:
+        bar.close()
+    if trainer.skipped_nonfinite:
+        log(f"skipped {trainer.skipped_nonfinite} step(s) with a non-finite loss or gradient")
+
+    # ------------------------------------------------------------------ the end
+    result: dict = {"steps": trainer.step, "train_pairs": len(train_pairs), "data": data_info,
+                    "skipped_nonfinite": trainer.skipped_nonfinite, "trainable": trainable.trainable}
+    if eval_pairs:
+        after = trainer.evaluate(eval_pairs)
+        evals.append({"step": trainer.step, **after.to_dict()})
+        result.update(after.to_dict())
+    else:
+        result.update(num_pairs=0, reference_accuracy=None, policy_accuracy=None, mean_margin=None)
+    result["history"] = evals
+    checkpoint()
+    final_tmp = out / f".{FINAL_DIR}.tmp"
+    shutil.rmtree(final_tmp, ignore_errors=True)
+    save_pretrained(policy, final_tmp, tokenizer=tokenizer)
+    shutil.rmtree(out / FINAL_DIR, ignore_errors=True)
+    os.replace(final_tmp, out / FINAL_DIR)
+    from smollm.checkpoint import write_json
+
+    write_json(out / EVAL_NAME, result)
+    plot_curves(_read_metrics(metrics_path), out / CURVES_NAME, evals)
+    if eval_pairs:
+        print(after.table())
+    print(f"wrote {out / METRICS_NAME}, {out / EVAL_NAME}, {out / CURVES_NAME} and {out / FINAL_DIR}/")
+    return result
+
+
+USER_ERRORS = (ConfigError, ModelConfigError, DataError, CheckpointError, CheckpointLoadError, HubError,
+               TokenizerError, NonFiniteError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .filtering import MissingNLTKDataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(config_from_args(args))
+    except USER_ERRORS + (MissingNLTKDataError,) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

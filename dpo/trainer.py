@@ -1,0 +1,247 @@
+"""The DPO trainer: setup -> step -> evaluate -> state, one readable class.
+
+A notebook drives it one step at a time:
+
+    trainer = DPOTrainer(policy, reference, train_pairs, config, pad_token_id=tok.pad_token_id)
+    metrics = trainer.train_step()          # one optimizer step, returns a dict
+    result = trainer.evaluate(eval_pairs)   # reference vs policy accuracy
+
+and everything needed to continue a run exactly (trainable weights, optimizer and scheduler
+state, RNG states, position in the data order, step) comes out of `state_dict()` as tensors
+plus JSON, and goes back in with `load_state_dict()` (see dpo.checkpointing).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from typing import Any
+
+import torch
+
+from smollm import SmolLM
+
+from .batch_logps import SharedTrunk, policy_and_reference_logps
+from .config import TrainConfig
+from .evaluate import EvalResult, evaluate_pairs
+from .freeze import first_trainable_layer
+from .loss import dpo_loss
+from .tokenization import TokenizedPair, collate_pairs, length_grouped_order
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient that is NaN or infinite; names the step and the pairs."""
+
+
+def autocast_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA unless float32 was asked for; none on CPU unless bfloat16 was."""
+    name = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return torch.bfloat16 if name == "bfloat16" else None
+
+
+class DPOTrainer:
+    def __init__(self, policy: SmolLM, reference: SmolLM, train_pairs: list[TokenizedPair],
+                 config: TrainConfig, *, pad_token_id: int, device: torch.device | str | None = None):
+        if not train_pairs:
+            raise ValueError("DPOTrainer needs at least one training pair")
+        self.policy, self.reference, self.config = policy, reference, config
+        self.train_pairs = train_pairs
+        self.pad_token_id = pad_token_id
+        self.device = torch.device(device) if device is not None else next(policy.parameters()).device
+        self.autocast_dtype = autocast_dtype_for(config, self.device)
+        self.trainable = [p for p in policy.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ValueError("the policy has no trainable parameters")
+        self.shared_trunk = (SharedTrunk(policy, reference)
+                             if config.shared_trunk and first_trainable_layer(policy) > 0 else None)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=fused or None)
+        warmup = config.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        # Progress through the data: epoch, and micro-batches of that epoch already used.
+        self.step = 0
+        self.epoch = 0
+        self.cursor = 0
+        self.skipped_nonfinite = 0
+        self.rng = random.Random(config.seed)  # reserved for stochastic choices; checkpointed
+        self._order_cache: tuple[int, list[list[int]]] | None = None
+
+    # ------------------------------------------------------------------ data order
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Micro-batches (indices into train_pairs) of `epoch`: a length-grouped random order."""
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            lengths = [max(len(p.chosen_ids), len(p.rejected_ids)) for p in self.train_pairs]
+            order = length_grouped_order(lengths, self.config.batch_size, self.config.seed + epoch)
+            bs = self.config.batch_size
+            self._order_cache = (epoch, [order[i:i + bs] for i in range(0, len(order), bs)])
+        return self._order_cache[1]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(math.ceil(len(self.train_pairs) / self.config.batch_size) / self.config.grad_accum)
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.steps_per_epoch * self.config.epochs
+        return min(steps, self.config.max_steps) if self.config.max_steps else steps
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def _next_micro_batches(self) -> list[list[TokenizedPair]]:
+        """The micro-batches of the next optimizer step, advancing epoch/cursor."""
+        batches = self.epoch_batches(self.epoch)
+        take = batches[self.cursor:self.cursor + self.config.grad_accum]
+        self.cursor += len(take)
+        if self.cursor >= len(batches):
+            self.epoch, self.cursor = self.epoch + 1, 0
+        return [[self.train_pairs[i] for i in b] for b in take]
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def compute_loss(self, pairs: list[TokenizedPair]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair DPO losses [B] and the step's statistics for one micro-batch."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in collate_pairs(pairs, self.pad_token_id).items()}
+        c = self.config
+        with self._autocast():
+            policy_logps, reference_logps = policy_and_reference_logps(
+                self.policy, self.reference, batch, c.logp_reduction, self.shared_trunk)
+        B = len(pairs)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_logps[:B], policy_logps[B:], reference_logps[:B], reference_logps[B:],
+            beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing)
+        stats = {
+            "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
+            "chosen_reward": chosen_rewards,
+            "rejected_reward": rejected_rewards,
+            "margin": chosen_rewards - rejected_rewards,
+            "policy_chosen_logp": policy_logps[:B].detach().float(),
+            "policy_rejected_logp": policy_logps[B:].detach().float(),
+        }
+        return losses, {**stats, "tokens": batch["attention_mask"].sum()}
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` micro-batches; returns the step's metrics."""
+        if self.done:
+            raise RuntimeError(f"training is finished ({self.step} of {self.total_steps} steps)")
+        start = time.perf_counter()
+        self.policy.train()
+        micro_batches = self._next_micro_batches()
+        n_pairs = sum(len(b) for b in micro_batches)
+        totals: dict[str, torch.Tensor] = {}
+        loss_sum = torch.zeros((), device=self.device)
+        for pairs in micro_batches:
+            losses, stats = self.compute_loss(pairs)
+            (losses.sum() / n_pairs).backward()  # the step's loss is the mean over all its pairs
+            loss_sum += losses.detach().sum()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0) + v.sum()
+        max_norm = self.config.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        loss = (loss_sum / n_pairs).item()
+        sources = [p.source or f"pair #{p.index}" for b in micro_batches for p in b]
+        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = f"loss={loss}, grad_norm={grad_norm.item()}"
+            if not self.config.skip_nonfinite:
+                raise NonFiniteError(f"non-finite {what} at step {self.step + 1}; pairs: {sources}")
+            self.skipped_nonfinite += 1
+            self.step += 1
+            return {"step": self.step, "skipped_nonfinite": True, "detail": what, "pairs": sources}
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        metrics = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss}
+        for k, v in totals.items():
+            if k != "tokens":
+                metrics[k] = v.item() / n_pairs
+        metrics.update(grad_norm=grad_norm.item(), lr=lr, pairs=n_pairs, tokens=int(totals["tokens"]),
+                       seconds=seconds, tokens_per_s=int(totals["tokens"]) / seconds)
+        return metrics
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self, pairs: list[TokenizedPair], batch_size: int | None = None) -> EvalResult:
+        return evaluate_pairs(
+            self.policy, self.reference, pairs, pad_token_id=self.pad_token_id, beta=self.config.beta,
+            reduction=self.config.logp_reduction, batch_size=batch_size or self.config.batch_size,
+            device=self.device, autocast_dtype=self.autocast_dtype, shared_trunk=self.shared_trunk)
+
+    # ------------------------------------------------------------------ state
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters by HF name (what a checkpoint must store of the model)."""
+        return {n: p.detach() for n, p in self.policy.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, json_state): everything to resume exactly. No pickle anywhere."""
+        tensors = {f"model.{n}": t for n, t in self.trainable_state().items()}
+        opt = self.optimizer.state_dict()
+        names = {id(p): n for n, p in self.policy.named_parameters() if p.requires_grad}
+        param_order = [names[id(p)] for p in self.trainable]
+        for idx, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{param_order[idx]}.{key}"] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        meta = {
+            "step": self.step, "epoch": self.epoch, "cursor": self.cursor,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "param_order": param_order,
+            "optimizer_param_groups": opt["param_groups"],
+            "scheduler": self.scheduler.state_dict(),
+            "python_rng": _rng_to_json(self.rng.getstate()),
+            "config": self.config.to_dict(),
+        }
+        return tensors, meta
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        params = dict(self.policy.named_parameters())
+        for name, p in self.trainable_state().items():
+            key = f"model.{name}"
+            if key not in tensors:
+                raise KeyError(f"checkpoint has no tensor {key}; was it written for another --train-last-n?")
+            params[name].copy_(tensors[key])
+        order = meta["param_order"]
+        names = {id(p): n for n, p in self.policy.named_parameters() if p.requires_grad}
+        if order != [names[id(p)] for p in self.trainable]:
+            raise ValueError("checkpoint's trainable parameters differ from this run's")
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for idx, name in enumerate(order):
+            prefix = f"optim.{name}."
+            entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if entry:
+                state[idx] = entry
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.step, self.epoch, self.cursor = meta["step"], meta["epoch"], meta["cursor"]
+        self.skipped_nonfinite = meta.get("skipped_nonfinite", 0)
+        self.rng.setstate(_rng_from_json(meta["python_rng"]))
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
+
+
+def _rng_to_json(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(state) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
