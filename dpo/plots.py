@@ -39,13 +39,14 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike, evals: list[dict] 
     ax.plot(steps, _smooth([m["reward_accuracy"] for m in rows], window), label="train reward accuracy")
     for e in evals or []:
         ax.scatter([e["step"]], [e["policy_accuracy"]], color="C1", zorder=3)
-        ax.scatter([e["step"]], [e["reward_accuracy"]], color="C2", marker="x", zorder=3)
+        if e["step"] > 0:  # at step 0 policy == reference: every margin is exactly 0
+            ax.scatter([e["step"]], [e["reward_accuracy"]], color="C2", marker="x", zorder=3)
     if evals:
         ax.scatter([], [], color="C1", label="held-out policy accuracy")
         ax.scatter([], [], color="C2", marker="x", label="held-out reward accuracy")
         ax.axhline(evals[0]["reference_accuracy"], ls="--", color="grey", label="held-out reference accuracy")
     ax.set(title="accuracy", xlabel="step", ylim=(-0.02, 1.02))
-    ax.legend()
+    ax.legend(loc="lower center", fontsize="small")
 
     ax = axes[2]
     for key, label in (("chosen_reward", "chosen reward"), ("rejected_reward", "rejected reward"),
