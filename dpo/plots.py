@@ -1,4 +1,8 @@
-"""Training curves: loss, reward accuracy and rewards over steps, in one PNG."""
+"""Training curves as PNG files: DPO (loss, accuracy, rewards) and SFT (loss).
+
+Drawn on a bare matplotlib Figure, never pyplot, so they work without a display and leave a
+notebook's plotting backend as it was.
+"""
 from __future__ import annotations
 
 import os
@@ -18,15 +22,13 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def plot_curves(metrics: list[dict], path: str | os.PathLike, evals: list[dict] | None = None) -> Path:
     """Write a 3-panel figure: DPO loss, reward accuracy (train and held-out), rewards and margin."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: works headless, leaves a notebook's backend alone
 
     rows = [m for m in metrics if "loss" in m]
     steps = [m["step"] for m in rows]
     window = max(1, len(rows) // 20)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    fig = Figure(figsize=(15, 4), layout="constrained")
+    axes = fig.subplots(1, 3)
 
     ax = axes[0]
     ax.plot(steps, [m["loss"] for m in rows], alpha=0.3, color="C0")
@@ -58,5 +60,23 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike, evals: list[dict] 
 
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return path
+
+
+def plot_sft_curve(metrics: list[dict], path: str | os.PathLike, evals: dict | None = None) -> Path:
+    """SFT train loss per step (raw and smoothed), with the held-out NLL before and after."""
+    from matplotlib.figure import Figure
+
+    steps, loss = [m["step"] for m in metrics], [m["loss"] for m in metrics]
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(steps, loss, alpha=0.3, color="C0")
+    ax.plot(steps, _smooth(loss, max(1, len(loss) // 20)), color="C0", label="train NLL")
+    if evals:
+        ax.scatter([0, steps[-1]], [evals["before"]["nll"], evals["after"]["nll"]], color="C1", zorder=3,
+                   label="held-out NLL (before, after)")
+    ax.set(title="SFT loss (mean NLL per response token)", xlabel="step")
+    ax.legend()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
     return path
