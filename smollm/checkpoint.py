@@ -90,6 +90,62 @@ def read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Pat
             ) from None
 
 
+def checkpoint_shapes(config: SmolLMConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of `config` holds, by HF name, with its shape (no model built)."""
+    c = config
+    C, I, V, H, KV, D = (c.hidden_size, c.intermediate_size, c.vocab_size, c.num_attention_heads,
+                         c.num_key_value_heads, c.head_dim)
+    shapes = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,),
+            p + "self_attn.q_proj.weight": (H * D, C), p + "self_attn.k_proj.weight": (KV * D, C),
+            p + "self_attn.v_proj.weight": (KV * D, C), p + "self_attn.o_proj.weight": (C, H * D),
+            p + "mlp.gate_proj.weight": (I, C), p + "mlp.up_proj.weight": (I, C), p + "mlp.down_proj.weight": (C, I),
+        })
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def verify_checkpoint(name_or_path: str | os.PathLike) -> SmolLMConfig:
+    """Check a checkpoint from its safetensors headers alone (milliseconds, nothing loaded).
+
+    The same errors as `load_pretrained` for a bad config.json, a truncated or corrupt file, and a
+    missing, unexpected or mis-shaped tensor; returns the config.
+    """
+    directory = resolve_checkpoint_dir(name_or_path)
+    try:
+        config = SmolLMConfig.from_json(directory / CONFIG_NAME)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    expected = checkpoint_shapes(config)
+    files = weight_files(directory)
+    found: dict[str, tuple[tuple[int, ...], Path]] = {}  # name -> (shape, file)
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    found[name] = tuple(f.get_slice(name).get_shape()), file
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file "
+                                  f"({file.stat().st_size} bytes): {e}") from None
+    for name, (shape, file) in found.items():
+        if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{file}: unexpected tensor {name} (config.json does not describe it)")
+        if shape != expected[name]:
+            raise CheckpointError(f"{file}: tensor {name} has shape {shape}, but the model "
+                                  f"(from config.json) expects {expected[name]}")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise CheckpointError(f"tensors missing from {', '.join(f.name for f in files)}: {missing[:10]}"
+                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    return config
+
+
 @torch.no_grad()
 def load_weights(model: SmolLM, files: list[Path]) -> None:
     """Copy every tensor of `files` into `model`, strictly (names, shapes, completeness)."""
@@ -139,10 +195,7 @@ def load_pretrained(name_or_path: str | os.PathLike, device=None, dtype: torch.d
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     files = weight_files(directory)
-    with torch.device("meta"):  # no time spent on a random init that is overwritten anyway
-        model = SmolLM(config)
-    model = model.to_empty(device="cpu")
-    model.tie_weights()  # to_empty gives each module its own tensor; tie them again
+    model = SmolLM(config, init_weights=False)  # every weight is overwritten below
     load_weights(model, files)
     model.to(device=device, dtype=dtype or torch.float32)
     return model.eval()

@@ -170,7 +170,7 @@ class Block(nn.Module):
 class SmolLM(nn.Module):
     """The whole decoder. `model(input_ids, attention_mask)` -> logits [B, T, V]."""
 
-    def __init__(self, config: SmolLMConfig):
+    def __init__(self, config: SmolLMConfig, *, init_weights: bool = True):
         super().__init__()
         self.config = config
         c = config
@@ -185,7 +185,8 @@ class SmolLM(nn.Module):
         ))
         self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        if init_weights:  # load_pretrained skips this: every weight is overwritten anyway
+            self.apply(self._init_weights)
         self.tie_weights()
 
     def tie_weights(self) -> None:

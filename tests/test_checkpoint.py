@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import smollm
-from smollm import CheckpointError, load_pretrained, load_tokenizer, save_pretrained
+from smollm import CheckpointError, SmolLM, load_pretrained, load_tokenizer, save_pretrained
 from smollm.hub import CACHE_ENV, HUB_URL_ENV, OFFLINE_ENV, HubOfflineError, hub_url
 
 from http_server import FileServer
-from model_utils import random_model, small_config
+from model_utils import random_model, save_random_checkpoint, small_config
 
 # A small vocabulary keeps these files ~1 MB; nothing here decodes text with the model.
 TIED = small_config(vocab_size=1024)
@@ -356,3 +356,33 @@ def test_hub_download_then_offline_cache(tmp_path, monkeypatch, tied_model, toke
         assert str(folder / name) in message
     assert "SMOLLM_OFFLINE=1" in message
     assert not folder.exists() or not any(folder.iterdir())
+
+
+# ------------------------------------------------------------ header-only verification
+@pytest.mark.parametrize("tied", [True, False])
+def test_checkpoint_shapes_match_the_models_parameters(tied):
+    from smollm.checkpoint import checkpoint_shapes
+
+    config = small_config(tie_word_embeddings=tied, num_key_value_heads=1)
+    model = SmolLM(config)
+    assert checkpoint_shapes(config) == {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def test_verify_checkpoint_reads_headers_and_finds_each_problem(tmp_path):
+    from smollm.checkpoint import verify_checkpoint
+
+    good = save_random_checkpoint(tmp_path / "good", small_config())
+    assert verify_checkpoint(good) == load_pretrained(good).config
+    # a config that does not match the weights
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight has shape .*160.* expects .*96"):
+        verify_checkpoint(bad)
+    # a truncated file
+    weights = good / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        verify_checkpoint(good)
