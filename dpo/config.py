@@ -105,12 +105,17 @@ class TrainConfig:
             bad("max_steps", f"must be at least 1, got {self.max_steps}")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
             bad("max_prompt_length", f"must be in [1, max_length={self.max_length}), got {self.max_prompt_length}")
-        if not self.lr > 0:
-            bad("lr", f"must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            bad("max_grad_norm", f"must be positive, got {self.max_grad_norm}")
+        if not 0 < self.lr < float("inf"):
+            bad("lr", f"must be a positive finite number, got {self.lr}")
+        if not 0 <= self.weight_decay < float("inf"):
+            bad("weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < float("inf"):
+            bad("max_grad_norm", f"must be a positive finite number, got {self.max_grad_norm}")
+        # argparse checks these choices; a TrainConfig built in Python (a notebook) is checked here.
+        for name, choices in (("loss_type", LOSS_TYPES), ("logp_reduction", ("mean", "sum")),
+                              ("dtype", (None, "float32", "bfloat16"))):
+            if getattr(self, name) not in choices:
+                bad(name, f"must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
         if self.train_last_n == 0 and self.freeze_head:
             bad("train_last_n", "0 with --freeze-head leaves nothing to train")
         if self.filter_workers < 1:

@@ -190,6 +190,9 @@ def _pair_from_row(row: object, source: str) -> PreferencePair:
         if not isinstance(row[k], str):
             raise DataError(f"expected a string, got {type(row[k]).__name__}",
                             reason="not_string", field=k)
+        if not _is_valid_text(row[k]):  # e.g. "\\ud800" in JSON: a lone UTF-16 surrogate
+            raise DataError("holds a lone UTF-16 surrogate (an escape like \\ud800), not valid "
+                            "Unicode text", reason="bad_utf8", field=k)
     for k in needed:
         if not row[k].strip():
             raise DataError("empty or whitespace only", reason="empty", field=k)
@@ -203,6 +206,31 @@ def _pair_from_row(row: object, source: str) -> PreferencePair:
     if chosen == rejected:
         raise DataError("chosen and rejected are identical", reason="identical", field="chosen")
     return PreferencePair(prompt, chosen, rejected, source)
+
+
+def _is_valid_text(text: str) -> bool:
+    """False for strings that cannot be UTF-8 encoded (lone surrogates); the tokenizer rejects them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _parse_json(text: str) -> object:
+    """json.loads, with every way it can fail turned into a DataError (reason bad_json).
+
+    Besides JSONDecodeError, json.loads raises ValueError for integers of more than 4,300
+    digits and RecursionError for arrays or objects nested thousands deep.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON: {e.msg} at column {e.colno}", reason="bad_json") from None
+    except ValueError as e:
+        raise DataError(f"malformed JSON: {e}", reason="bad_json") from None
+    except RecursionError:
+        raise DataError("malformed JSON: nested too deeply", reason="bad_json") from None
 
 
 # ---------------------------------------------------------------------------- file readers
@@ -242,10 +270,10 @@ def _iter_jsonl(path: Path, max_line_bytes: int) -> Iterator[tuple[int, object]]
                 if not text.strip():
                     continue
                 try:
-                    yield lineno, json.loads(text)
-                except json.JSONDecodeError as e:
-                    yield lineno, DataError(f"malformed JSON: {e.msg} at column {e.colno}",
-                                            reason="bad_json")
+                    row = _parse_json(text)
+                except DataError as e:
+                    row = e
+                yield lineno, row
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read the file after line {lineno}: {e}", path=str(path)) from e
 
@@ -263,6 +291,12 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, object]]:
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON: {e.msg} at column {e.colno}", reason="bad_json",
                         path=str(path), line=e.lineno) from e
+    except (ValueError, RecursionError):
+        try:
+            _parse_json(text)
+        except DataError as e:
+            raise DataError(e.detail, reason="bad_json", path=str(path)) from None
+        raise
     if not isinstance(rows, list):
         raise DataError(f"expected a JSON list of rows, got {type(rows).__name__}", path=str(path))
     yield from enumerate(rows, 1)
@@ -274,11 +308,16 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, object]]:
     except ImportError as e:
         raise DataError(f"reading parquet needs pyarrow: pip install pyarrow ({e})",
                         path=str(path)) from e
+    import pyarrow as pa
+
     n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            n += 1
-            yield n, row
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"cannot read the parquet file after row {n}: {e}", path=str(path)) from None
 
 
 def _read_file(path: Path, display: str, report: LoadReport, skip_bad_records: bool,
@@ -396,9 +435,12 @@ def load_preferences_with_report(
             break
     report.loaded = len(pairs)
     if not pairs:
-        raise DataError(f"no preference pairs loaded from {[str(i) for i in items]}"
-                        + (f" ({report.total_skipped} bad records skipped: "
-                           f"{dict(report.skipped)})" if report.total_skipped else ""))
+        where = ", ".join(str(i) for i in items)
+        if not report.total_skipped:
+            raise DataError(f"no preference pairs loaded from {where}: the input holds no records")
+        counts = ", ".join(f"{r} {n}" for r, n in report.skipped.items())
+        raise DataError(f"no preference pairs loaded from {where}: every one of its {report.total_skipped} "
+                        f"records was skipped ({counts}); the first: {report.examples[0][:300]}")
     return pairs, report
 
 

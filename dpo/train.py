@@ -7,26 +7,37 @@
 
 Everything that can be checked is checked before the expensive work starts, and the output
 directory is created only once the data and model are known to be usable.
+
+What a run survives (docs/reliability.md has each guarantee and its test):
+* SIGKILL / a crash: resumable checkpoints (--save-every) are written atomically;
+  `--resume RUN_DIR` continues from the latest and ends bitwise where an uninterrupted run would.
+* Ctrl-C (SIGINT) / SIGTERM: the current step finishes, a checkpoint is saved, its path is
+  printed, and the exit code is 130 / 143 without a traceback.
+* A non-finite loss or gradient stops with the step and the pairs (--skip-nonfinite skips it).
+* Bad data, models or flags: one line `error: ...` and exit code 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
 from smollm import SmolLMConfig, load_pretrained, load_tokenizer, save_pretrained
-from smollm.checkpoint import CheckpointError, resolve_checkpoint_dir
+from smollm.checkpoint import CheckpointError, atomic_path, resolve_checkpoint_dir, verify_checkpoint, write_json
 from smollm.config import ConfigError as ModelConfigError
 from smollm.hub import HubError
 from smollm.tokenizer import TokenizerError
 
-from .checkpointing import CheckpointLoadError, load_checkpoint, save_checkpoint
+from .checkpointing import (CHECKPOINTS_DIR, CheckpointLoadError, list_checkpoints, load_checkpoint,
+                            save_checkpoint)
 from .config import ConfigError, TrainConfig, build_parser, config_from_args
 from .data import DataError, load_preferences_with_report, train_eval_split
 from .freeze import freeze_all_but_last, frozen_reference
@@ -68,9 +79,14 @@ def prepare_data(config: TrainConfig, tokenizer, model_config: SmolLMConfig
         info["filter"] = {"total": report.total, "kept": report.kept, "rejected": report.rejected,
                           "pairs_per_s": report.pairs_per_s}
     if len(kept) < config.eval_pairs + 1:
-        raise DataError(f"only {len(kept)} pairs are left after filtering; need at least "
-                        f"{config.eval_pairs + 1} (--eval-pairs {config.eval_pairs} + 1 to train). "
-                        "Use more data, fewer --eval-pairs, or --no-filter.")
+        need_msg = (f"need at least {config.eval_pairs + 1} (--eval-pairs {config.eval_pairs} "
+                    "+ 1 to train)")
+        if config.filter:
+            raise DataError(f"the strong-preference filter kept only {len(kept)} of {info['filter']['total']} "
+                            f"pairs; {need_msg}. Use more data, fewer --eval-pairs, or --no-filter to "
+                            "train on the pairs as they are.")
+        raise DataError(f"only {len(kept)} usable pairs were loaded; {need_msg}. "
+                        "Use more data or fewer --eval-pairs.")
     train_raw, eval_raw = train_eval_split(kept, config.eval_pairs, seed=config.seed)
     eos = tokenizer.eos_token_id
     kwargs = dict(max_length=config.max_length, eos_token_id=eos, max_prompt_length=config.max_prompt_length)
@@ -80,7 +96,8 @@ def prepare_data(config: TrainConfig, tokenizer, model_config: SmolLMConfig
     for name, stats in (("train", train_stats), ("eval", eval_stats)):
         log(f"tokenized {name}: {stats}")
     if not train_pairs:
-        raise DataError("no training pair survived tokenization (every response was empty or cut away)")
+        raise DataError("no training pair survived tokenization (every response was empty or cut away); "
+                        f"try a larger --max-length than {config.max_length}")
     if len(train_pairs) < config.num_pairs:
         log(f"note: only {len(train_pairs)} training pairs are available (asked for {config.num_pairs})")
     too_big = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in train_pairs + eval_pairs)
@@ -118,15 +135,36 @@ def check_model_and_tokenizer(config: TrainConfig, model_config: SmolLMConfig, t
 
 
 def prepare_output_dir(config: TrainConfig) -> Path:
+    """Check (never create) the output directory: it must be writable and hold no other run."""
     out = Path(config.output_dir)
-    previous = [n for n in (METRICS_NAME, FINAL_DIR, "checkpoints", EVAL_NAME) if (out / n).exists()]
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out} is a file, not a directory")
+    previous = [n for n in (METRICS_NAME, FINAL_DIR, CHECKPOINTS_DIR, EVAL_NAME) if (out / n).exists()]
     if previous and not config.overwrite and not config.resume:
         raise ConfigError(f"--output-dir {out} already holds a run ({', '.join(previous)}); "
                           "pass --resume to continue it, --overwrite to replace it, or another --output-dir")
+    parent = out.absolute()
+    while not parent.exists():  # the nearest existing folder is where it will be created
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {out}: cannot write in {parent}")
     return out
 
 
 # ----------------------------------------------------------------------- main
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run. `checkpoint`: where its state was saved (None: not
+    saved by this interruption). A KeyboardInterrupt, so a notebook treats it like Ctrl-C."""
+
+    def __init__(self, signum: int, checkpoint: Path | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # only there can signals be handled
+
+
 class _StopRequested:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
 
@@ -135,13 +173,14 @@ class _StopRequested:
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        if self.signal is not None:  # a second Ctrl-C: stop now, without a new checkpoint
+            raise TrainingInterrupted(signum)
         self.signal = signum
         log(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint")
 
@@ -154,21 +193,67 @@ def _read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:
             continue  # a line cut off by a crash
-        if up_to_step is None or row.get("step", 0) <= up_to_step:
+        if isinstance(row, dict) and (up_to_step is None or row.get("step", 0) <= up_to_step):
             rows.append(row)
     return rows
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
-    from smollm.checkpoint import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+# Flags that --resume takes from the command line (--skip-nonfinite only to switch it on, e.g. to
+# get past a batch that stopped the run); every other setting comes from the checkpoint.
+RESUME_OVERRIDES = ("resume", "progress", "max_steps", "skip_nonfinite")
+
+
+def _resumed_config(config: TrainConfig, meta: dict, ckpt_dir: Path) -> TrainConfig:
+    """The run's saved settings, with RESUME_OVERRIDES from `config`, writing where the run is."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(meta["config"]) - known)
+    if unknown:
+        raise CheckpointLoadError(f"{ckpt_dir}: written by another version (unknown settings {unknown})")
+    saved = TrainConfig(**meta["config"])
+    defaults = TrainConfig()
+    ignored = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
+               if f.name not in RESUME_OVERRIDES + ("output_dir",)
+               and getattr(config, f.name) != getattr(defaults, f.name)
+               and getattr(config, f.name) != getattr(saved, f.name)]
+    if ignored:
+        log(f"note: --resume continues the run with its saved settings; ignoring {', '.join(ignored)}")
+    saved.resume, saved.progress = config.resume, config.progress
+    if config.max_steps is not None:
+        saved.max_steps = config.max_steps
+    saved.skip_nonfinite = saved.skip_nonfinite or config.skip_nonfinite
+    if ckpt_dir.parent.name == CHECKPOINTS_DIR:  # the run directory is where the checkpoint is
+        saved.output_dir = str(ckpt_dir.parent.parent)
+    return saved.check()
+
+
+def _device(config: TrainConfig) -> torch.device:
+    try:
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ConfigError(f"--device {config.device}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {config.device}: CUDA is not available on this machine")
+    return device
+
+
+def _latest_checkpoint_note(out: Path, flags: str = "") -> str:
+    try:
+        found = list_checkpoints(out)
+    except OSError:
+        found = []
+    if not found:
+        return "no checkpoint was saved"
+    return f"the latest checkpoint is {found[-1]}; continue with: python -m dpo.train --resume {out}{flags}"
 
 
 def run(config: TrainConfig) -> dict:
@@ -177,17 +262,13 @@ def run(config: TrainConfig) -> dict:
     resume_state = None
     if config.resume:
         tensors, meta, ckpt_dir = load_checkpoint(config.resume)
-        saved = TrainConfig(**meta["config"])
-        saved.resume, saved.progress = config.resume, config.progress
-        if config.max_steps is not None:
-            saved.max_steps = config.max_steps
-        config = saved.check()
+        config = _resumed_config(config, meta, ckpt_dir)
         resume_state = (tensors, meta, ckpt_dir)
         log(f"resuming from {ckpt_dir} (step {meta['step']}); the run's saved settings are used")
     out = prepare_output_dir(config)
     log("settings:\n" + str(config))
 
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(config)
     model_dir = resolve_checkpoint_dir(config.model)
     model_config = SmolLMConfig.from_json(model_dir / "config.json")
     tokenizer_source = config.tokenizer or model_dir
@@ -195,6 +276,7 @@ def run(config: TrainConfig) -> dict:
         raise ConfigError(f"{model_dir} has no tokenizer.json; pass --tokenizer")
     tokenizer = load_tokenizer(tokenizer_source)
     check_model_and_tokenizer(config, model_config, tokenizer)
+    verify_checkpoint(model_dir)  # headers only: a bad file fails before the data work
     train_pairs, eval_pairs, data_info = prepare_data(config, tokenizer, model_config)
     if resume_state and resume_state[1].get("data_fingerprint") not in (None, data_info["fingerprint"]):
         raise CheckpointLoadError(f"{resume_state[2]}: the data differs from the run being resumed "
@@ -207,21 +289,25 @@ def run(config: TrainConfig) -> dict:
     reference = frozen_reference(policy)
     trainer = DPOTrainer(policy, reference, train_pairs, config, pad_token_id=tokenizer.pad_token_id, device=device)
 
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / METRICS_NAME
     if resume_state:
-        tensors, meta, _ = resume_state
-        trainer.load_state_dict(tensors, meta)
+        tensors, meta, ckpt_dir = resume_state
+        try:
+            trainer.load_state_dict(tensors, meta)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointLoadError(f"{ckpt_dir}: cannot be resumed with this model ({e})") from None
+        out.mkdir(parents=True, exist_ok=True)
         history = _read_metrics(metrics_path, up_to_step=trainer.step)  # drop steps after the checkpoint
         _write_metrics(metrics_path, history)
-        evals = meta.get("evals", [])
+        evals = [e for e in meta.get("evals", []) if e["step"] <= trainer.step]
     else:
+        out.mkdir(parents=True, exist_ok=True)
         if config.overwrite:
             for name in (METRICS_NAME, EVAL_NAME, CURVES_NAME):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / FINAL_DIR, ignore_errors=True)
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+            shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+        write_json(out / CONFIG_NAME, config.to_dict())
         _write_metrics(metrics_path, [])
         evals = []
         if eval_pairs:
@@ -229,10 +315,18 @@ def run(config: TrainConfig) -> dict:
             evals.append({"step": 0, **before.to_dict()})
             log(f"before training: reference accuracy {before.reference_accuracy:.1%} on {len(eval_pairs)} held-out pairs")
 
+    # This run's latest checkpoint from this session (the one resumed from counts): never written twice.
+    last_saved: list[Path] = []
+    if resume_state and resume_state[2].parent == out / CHECKPOINTS_DIR:
+        last_saved.append(resume_state[2])
+
     def checkpoint() -> Path:
+        if last_saved and last_saved[-1].name == f"step-{trainer.step:06d}" and last_saved[-1].is_dir():
+            return last_saved[-1]  # this step is saved already (e.g. a signal right after --save-every)
         tensors, meta = trainer.state_dict()
         meta.update(data_fingerprint=data_info["fingerprint"], evals=evals)
-        return save_checkpoint(out, tensors, meta, keep=config.keep_checkpoints)
+        last_saved.append(save_checkpoint(out, tensors, meta, keep=config.keep_checkpoints))
+        return last_saved[-1]
 
     bar = None
     if config.progress:
@@ -244,8 +338,10 @@ def run(config: TrainConfig) -> dict:
             try:
                 m = trainer.train_step()
             except NonFiniteError as e:
-                raise NonFiniteError(f"{e}. The last good checkpoint is kept in {out / 'checkpoints'}; "
-                                     "--skip-nonfinite skips such batches instead") from None
+                raise NonFiniteError(f"{e}. Nothing of this step was applied; "
+                                     f"{_latest_checkpoint_note(out, ' --skip-nonfinite')} "
+                                     "(--skip-nonfinite skips and counts such batches; a lower --lr or "
+                                     "--max-grad-norm may avoid them)") from None
             if config.eval_every and trainer.step % config.eval_every == 0 and eval_pairs and not trainer.done:
                 ev = trainer.evaluate(eval_pairs)
                 evals.append({"step": trainer.step, **ev.to_dict()})
@@ -264,11 +360,12 @@ def run(config: TrainConfig) -> dict:
                 if bar is not None:
                     bar.close()
                 log(f"checkpoint saved to {path}; continue with: python -m dpo.train --resume {out}")
-                raise SystemExit(128 + stop.signal)
+                raise TrainingInterrupted(stop.signal, path)
     if bar is not None:
         bar.close()
     if trainer.skipped_nonfinite:
         log(f"skipped {trainer.skipped_nonfinite} step(s) with a non-finite loss or gradient")
+    checkpoint()  # the trained state, before the final evaluation and export
 
     # ------------------------------------------------------------------ the end
     result: dict = {"steps": trainer.step, "train_pairs": len(train_pairs), "data": data_info,
@@ -280,16 +377,16 @@ def run(config: TrainConfig) -> dict:
     else:
         result.update(num_pairs=0, reference_accuracy=None, policy_accuracy=None, mean_margin=None)
     result["history"] = evals
-    checkpoint()
     final_tmp = out / f".{FINAL_DIR}.tmp"
     shutil.rmtree(final_tmp, ignore_errors=True)
     save_pretrained(policy, final_tmp, tokenizer=tokenizer)
     shutil.rmtree(out / FINAL_DIR, ignore_errors=True)
     os.replace(final_tmp, out / FINAL_DIR)
-    from smollm.checkpoint import write_json
-
     write_json(out / EVAL_NAME, result)
-    plot_curves(_read_metrics(metrics_path), out / CURVES_NAME, evals)
+    try:
+        plot_curves(_read_metrics(metrics_path), out / CURVES_NAME, evals)
+    except (ImportError, OSError, ValueError, RuntimeError) as e:  # the curves are a convenience
+        log(f"note: could not draw {out / CURVES_NAME}: {e}")
     if eval_pairs:
         print(after.table())
     print(f"wrote {out / METRICS_NAME}, {out / EVAL_NAME}, {out / CURVES_NAME} and {out / FINAL_DIR}/")
@@ -300,16 +397,58 @@ USER_ERRORS = (ConfigError, ModelConfigError, DataError, CheckpointError, Checkp
                TokenizerError, NonFiniteError)
 
 
+def _run_dir(config: TrainConfig) -> Path:
+    """Where `run(config)` writes: the resumed run's directory, or --output-dir."""
+    if config.resume:
+        path = Path(config.resume)
+        return path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path
+    return Path(config.output_dir)
+
+
+class _TerminateRaises:
+    """Outside the training loop, SIGTERM stops the run like Ctrl-C (cleanups run, no traceback)."""
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle) if _in_main_thread() else None
+        return self
+
+    @staticmethod
+    def _handle(signum, frame):
+        raise TrainingInterrupted(signum)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 on success, 2 with one line `error: ...` for a problem the user can fix,
+    128 + the signal's number (130 SIGINT, 143 SIGTERM) when interrupted."""
     from .filtering import MissingNLTKDataError
 
-    parser = build_parser()
+    parser = build_parser("python -m dpo.train", __doc__)
     args = parser.parse_args(argv)
+    config = config_from_args(args)
     try:
-        run(config_from_args(args))
+        with _TerminateRaises():
+            run(config)
     except USER_ERRORS + (MissingNLTKDataError,) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError in newer versions
+        first = str(e).splitlines()[0] if str(e) else "out of memory"
+        print(f"error: {first}. Lower --batch-size or --max-length (raise --grad-accum to keep the "
+              f"effective batch); {_latest_checkpoint_note(_run_dir(config))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied, ...: the checkpoints written so far are whole
+        print(f"error: {e}; {_latest_checkpoint_note(_run_dir(config))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        if getattr(e, "checkpoint", None) is None:  # else run() has said where it saved
+            print(f"\ninterrupted ({signal.Signals(signum).name}); "
+                  f"{_latest_checkpoint_note(_run_dir(config))}", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

@@ -45,7 +45,7 @@ class DPOTrainer:
                  config: TrainConfig, *, pad_token_id: int, device: torch.device | str | None = None):
         if not train_pairs:
             raise ValueError("DPOTrainer needs at least one training pair")
-        self.policy, self.reference, self.config = policy, reference, config
+        self.policy, self.reference, self.config = policy, reference, config.check()
         self.train_pairs = train_pairs
         self.pad_token_id = pad_token_id
         self.device = torch.device(device) if device is not None else next(policy.parameters()).device
@@ -210,16 +210,23 @@ class DPOTrainer:
 
     @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved. A checkpoint of another model or freezing raises
+        ValueError before anything is changed."""
         params = dict(self.policy.named_parameters())
-        for name, p in self.trainable_state().items():
+        trainable = self.trainable_state()
+        for name, p in trainable.items():
             key = f"model.{name}"
             if key not in tensors:
-                raise KeyError(f"checkpoint has no tensor {key}; was it written for another --train-last-n?")
-            params[name].copy_(tensors[key])
+                raise ValueError(f"checkpoint has no tensor {key}; was it written for another --train-last-n?")
+            if tensors[key].shape != p.shape:
+                raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensors[key].shape)}, "
+                                 f"the model's is {tuple(p.shape)}: it was written for another model")
         order = meta["param_order"]
         names = {id(p): n for n, p in self.policy.named_parameters() if p.requires_grad}
         if order != [names[id(p)] for p in self.trainable]:
             raise ValueError("checkpoint's trainable parameters differ from this run's")
+        for name in trainable:
+            params[name].copy_(tensors[f"model.{name}"])
         state: dict[int, dict[str, torch.Tensor]] = {}
         for idx, name in enumerate(order):
             prefix = f"optim.{name}."
