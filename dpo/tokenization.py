@@ -110,6 +110,15 @@ class TokenizeStats:
     response_truncated: int = 0
     boundary_fallbacks: int = 0
 
+    def record(self, kept: bool, fallbacks: int, prompt_cut: bool, response_cut: bool) -> None:
+        """Count one tokenized pair or sequence."""
+        self.total += 1
+        self.kept += kept
+        self.dropped_no_response += not kept
+        self.boundary_fallbacks += fallbacks
+        self.prompt_truncated += prompt_cut
+        self.response_truncated += response_cut
+
     def __str__(self) -> str:
         return (
             f"{self.kept}/{self.total} pairs kept, {self.dropped_no_response} dropped (no response token), "
@@ -196,12 +205,7 @@ def _pair_from_ids(
         for side, orig in ((c, chosen_ids), (r, rejected_ids))
     )
     if stats is not None:
-        stats.total += 1
-        stats.boundary_fallbacks += fallbacks
-        stats.prompt_truncated += prompt_cut
-        stats.response_truncated += response_cut
-        stats.kept += keep
-        stats.dropped_no_response += not keep
+        stats.record(keep, fallbacks, prompt_cut, response_cut)
     if not keep:
         return None
     c_ids, c_mask = _build(prompt, c)
@@ -257,12 +261,7 @@ def tokenize_prompt_response(
     p, (r,), prompt_cut, response_cut = _truncate(prompt_ids, [resp + [eos_token_id]], max_length, max_prompt_length)
     keep = _has_counted_token(len(p), len(r), min(len(r), len(resp)))
     if stats is not None:
-        stats.total += 1
-        stats.boundary_fallbacks += fell_back
-        stats.prompt_truncated += prompt_cut
-        stats.response_truncated += response_cut
-        stats.kept += keep
-        stats.dropped_no_response += not keep
+        stats.record(keep, fell_back, prompt_cut, response_cut)
     if not keep:
         return None
     ids, mask = _build(p, r)

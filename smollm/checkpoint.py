@@ -48,6 +48,14 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{path}: no such checkpoint directory, and not a hub id like 'HuggingFaceTB/SmolLM-135M'")
 
 
+def read_config(checkpoint_dir: Path) -> SmolLMConfig:
+    """The checkpoint's config.json; an unsupported or broken one raises CheckpointError."""
+    try:
+        return SmolLMConfig.from_json(checkpoint_dir / CONFIG_NAME)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def weight_files(checkpoint_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint, single-file or sharded."""
     single, index = checkpoint_dir / WEIGHTS_NAME, checkpoint_dir / WEIGHTS_INDEX_NAME
@@ -76,18 +84,23 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
     raise CheckpointError(f"{checkpoint_dir}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} is there")
 
 
+@contextlib.contextmanager
+def open_safetensors(file: Path):
+    """`safe_open` on CPU; a corrupt or truncated file raises CheckpointError naming it."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        size = file.stat().st_size if file.exists() else 0
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({size} bytes): {e}") from None
+
+
 def read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """Yield (name, tensor, file) for every tensor; a corrupt or truncated file raises CheckpointError."""
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name), file
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            size = file.stat().st_size if file.exists() else 0
-            raise CheckpointError(
-                f"{file}: corrupt or truncated safetensors file ({size} bytes): {e}"
-            ) from None
+        with open_safetensors(file) as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name), file
 
 
 def checkpoint_shapes(config: SmolLMConfig) -> dict[str, tuple[int, ...]]:
@@ -116,21 +129,14 @@ def verify_checkpoint(name_or_path: str | os.PathLike) -> SmolLMConfig:
     missing, unexpected or mis-shaped tensor; returns the config.
     """
     directory = resolve_checkpoint_dir(name_or_path)
-    try:
-        config = SmolLMConfig.from_json(directory / CONFIG_NAME)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+    config = read_config(directory)
     expected = checkpoint_shapes(config)
     files = weight_files(directory)
     found: dict[str, tuple[tuple[int, ...], Path]] = {}  # name -> (shape, file)
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    found[name] = tuple(f.get_slice(name).get_shape()), file
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{file}: corrupt or truncated safetensors file "
-                                  f"({file.stat().st_size} bytes): {e}") from None
+        with open_safetensors(file) as f:
+            for name in f.keys():
+                found[name] = tuple(f.get_slice(name).get_shape()), file
     for name, (shape, file) in found.items():
         if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
@@ -190,10 +196,7 @@ def load_pretrained(name_or_path: str | os.PathLike, device=None, dtype: torch.d
     dtype: the parameters' dtype (default float32, whatever the checkpoint stores).
     """
     directory = resolve_checkpoint_dir(name_or_path)
-    try:
-        config = SmolLMConfig.from_json(directory / CONFIG_NAME)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+    config = read_config(directory)
     files = weight_files(directory)
     model = SmolLM(config, init_weights=False)  # every weight is overwritten below
     load_weights(model, files)
