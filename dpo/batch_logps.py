@@ -10,8 +10,13 @@ fp32 rounding (tests/test_batch_logps.py shows it):
 * `SharedTrunk`: the fast path. With the embedding and blocks [0, K) frozen, policy and
   reference compute identical hidden states up to block K. So the trunk runs once, under
   no_grad; then the policy's trainable tail (with grad) and the reference's frozen tail.
-  The LM head is applied only at positions that predict a response token
-  (`head_logps`), not at all 2B x T positions x 49,152 classes.
+  The model runs the real tokens only, not the padding (`smollm.model.Packing`). The LM
+  head is applied only at positions that predict a response token (`head_logps`), not at
+  all 2B x T positions x 49,152 classes, and a chunk of those positions at a time: the
+  [N, V] logits are never held whole, and backward recomputes them chunk by chunk
+  (`HeadLogProbs`) instead of keeping them from the forward.
+
+What each piece buys is measured in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -25,20 +30,84 @@ from .logprobs import sequence_logprobs
 Batch = dict[str, torch.Tensor]
 
 
+HEAD_CHUNK = 256  # positions per chunk of logits in HeadLogProbs: 256 x 49,152 fp32 = 50 MB
+
+
+class HeadLogProbs(torch.autograd.Function):
+    """log_softmax(h @ W^T)[target] for N positions, HEAD_CHUNK positions at a time.
+
+    h [N, C], weight [V, C], targets [N] -> log-probs [N] fp32. The same numbers as
+    `F.linear(h, weight).float().log_softmax(-1).gather(...)`, without holding [N, V]:
+    forward keeps only h, the targets and each position's logsumexp [N]; backward recomputes
+    a chunk's logits, turns them into d log p / d logits = onehot(target) - softmax, and
+    accumulates the gradients of h and weight. Costs one extra [chunk, C] x [C, V] matmul per
+    chunk; saves the [N, V] fp32 logits (and their gradient) that autograd would keep.
+    Under autocast, call it with h and weight already cast (see `head_logps`).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int = HEAD_CHUNK):
+        N = h.shape[0]
+        out = torch.empty(N, device=h.device, dtype=torch.float32)
+        lse = torch.empty(N, device=h.device, dtype=torch.float32)
+        for s in range(0, N, chunk):
+            logits = (h[s:s + chunk] @ weight.T).float()  # [n, V]
+            lse[s:s + chunk] = logits.logsumexp(-1)
+            out[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, targets, lse = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_w else None
+        for s in range(0, h.shape[0], ctx.chunk):
+            hc, g = h[s:s + ctx.chunk], grad_out[s:s + ctx.chunk].float()  # [n, C], [n]
+            # d out / d logits = onehot(target) - softmax(logits), times the incoming gradient
+            grad_logits = (hc @ weight.T).float().sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])
+            grad_logits.scatter_add_(-1, targets[s:s + ctx.chunk, None], g[:, None])  # [n, V]
+            grad_logits = grad_logits.to(h.dtype)
+            if want_h:
+                grad_h[s:s + ctx.chunk] = grad_logits @ weight  # [n, C]
+            if want_w and grad_logits.dtype == torch.float32:
+                grad_w.addmm_(grad_logits.T, hc)  # [V, C], accumulated in place
+            elif want_w:
+                grad_w += (grad_logits.T @ hc).float()  # [V, C], low-precision matmul, fp32 sum
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None
+
+
+def _head_token_logps(lm_head: torch.nn.Linear, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) [N] fp32 at hidden states h [N, C], by HeadLogProbs, autocast-aware."""
+    if lm_head.bias is not None:  # SmolLM's head has none; keep a biased head exact the plain way
+        logits = lm_head(h).float()  # [N, V]
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    weight = lm_head.weight
+    if torch.is_autocast_enabled(h.device.type):  # do what F.linear does under autocast: cast both
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    else:
+        h = h.to(weight.dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        return HeadLogProbs.apply(h, weight, targets)
+
+
 def head_logps(lm_head: torch.nn.Linear, hidden: torch.Tensor, input_ids: torch.Tensor,
                response_mask: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Sequence log-probs [R] from final hidden states [R, T, C], the head applied sparsely.
 
     Equal to `sequence_logprobs(lm_head(hidden), input_ids, response_mask, reduction)`, but
-    only the N positions t-1 whose next token t is a response token go through the head.
+    only the N positions t-1 whose next token t is a response token go through the head,
+    a chunk at a time (`HeadLogProbs`).
     """
     R = input_ids.shape[0]
     counted = response_mask[:, 1:].bool()  # [R, T-1]: token t+1 is a response token
     h = hidden[:, :-1][counted]  # [N, C]: the positions that predict them
     targets = input_ids[:, 1:][counted]  # [N]
     rows = torch.arange(R, device=input_ids.device)[:, None].expand_as(counted)[counted]  # [N]
-    logits = lm_head(h).float()  # [N, V]
-    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # [N]
+    token_logps = _head_token_logps(lm_head, h, targets)  # [N]
     sums = torch.zeros(R, device=hidden.device, dtype=torch.float32).index_add(0, rows, token_logps)
     if reduction == "sum":
         return sums
@@ -51,8 +120,8 @@ def head_logps(lm_head: torch.nn.Linear, hidden: torch.Tensor, input_ids: torch.
 
 
 def plain_logps(model: SmolLM, batch: Batch, reduction: str = "sum") -> torch.Tensor:
-    """Log-probs [2B] by a full forward of `model` over every position."""
-    logits = model(batch["input_ids"], batch["attention_mask"])  # [2B, T, V]
+    """Log-probs [2B] by a full forward of `model` over every position, padding included."""
+    logits = model(batch["input_ids"], batch["attention_mask"], pack=False)  # [2B, T, V]
     return sequence_logprobs(logits, batch["input_ids"], batch["response_mask"], reduction=reduction)
 
 
@@ -61,10 +130,13 @@ class SharedTrunk:
 
     Valid only when the embedding and blocks [0, K) of the policy are frozen and are the very
     same tensors in the reference (as `dpo.freeze.frozen_reference` makes them); checked here.
+    recompute_tail: the policy's trainable blocks keep only their inputs for backward and run
+    again during backward (activation checkpointing): the same gradients for ~90% less
+    activation memory, at the price of one more forward of the tail (a few % of a step).
     """
 
-    def __init__(self, policy: SmolLM, reference: SmolLM):
-        self.policy, self.reference = policy, reference
+    def __init__(self, policy: SmolLM, reference: SmolLM, recompute_tail: bool = True):
+        self.policy, self.reference, self.recompute_tail = policy, reference, recompute_tail
         self.split = first_trainable_layer(policy)  # K
         pol, ref = policy.model, reference.model
         shared = pol.embed_tokens.weight is ref.embed_tokens.weight and all(
@@ -82,7 +154,8 @@ class SharedTrunk:
             trunk = self.policy.hidden_states(ids, mask, end_layer=self.split, final_norm=False)  # [2B, T, C]
             ref_hidden = self.reference.hidden_states(ids, mask, start_layer=self.split, hidden=trunk)
             reference = head_logps(self.reference.lm_head, ref_hidden, ids, response, reduction)
-        hidden = self.policy.hidden_states(ids, mask, start_layer=self.split, hidden=trunk)  # [2B, T, C]
+        hidden = self.policy.hidden_states(ids, mask, start_layer=self.split, hidden=trunk,
+                                           recompute=self.recompute_tail)  # [2B, T, C]
         policy = head_logps(self.policy.lm_head, hidden, ids, response, reduction)
         return policy, reference
 

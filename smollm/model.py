@@ -4,7 +4,17 @@
            -> RMSNorm -> LM head -> logits
 
 Shape legend: B batch, T new positions, S attended positions (cached + new), C hidden size,
-H query heads, KV key/value heads, D head dim, V vocabulary, I MLP width.
+H query heads, KV key/value heads, D head dim, V vocabulary, I MLP width, N real (non-padding)
+tokens of a batch.
+
+Two things make training lighter without changing a number (tests/test_batch_logps.py):
+* Padding costs nothing: a padded batch without a KV cache runs as one row of its N real
+  tokens (`Packing`), since every layer but attention treats tokens one by one, and
+  attention runs causally within each sequence. Padding positions come out as zero hidden
+  states.
+* RMSNorm and the SwiGLU MLP have hand-written backwards (`RMSNormFunction`, `SwiGLUDown`)
+  that keep fewer activations for backward than autograd would, and recompute the cheap
+  elementwise rest.
 
 Parameter names equal HuggingFace's LlamaForCausalLM (`model.layers.{i}.self_attn.q_proj.weight`,
 ...), so a checkpoint loads by name with no renaming, and `save_pretrained` writes one that
@@ -16,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import SmolLMConfig
 
@@ -29,10 +40,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """The norm with a hand-written backward, to keep less for it.
+
+    Autograd would keep x and the normalised x (two [.., C] tensors); this keeps x and the
+    per-row 1/rms [.., 1], and recomputes the normalised x in backward. Forward is the same
+    arithmetic as HF's LlamaRMSNorm, so outputs are bit-identical.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # [.., 1] fp32
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x.float() * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd  # [.., C] fp32
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed.to(x.dtype)).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).float()  # d loss / d normed
+            # d normed / d x = rstd * (I - normed normed^T / C)
+            grad_x = (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_weight, None
 
 
 class RotaryEmbedding(nn.Module):
@@ -107,6 +144,38 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class Packing:
+    """Where the real tokens of a padded batch are, to run them as one row [1, N, ...].
+
+    Each row's real tokens must be one contiguous run (right or left padding); `of` returns
+    None otherwise. Sequence r occupies packed positions [sum(lengths[:r]), sum(lengths[:r+1])).
+    """
+
+    def __init__(self, index: torch.Tensor, lengths: list[int], shape: tuple[int, int]):
+        self.index, self.lengths, self.shape = index, lengths, shape  # [N] flat indices into [B*T]
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor) -> "Packing | None":
+        real = attention_mask.bool()  # [B, T]
+        counts = real.sum(-1)  # [B]
+        first = real.long().argmax(-1)  # [B] first real position (0 for an empty row)
+        T = real.shape[1]
+        inside = torch.arange(T, device=real.device)[None, :] - first[:, None]  # [B, T]
+        if not bool((real == ((inside >= 0) & (inside < counts[:, None]))).all()):
+            return None  # a row with a hole in it: keep the padded path
+        lengths = [n for n in counts.tolist() if n > 0]
+        return cls(real.flatten().nonzero().squeeze(-1), lengths, tuple(real.shape))
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [1, N, ...]: the real positions, row after row."""
+        return x.flatten(0, 1)[self.index].unsqueeze(0)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, N, ...] -> [B, T, ...], zeros at padding positions."""
+        out = x.new_zeros((self.shape[0] * self.shape[1], *x.shape[2:]))
+        return out.index_copy(0, self.index, x[0]).view(*self.shape, *x.shape[2:])
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention: H query heads share KV key/value heads."""
 
@@ -119,6 +188,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, layer_idx: int = 0):
+        """mask: None (plain causal), a boolean [B, 1, T, S] tensor, or a list of sequence lengths
+        when x [1, N, C] holds several sequences packed one after another (each attends
+        causally to itself only)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
@@ -126,15 +198,18 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # [B, KV, S, D]
-        # Grouped-query attention: each KV head serves H // KV query heads.
-        groups = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(groups, dim=1)  # [B, H, S, D]
-        v = v.repeat_interleave(groups, dim=1)  # [B, H, S, D]
+        # Grouped-query attention: each KV head serves H // KV query heads (enable_gqa: without
+        # copying k and v H // KV times).
         if mask is None:  # no padding, no cache: the plain causal mask, fastest kernels
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask [B, 1, T, S]
-        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # [B, T, H*D]
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+        elif isinstance(mask, list):  # packed sequences: causal attention within each one
+            y = torch.cat([
+                F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True).transpose(1, 2)
+                for qi, ki, vi in zip(q.split(mask, 2), k.split(mask, 2), v.split(mask, 2))
+            ], dim=1)  # [1, N, H, D]
+        else:  # mask [B, 1, T, S]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+        y = y.reshape(B, T, self.num_heads * self.head_dim)  # [B, T, H*D]
         return self.o_proj(y)
 
 
@@ -148,7 +223,42 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
+
+
+class SwiGLUDown(torch.autograd.Function):
+    """down_proj(silu(gate) * up) with a hand-written backward, to keep less for it.
+
+    Autograd would keep gate, silu(gate), up and their product: four [.., I] tensors, the
+    largest activations of a block. This keeps gate and up and recomputes the other two
+    (elementwise, cheap) in backward, with the same kernels, so gradients are bit-identical.
+    Under autocast it computes in the autocast dtype, as F.linear would.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, weight):
+        device = gate.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        ctx.save_for_backward(gate, up, weight)
+        ctx.dtype = dtype
+        with torch.autocast(device, enabled=False):
+            return F.linear((F.silu(gate) * up).to(dtype), weight.to(dtype))  # [.., C]
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up, weight = ctx.saved_tensors
+        with torch.autocast(gate.device.type, enabled=False):
+            silu = F.silu(gate)
+            grad = grad.to(ctx.dtype)
+            grad_weight = None
+            if ctx.needs_input_grad[2]:
+                hidden = (silu * up).to(ctx.dtype)  # [.., I], as in forward
+                grad_weight = (grad.reshape(-1, grad.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1]))
+                grad_weight = grad_weight.to(weight.dtype)  # [C, I]
+            grad_hidden = (grad @ weight.to(ctx.dtype)).to(silu.dtype)  # [.., I]
+            grad_up = grad_hidden * silu
+            grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)
+        return grad_gate, grad_up, grad_weight
 
 
 class Block(nn.Module):
@@ -204,36 +314,49 @@ class SmolLM(nn.Module):
         return self.lm_head.weight is self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, *, pack: bool = True) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V].
 
         attention_mask [B, S], 1 for real tokens and 0 for padding, covers the cached positions
         too (S = kv_cache.length + T). Right or left padding both work: positions count from
         each row's first real token, and no real token attends to a padding token.
+        pack: run a padded batch as its real tokens only (see the module docstring);
+        pack=False computes every padding position too (the textbook way, same real logits).
         """
-        hidden = self.hidden_states(input_ids, attention_mask, kv_cache)
+        hidden = self.hidden_states(input_ids, attention_mask, kv_cache, pack=pack)
         return self.lm_head(hidden)  # [B, T, V]
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       kv_cache: KVCache | None = None, *, start_layer: int = 0,
                       end_layer: int | None = None, hidden: torch.Tensor | None = None,
-                      final_norm: bool = True) -> torch.Tensor:
+                      final_norm: bool = True, pack: bool = True, recompute: bool = False) -> torch.Tensor:
         """The residual stream [B, T, C] after blocks [start_layer, end_layer), then the final norm.
 
         The defaults run the whole trunk. `start_layer`/`end_layer`/`hidden` run a slice of it
         (used to share a frozen trunk between policy and reference); `final_norm=False` skips
-        model.norm, e.g. when more blocks follow.
+        model.norm, e.g. when more blocks follow. `pack`: see `forward`. `recompute`
+        (activation checkpointing): keep only each block's input for backward and run the
+        block again during backward; same gradients, less memory, one more forward of the blocks.
         """
         end_layer = self.config.num_hidden_layers if end_layer is None else end_layer
         past = kv_cache.length if kv_cache is not None else 0
         position_ids, mask = self._positions_and_mask(input_ids, attention_mask, past)
-        cos, sin = self.rotary(position_ids)  # [B, 1, T, D] each
         x = self.model.embed_tokens(input_ids) if hidden is None else hidden  # [B, T, C]
+        packing = Packing.of(attention_mask) if pack and mask is not None and kv_cache is None else None
+        if packing is not None:  # padding and no cache: run the real tokens only
+            x = packing.pack(x)  # [1, N, C]
+            position_ids, mask = packing.pack(position_ids), packing.lengths  # [1, N], B lengths
+        cos, sin = self.rotary(position_ids)  # [B, 1, T, D] each
+        recompute = recompute and kv_cache is None and torch.is_grad_enabled()
         for i in range(start_layer, end_layer):
-            x = self.model.layers[i](x, cos, sin, mask, kv_cache, i)
+            if recompute:
+                x = checkpoint(self.model.layers[i], x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = self.model.layers[i](x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None and end_layer == self.config.num_hidden_layers:
             kv_cache.length += input_ids.shape[1]
-        return self.model.norm(x) if final_norm else x
+        x = self.model.norm(x) if final_norm else x
+        return packing.unpack(x) if packing is not None else x  # [B, T, C]
 
     def _positions_and_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                             past: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -102,3 +102,220 @@ def test_first_trainable_layer():
     full = random_model(small_config())
     freeze_all_but_last(full, 2)  # everything, head tied to the embedding
     assert first_trainable_layer(full) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory- and time-saving pieces, each against the textbook computation (fp32, 1e-5).
+
+import contextlib
+
+import torch.nn.functional as F
+
+from dpo.batch_logps import HeadLogProbs
+from smollm.model import MLP, Packing, RMSNorm, RMSNormFunction, SwiGLUDown
+
+
+@contextlib.contextmanager
+def textbook_layers():
+    """RMSNorm and MLP computed by plain autograd ops, as before the hand-written backwards."""
+    def norm(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def mlp(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    saved = RMSNorm.forward, MLP.forward
+    RMSNorm.forward, MLP.forward = norm, mlp
+    try:
+        yield
+    finally:
+        RMSNorm.forward, MLP.forward = saved
+
+
+def _grads(params):
+    return [p.grad.clone() for p in params]
+
+
+def test_rms_norm_function_equals_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(64)).requires_grad_()
+    up = torch.randn(3, 7, 64)
+    out = RMSNormFunction.apply(x, w, 1e-5)
+    (out * up).sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    (ref * up).sum().backward()
+    assert torch.equal(out, ref)  # the same arithmetic forward
+    torch.testing.assert_close(gx, x.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gw, w.grad, atol=1e-5, rtol=0)
+
+
+def test_swiglu_down_equals_autograd():
+    torch.manual_seed(0)
+    gate, up = torch.randn(2, 5, 48, requires_grad=True), torch.randn(2, 5, 48, requires_grad=True)
+    w = torch.randn(16, 48, requires_grad=True)
+    probe = torch.randn(2, 5, 16)
+    out = SwiGLUDown.apply(gate, up, w)
+    (out * probe).sum().backward()
+    mine = [gate.grad.clone(), up.grad.clone(), w.grad.clone()]
+    gate.grad = up.grad = w.grad = None
+    ref = F.linear(F.silu(gate) * up, w)
+    (ref * probe).sum().backward()
+    assert torch.equal(out, ref)
+    for a, b in zip(mine, [gate.grad, up.grad, w.grad]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 256])
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_head_log_probs_equal_full_logits(chunk, train_weight):
+    """Chunked, recomputing head: same log-probs and gradients (h and weight) as full logits."""
+    torch.manual_seed(0)
+    h = torch.randn(10, 32, requires_grad=True)
+    w = (0.3 * torch.randn(1000, 32)).requires_grad_(train_weight)
+    targets = torch.randint(0, 1000, (10,))
+    probe = torch.randn(10)
+    out = HeadLogProbs.apply(h, w, targets, chunk)
+    (out * probe).sum().backward()
+    mine = [h.grad.clone()] + ([w.grad.clone()] if train_weight else [])
+    h.grad = w.grad = None
+    ref = F.linear(h, w).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    (ref * probe).sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    for a, b in zip(mine, [h.grad] + ([w.grad] if train_weight else [])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_head_logps_under_bf16_autocast_is_close_to_fp32():
+    model = random_model(small_config())
+    batch = collate_pairs(crafted_pairs(4), pad_token_id=0)
+    with torch.no_grad():
+        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+        fp32 = head_logps(model.lm_head, hidden, batch["input_ids"], batch["response_mask"], "mean")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = head_logps(model.lm_head, hidden, batch["input_ids"], batch["response_mask"], "mean")
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.01)
+
+
+def _left_and_right_padded_batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 1000, (4, 12), generator=g)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[0, 9:] = 0  # right padding
+    mask[1, :5] = 0  # left padding
+    mask[3, 1:] = 0  # a single real token
+    return ids, mask
+
+
+def test_packed_forward_equals_padded_forward_and_gradients():
+    """Padding removed (`Packing`): same logits at real positions, same gradients, padding zero."""
+    ids, mask = _left_and_right_padded_batch()
+    real = mask.bool()
+    assert Packing.of(mask) is not None
+    models = [random_model(small_config(num_hidden_layers=3), seed=2) for _ in range(2)]
+    probe = 1e-3 * torch.randn(4, 12, 49152)  # small: the tied embedding sums 49,152 classes
+    outs = []
+    for model, pack in zip(models, (True, False)):
+        model.train()
+        logits = model(ids, mask, pack=pack)
+        (logits * probe * real[..., None]).sum().backward()
+        outs.append(logits.detach())
+    torch.testing.assert_close(outs[0][real], outs[1][real], atol=1e-5, rtol=0)
+    hidden = models[0].hidden_states(ids, mask)
+    assert torch.equal(hidden[~real], torch.zeros_like(hidden[~real]))  # padding: zero hidden state
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_a_mask_with_holes_is_not_packed():
+    ids = torch.randint(0, 1000, (2, 6))
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    assert Packing.of(mask) is None
+    model = random_model(small_config())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), model(ids, mask, pack=False), atol=0, rtol=0)
+
+
+def test_packed_forward_matches_transformers_with_padding(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from model_utils import save_random_checkpoint
+
+    from smollm import load_pretrained
+
+    config = small_config(num_hidden_layers=3)
+    save_random_checkpoint(tmp_path, config, seed=1)
+    ours = load_pretrained(tmp_path)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids, mask = _left_and_right_padded_batch()
+    mask[1] = 1  # transformers' positions ignore left padding unless given position_ids: keep it right-padded
+    real = mask.bool()
+    with torch.no_grad():
+        a = ours(ids, mask)
+        b = theirs(ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[real], b[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_optimized_step_equals_textbook_step(reduction):
+    """Everything on (shared trunk, packing, sparse chunked head, hand-written backwards) against
+    everything off (two full padded forwards, full logits, plain autograd): same log-probs and
+    the same gradients on every trainable parameter."""
+    pol_a, ref_a = _policy_and_reference(2)
+    pol_b = copy.deepcopy(pol_a)
+    ref_b = frozen_reference(pol_b)
+    batch = collate_pairs(crafted_pairs(4), pad_token_id=0)
+    fast_pol, fast_ref = policy_and_reference_logps(pol_a, ref_a, batch, reduction, SharedTrunk(pol_a, ref_a))
+    (fast_pol * torch.arange(1.0, 9.0)).sum().backward()
+    with textbook_layers():
+        plain_pol, plain_ref = policy_and_reference_logps(pol_b, ref_b, batch, reduction, None)
+        (plain_pol * torch.arange(1.0, 9.0)).sum().backward()
+    torch.testing.assert_close(fast_pol, plain_pol, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_ref, plain_ref, atol=1e-5, rtol=0)
+    trainable = [(n, p) for n, p in pol_a.named_parameters() if p.requires_grad]
+    assert trainable
+    for (name, a), b in zip(trainable, [p for p in pol_b.parameters() if p.requires_grad]):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_optimized_training_trajectory_equals_textbook():
+    """Four optimizer steps with everything on vs everything off: same losses, same weights."""
+    pairs = crafted_pairs(24)
+    runs = []
+    for fast in (True, False):
+        policy, reference = _policy_and_reference(2, seed=5)
+        config = TrainConfig(batch_size=4, max_steps=4, shared_trunk=fast, beta=0.5, logp_reduction="mean")
+        trainer = DPOTrainer(policy, reference, pairs, config, pad_token_id=0)
+        with contextlib.nullcontext() if fast else textbook_layers():
+            losses = [trainer.train_step()["loss"] for _ in range(4)]
+        runs.append((losses, {n: t.clone() for n, t in trainer.trainable_state().items()}))
+    (loss_a, w_a), (loss_b, w_b) = runs
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    for name in w_a:
+        torch.testing.assert_close(w_a[name], w_b[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_recomputed_tail_gives_the_same_gradients():
+    """Activation checkpointing of the policy's trainable blocks: same log-probs and gradients,
+    and almost nothing kept for backward."""
+    batch = collate_pairs(crafted_pairs(4), pad_token_id=0)
+    grads, kept = [], []
+    for recompute in (True, False):
+        policy, reference = _policy_and_reference(2, seed=7)
+        trunk = SharedTrunk(policy, reference, recompute_tail=recompute)
+        sizes = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: sizes.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+                lambda t: t):
+            pol, _ = trunk(batch, "sum")
+        kept.append(sum(sizes.values()))
+        (pol * torch.arange(1.0, 9.0)).sum().backward()
+        grads.append({n: p.grad for n, p in policy.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=0, msg=name)
+    assert kept[0] < kept[1]

@@ -1,0 +1,154 @@
+"""Benchmarks: this project against `trl` / `transformers` on the same inputs.
+
+    python -m bench.dpo_step        one DPO optimizer step, ours vs trl.DPOTrainer
+    python -m bench.model_fwd_bwd   model forward+backward, ours vs LlamaForCausalLM (sdpa)
+    python -m bench.filter_speed    NLTK strong-preference filter, pairs/s
+    python -m bench.full_run        whole `python -m dpo.train` run vs an equivalent TRL script
+
+Results and how to read them: docs/benchmarks.md. The helpers below are shared: a random
+SmolLM checkpoint at a real config (saved once with `smollm.save_pretrained`, so both sides
+load the very same weights), the real HH-RLHF pairs, and process measurements (peak RSS,
+load average). Nothing here is imported by the training code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SMOLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+HH_FILES = [SHARED_DATA / "hh-rlhf" / "helpful-base" / "test.jsonl.gz",
+            SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"]
+TOKENIZER_JSON = SHARED_DATA / "smollm-135m" / "tokenizer.json"
+NLTK_DATA = SHARED_DATA / "nltk_data"
+DEFAULT_WORKDIR = Path(os.environ.get("SMOLLM_BENCH_DIR", "/tmp/smollm-bench"))
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a measured child process: NLTK data found, the repo importable."""
+    env = dict(os.environ)
+    env.setdefault("NLTK_DATA", str(NLTK_DATA))
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    return env
+
+
+# ------------------------------------------------------------------ measurements
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux), in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0.0
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem, 1), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for name in ("transformers", "trl"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    return info
+
+
+# ------------------------------------------------------------------ shared inputs
+def random_checkpoint(workdir: Path, num_layers: int | None = None, seed: int = 0) -> Path:
+    """A random SmolLM-135M checkpoint (optionally fewer blocks), saved once and reused.
+
+    Written by `smollm.save_pretrained` with the tokenizer, so `load_pretrained` and
+    `transformers.AutoModelForCausalLM.from_pretrained` read the very same weights.
+    """
+    import torch
+
+    from smollm import SMOLLM_135M, SmolLM, load_tokenizer, save_pretrained
+
+    config = SMOLLM_135M if num_layers is None else dataclasses.replace(SMOLLM_135M, num_hidden_layers=num_layers)
+    out = workdir / f"smollm-135m-random-L{config.num_hidden_layers}-s{seed}"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    save_pretrained(SmolLM(config), out, tokenizer=load_tokenizer(TOKENIZER_JSON))
+    return out
+
+
+def real_pairs(n: int, max_length: int, seed: int = 0):
+    """The first n real HH-RLHF test pairs (after a seeded shuffle) that tokenize, as
+    `dpo.tokenization.TokenizedPair` lists, tokenized exactly as `python -m dpo.train` does."""
+    from dpo.data import load_preferences
+    from dpo.tokenization import tokenize_pairs
+    from smollm import load_tokenizer
+
+    pairs = load_preferences([str(p) for p in HH_FILES], skip_bad_records=True)
+    random.Random(seed).shuffle(pairs)
+    tok = load_tokenizer(TOKENIZER_JSON)
+    out, _ = tokenize_pairs(tok, pairs[:2 * n + 16], max_length=max_length, eos_token_id=tok.eos_token_id)
+    if len(out) < n:
+        raise RuntimeError(f"only {len(out)} pairs tokenized, wanted {n}")
+    return out[:n], tok
+
+
+# ------------------------------------------------------------------ children
+def run_child(args: list[str], timeout: float | None = None, env: dict[str, str] | None = None) -> dict:
+    """Run `python -m <args>` in a fresh process; its last stdout line is a JSON result."""
+    load_before = load_average()
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env={**child_env(), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"child {' '.join(args)} printed no JSON result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    result = json.loads(lines[-1])
+    result.update(process_wall_s=wall, load_before=load_before, load_after=load_average())
+    return result
+
+
+def emit(result: dict) -> None:
+    """A child's result: one JSON line on stdout."""
+    print(json.dumps(result), flush=True)
