@@ -69,8 +69,7 @@ def prepare(args) -> Path:
         "train_last_n": args.train_last_n, "device": args.device, "warmup": args.warmup, "steps": args.steps,
         "pad_token_id": tok.pad_token_id, "dtype": args.dtype,
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing, "trl_train_head": args.trl_train_head,
-        "proposed": args.proposed, "ours_code": args.ours_code,
-        "ours_ablation": [a for a in args.ours_ablation.split(",") if a],
+        "ours_code": args.ours_code, "ours_ablation": [a for a in args.ours_ablation.split(",") if a],
         "pairs": [{"prompt_ids": p.chosen_ids[:p.prompt_len], "chosen_ids": p.chosen_ids[p.prompt_len:],
                    "rejected_ids": p.rejected_ids[p.prompt_len:], "source": p.source} for p in pairs],
     }
@@ -166,17 +165,12 @@ def main(argv=None) -> int:
     p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="run BOTH sides' processes with MALLOC_MMAP_THRESHOLD_=BYTES (glibc: tensors of that "
                         "size or more are given back to the OS when freed; default: glibc's own setting)")
-    p.add_argument("--proposed", action="store_true",
-                   help="ours with two changes proposed for dpo/ (not in the trainer yet): fused AdamW on CPU "
-                        "too, and the reference's LM head tied to the shared frozen embedding (see docs)")
     p.add_argument("--ours-code", default=None, metavar="DIR",
                    help="import smollm/ and dpo/ from DIR for our side (e.g. an older commit unpacked by "
                         "`git archive`), to measure before/after")
     p.add_argument("--ours-ablation", default="", metavar="LIST",
-                   help="turn optimizations off on our side, comma-separated: no-pack (run padding too), "
-                        "no-head-chunk (whole [N, V] head logits kept for backward), textbook-layers "
-                        "(autograd RMSNorm and MLP instead of the hand-written backwards), no-recompute "
-                        "(keep the policy tail's activations instead of recomputing them in backward)")
+                   help="turn optimizations off on our side, comma-separated: "
+                        + "; ".join(f"{k} ({v})" for k, v in ABLATIONS.items()))
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="where the checkpoint and inputs are cached")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -225,19 +219,29 @@ def _matmul_params(model, embedding) -> int:
 
 
 # ------------------------------------------------------------------ ours, in a child
+ABLATIONS = {  # --ours-ablation: each switches one optimization off, for the "what each bought" table
+    "no-shared-trunk": "the textbook path: policy and reference each run the whole model over every "
+                       "padded position, with full logits (implies no-pack and no-head-chunk)",
+    "no-pack": "run the padding too",
+    "no-head-chunk": "the whole [N, V] head logits kept for backward",
+    "textbook-layers": "autograd RMSNorm and MLP instead of the hand-written backwards",
+    "no-recompute": "keep the policy tail's activations instead of recomputing them in backward",
+    "foreach-adamw": "torch's default foreach AdamW instead of the fused one",
+    "ref-head-copy": "the reference keeps its own copy of the LM head instead of the frozen embedding",
+}
+
+
 def _ablate(names: list[str]) -> None:
-    """Switch optimizations off (for the 'what each one bought' table)."""
+    """Switch off the optimizations that live in smollm/ and dpo/ code (monkeypatching)."""
     import torch
     import torch.nn.functional as F
 
     import dpo.batch_logps as batch_logps
     from smollm.model import MLP, RMSNorm, SmolLM
 
-    unknown = set(names) - {"no-pack", "no-head-chunk", "textbook-layers", "no-recompute"}
+    unknown = set(names) - set(ABLATIONS)
     if unknown:
-        raise SystemExit(f"unknown --ours-ablation {sorted(unknown)}")
-    if "no-recompute" in names:
-        batch_logps.SharedTrunk.__init__.__defaults__ = (False,)
+        raise SystemExit(f"unknown --ours-ablation {sorted(unknown)}; known: {', '.join(ABLATIONS)}")
     if "no-pack" in names:
         hidden_states = SmolLM.hidden_states
         SmolLM.hidden_states = lambda self, *a, **k: hidden_states(self, *a, **{**k, "pack": False})
@@ -298,15 +302,21 @@ def run_ours(spec: dict) -> dict:
     n_forward = _matmul_params(policy, policy.model.embed_tokens.weight)
     report = freeze_all_but_last(policy, spec["train_last_n"])
     reference = frozen_reference(policy)
-    if spec.get("proposed") and not policy.tied and torch.equal(reference.lm_head.weight,
-                                                                  reference.model.embed_tokens.weight):
-        reference.lm_head.weight = reference.model.embed_tokens.weight  # proposal 1: no copy of the head
+    ablation = spec.get("ours_ablation") or []
+    if "ref-head-copy" in ablation and reference.tied:
+        reference.lm_head.weight = torch.nn.Parameter(reference.lm_head.weight.detach().clone(), requires_grad=False)
+    options = {}  # TrainConfig switches (only named when used, so an older --ours-code still runs)
+    if "no-shared-trunk" in ablation:
+        options["shared_trunk"] = False
+    if "no-recompute" in ablation:
+        options["recompute_tail"] = False
     config = TrainConfig(batch_size=spec["batch_size"], max_length=spec["max_length"], epochs=n_steps,
-                         max_steps=n_steps, device=spec["device"], dtype=spec["dtype"], progress=False, **SETTINGS)
+                         max_steps=n_steps, device=spec["device"], dtype=spec["dtype"], progress=False,
+                         **SETTINGS, **options)
     trainer = DPOTrainer(policy, reference, pairs, config, pad_token_id=spec["pad_token_id"], device=device)
-    if spec.get("proposed") and device.type == "cpu":  # proposal 2: fused AdamW (no foreach temporaries)
+    if "foreach-adamw" in ablation:
         trainer.optimizer = torch.optim.AdamW(trainer.trainable, lr=config.lr, weight_decay=config.weight_decay,
-                                              fused=True)
+                                              foreach=True)
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

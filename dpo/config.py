@@ -66,6 +66,10 @@ class TrainConfig:
     max_prompt_length: int | None = _f(None, "cut prompts to this many tokens first (default: no separate limit)")
     shared_trunk: bool = _f(True, "run the frozen trunk once for policy and reference (exact; "
                                   "--no-shared-trunk gives the textbook two-model path)")
+    recompute_tail: bool = _f(True, "recompute the trainable blocks' activations during backward instead "
+                                    "of keeping them (exact: ~10x less activation memory for one more "
+                                    "forward of those blocks; --no-recompute-tail is faster when memory "
+                                    "is plentiful)")
     # --- run control
     seed: int = _f(0, "random seed (data order, split, sampling)")
     device: str | None = _f(None, "cpu, cuda, cuda:1 ... (default: cuda when present)")

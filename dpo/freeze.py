@@ -90,10 +90,19 @@ def frozen_reference(policy: SmolLM) -> SmolLM:
     """A frozen copy of `policy` as it is now, for DPO's reference model.
 
     Frozen tensors are shared, not copied: they never change, so the reference only costs
-    memory for the policy's trainable part (e.g. 5 blocks + head, not a second 135M model).
+    memory for the policy's trainable part (e.g. 5 blocks + final norm, not a second 135M model).
+    And when `untie_lm_head` gave the policy a trainable copy of the embedding that has not
+    moved yet, the reference's head is that frozen embedding itself, tied again as in the
+    checkpoint: the same numbers without another 28M-parameter copy.
     """
     shared = {id(p): p for p in policy.parameters() if not p.requires_grad}
     reference = copy.deepcopy(policy, memo=shared)
+    embedding = reference.model.embed_tokens.weight
+    if (not reference.tied and embedding is policy.model.embed_tokens.weight
+            and reference.lm_head.weight.shape == embedding.shape
+            and torch.equal(reference.lm_head.weight, embedding)):
+        reference.lm_head.weight = embedding  # [V, C], shared with the policy's frozen embedding
+        reference.config = dataclasses.replace(reference.config, tie_word_embeddings=True)
     for p in reference.parameters():
         p.requires_grad_(False)
     return reference.eval()

@@ -53,9 +53,11 @@ class DPOTrainer:
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the policy has no trainable parameters")
-        self.shared_trunk = (SharedTrunk(policy, reference)
+        self.shared_trunk = (SharedTrunk(policy, reference, recompute_tail=config.recompute_tail)
                              if config.shared_trunk and first_trainable_layer(policy) > 0 else None)
-        fused = self.device.type == "cuda"
+        # Fused AdamW (CPU since torch 2.4, CUDA): one kernel over all tensors, ~4x faster on CPU
+        # than the foreach default and without its temporary copy of every trainable tensor.
+        fused = self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay,
                                            fused=fused or None)
         warmup = config.warmup_steps

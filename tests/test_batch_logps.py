@@ -319,3 +319,17 @@ def test_recomputed_tail_gives_the_same_gradients():
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=0, msg=name)
     assert kept[0] < kept[1]
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_trainer_takes_recompute_tail_from_the_config_and_uses_fused_adamw(recompute):
+    from dpo.config import build_parser, config_from_args
+
+    flags = [] if recompute else ["--no-recompute-tail"]
+    config = config_from_args(build_parser().parse_args(flags + ["--batch-size", "4"]))
+    assert config.recompute_tail is recompute
+    policy, reference = _policy_and_reference(1)
+    trainer = DPOTrainer(policy, reference, crafted_pairs(4), config, pad_token_id=0)
+    assert trainer.shared_trunk.recompute_tail is recompute
+    assert trainer.optimizer.defaults["fused"] is True  # one kernel, no foreach temporaries, on CPU too
+    assert trainer.train_step()["loss"] == pytest.approx(0.6931472, abs=1e-6)

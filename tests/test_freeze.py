@@ -32,11 +32,11 @@ def test_assignment_setting_on_the_135m_config():
     with torch.device("meta"):
         model = SmolLM(SMOLLM_135M)
     report = freeze_all_but_last(model, 5)
-    block = 4 * 576 * 576 // 9 * 3 // 3  # placeholder replaced by the exact count below
     per_block = sum(p.numel() for p in model.model.layers[0].parameters())
+    # q, o [576 x 576]; k, v [192 x 576] (3 KV heads of 64); gate, up, down 576 x 1536; two norms
+    assert per_block == 2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536 + 2 * 576 == 3_540_096
     assert report.trainable == 5 * per_block + 576 + 49152 * 576
     assert report.total == 134_515_008 + 49152 * 576  # the 135M model plus the untied head copy
-    assert block >= 0
 
 
 def test_freeze_head_too():
@@ -63,6 +63,24 @@ def test_reference_shares_frozen_tensors_and_copies_trainable_ones():
     with torch.no_grad():  # training the policy does not move the reference
         model.lm_head.weight.add_(1.0)
     assert not torch.equal(model.lm_head.weight, reference.lm_head.weight)
+
+
+def test_reference_head_is_the_frozen_embedding_until_the_policy_head_moves():
+    """The untied policy head is a copy of the embedding; the reference needs no copy of its own."""
+    model = random_model(small_config(num_hidden_layers=3))
+    freeze_all_but_last(model, 1)
+    reference = frozen_reference(model)
+    assert reference.tied and reference.config.tie_word_embeddings
+    assert reference.lm_head.weight is model.model.embed_tokens.weight  # shared, not copied
+    assert reference.lm_head.weight is not model.lm_head.weight
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(reference(ids), model(ids), atol=0, rtol=0)
+        model.lm_head.weight.mul_(2.0)  # the policy's head trains; the reference keeps the embedding
+        assert not torch.equal(reference(ids), model(ids))
+    later = frozen_reference(model)  # a reference of the trained policy copies its head
+    assert not later.tied and torch.equal(later.lm_head.weight, model.lm_head.weight)
+    assert later.lm_head.weight is not model.lm_head.weight
 
 
 def test_untied_policy_saves_an_untied_checkpoint(tmp_path):
