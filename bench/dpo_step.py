@@ -222,7 +222,8 @@ def _matmul_params(model, embedding) -> int:
 ABLATIONS = {  # --ours-ablation: each switches one optimization off, for the "what each bought" table
     "no-shared-trunk": "the textbook path: policy and reference each run the whole model over every "
                        "padded position, with full logits (implies no-pack and no-head-chunk)",
-    "no-pack": "run the padding too",
+    "no-pack": "run the padding too (implies no-prefix-share)",
+    "no-prefix-share": "run the prompt twice, in the chosen and in the rejected row",
     "no-head-chunk": "the whole [N, V] head logits kept for backward",
     "textbook-layers": "autograd RMSNorm and MLP instead of the hand-written backwards",
     "no-recompute": "keep the policy tail's activations instead of recomputing them in backward",
@@ -314,6 +315,9 @@ def run_ours(spec: dict) -> dict:
                          max_steps=n_steps, device=spec["device"], dtype=spec["dtype"], progress=False,
                          **SETTINGS, **options)
     trainer = DPOTrainer(policy, reference, pairs, config, pad_token_id=spec["pad_token_id"], device=device)
+    if "no-prefix-share" in ablation or "no-pack" in ablation:
+        if trainer.shared_trunk is not None:
+            trainer.shared_trunk.share_prefixes = False
     if "foreach-adamw" in ablation:
         trainer.optimizer = torch.optim.AdamW(trainer.trainable, lr=config.lr, weight_decay=config.weight_decay,
                                               foreach=True)

@@ -10,7 +10,8 @@ fp32 rounding (tests/test_batch_logps.py shows it):
 * `SharedTrunk`: the fast path. With the embedding and blocks [0, K) frozen, policy and
   reference compute identical hidden states up to block K. So the trunk runs once, under
   no_grad; then the policy's trainable tail (with grad) and the reference's frozen tail.
-  The model runs the real tokens only, not the padding (`smollm.model.Packing`). The LM
+  The model runs the real tokens only, not the padding, and the prompt a chosen and a
+  rejected row share only once (`smollm.model.Packing`). The LM
   head is applied only at positions that predict a response token (`head_logps`), not at
   all 2B x T positions x 49,152 classes, and a chunk of those positions at a time: the
   [N, V] logits are never held whole, and backward recomputes them chunk by chunk
@@ -133,10 +134,15 @@ class SharedTrunk:
     recompute_tail: the policy's trainable blocks keep only their inputs for backward and run
     again during backward (activation checkpointing): the same gradients for ~90% less
     activation memory, at the price of one more forward of the tail (a few % of a step).
+    share_prefixes: row i (chosen) and row B + i (rejected) run their common leading tokens,
+    the prompt and any first response tokens they agree on, once (in row i). Exact, since a
+    position's hidden state depends only on the tokens up to it.
     """
 
-    def __init__(self, policy: SmolLM, reference: SmolLM, recompute_tail: bool = True):
+    def __init__(self, policy: SmolLM, reference: SmolLM, recompute_tail: bool = True,
+                 share_prefixes: bool = True):
         self.policy, self.reference, self.recompute_tail = policy, reference, recompute_tail
+        self.share_prefixes = share_prefixes
         self.split = first_trainable_layer(policy)  # K
         pol, ref = policy.model, reference.model
         shared = pol.embed_tokens.weight is ref.embed_tokens.weight and all(
@@ -150,12 +156,16 @@ class SharedTrunk:
     def __call__(self, batch: Batch, reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
         """(policy log-probs [2B] with grad, reference log-probs [2B] without)."""
         ids, mask, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        B = ids.shape[0] // 2
+        pairs = [(i, B + i) for i in range(B)] if self.share_prefixes else None  # chosen, rejected
         with torch.no_grad():
-            trunk = self.policy.hidden_states(ids, mask, end_layer=self.split, final_norm=False)  # [2B, T, C]
-            ref_hidden = self.reference.hidden_states(ids, mask, start_layer=self.split, hidden=trunk)
+            trunk = self.policy.hidden_states(ids, mask, end_layer=self.split, final_norm=False,
+                                              shared_prefixes=pairs)  # [2B, T, C]
+            ref_hidden = self.reference.hidden_states(ids, mask, start_layer=self.split, hidden=trunk,
+                                                      shared_prefixes=pairs)
             reference = head_logps(self.reference.lm_head, ref_hidden, ids, response, reduction)
         hidden = self.policy.hidden_states(ids, mask, start_layer=self.split, hidden=trunk,
-                                           recompute=self.recompute_tail)  # [2B, T, C]
+                                           recompute=self.recompute_tail, shared_prefixes=pairs)  # [2B, T, C]
         policy = head_logps(self.policy.lm_head, hidden, ids, response, reduction)
         return policy, reference
 

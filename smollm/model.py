@@ -11,7 +11,8 @@ Two things make training lighter without changing a number (tests/test_batch_log
 * Padding costs nothing: a padded batch without a KV cache runs as one row of its N real
   tokens (`Packing`), since every layer but attention treats tokens one by one, and
   attention runs causally within each sequence. Padding positions come out as zero hidden
-  states.
+  states. Rows named as sharing a prefix (DPO's chosen and rejected answers to one prompt)
+  run their common leading tokens once.
 * RMSNorm and the SwiGLU MLP have hand-written backwards (`RMSNormFunction`, `SwiGLUDown`)
   that keep fewer activations for backward than autograd would, and recompute the cheap
   elementwise rest.
@@ -22,6 +23,8 @@ Parameter names equal HuggingFace's LlamaForCausalLM (`model.layers.{i}.self_att
 tables kept in fp32, softmax inside scaled_dot_product_attention.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -144,36 +147,114 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One row's tokens in a packed row: packed positions [start, start + length).
+
+    They attend causally to themselves and, before that, to all of `prefix_length` tokens at
+    [prefix_start, prefix_start + prefix_length): the leading tokens this row shares with
+    another row, computed once there. `mask` [length, prefix_length + length] is the boolean
+    mask of that (None when there is no prefix: plain causal).
+    """
+    start: int
+    length: int
+    prefix_start: int = 0
+    prefix_length: int = 0
+    mask: torch.Tensor | None = None
+
+
 class Packing:
     """Where the real tokens of a padded batch are, to run them as one row [1, N, ...].
 
     Each row's real tokens must be one contiguous run (right or left padding); `of` returns
-    None otherwise. Sequence r occupies packed positions [sum(lengths[:r]), sum(lengths[:r+1])).
+    None otherwise. Rows are packed one after another, each one a `Segment`.
+
+    Shared prefixes: for a pair of rows (a, b) given to `of`, the tokens b has in common with
+    a from the start (e.g. the prompt both DPO answers continue) are computed once, in a's
+    segment; b's segment holds only its tokens after them and attends to a's copy of the
+    prefix. Exact: a position's hidden state depends only on the tokens up to it, so the
+    prefix's states are the same in both rows. `unpack` gives both rows their prefix states.
     """
 
-    def __init__(self, index: torch.Tensor, lengths: list[int], shape: tuple[int, int]):
-        self.index, self.lengths, self.shape = index, lengths, shape  # [N] flat indices into [B*T]
+    def __init__(self, index: torch.Tensor, segments: list[Segment], gather: torch.Tensor,
+                 shape: tuple[int, int]):
+        self.index = index  # [N] flat indices into [B*T] of the packed tokens, in order
+        self.segments = segments  # one per row with tokens of its own, covering [0, N) in order
+        self.gather = gather  # [B*T] packed position of every (row, position); N for padding
+        self.shape = shape  # (B, T)
 
     @classmethod
-    def of(cls, attention_mask: torch.Tensor) -> "Packing | None":
-        real = attention_mask.bool()  # [B, T]
+    def of(cls, attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None,
+           shared_prefixes: list[tuple[int, int]] | None = None) -> "Packing | None":
+        """The packing of a [B, T] mask; None when a row's real tokens are not contiguous.
+
+        shared_prefixes: pairs of rows (a, b), each row in at most one pair, whose common
+        leading tokens (by `input_ids`) are computed once, in row a.
+        """
+        device = attention_mask.device
+        real = attention_mask.bool().cpu()  # [B, T]: index bookkeeping is done on the CPU
+        B, T = real.shape
         counts = real.sum(-1)  # [B]
         first = real.long().argmax(-1)  # [B] first real position (0 for an empty row)
-        T = real.shape[1]
-        inside = torch.arange(T, device=real.device)[None, :] - first[:, None]  # [B, T]
+        inside = torch.arange(T)[None, :] - first[:, None]  # [B, T]
         if not bool((real == ((inside >= 0) & (inside < counts[:, None]))).all()):
             return None  # a row with a hole in it: keep the padded path
-        lengths = [n for n in counts.tolist() if n > 0]
-        return cls(real.flatten().nonzero().squeeze(-1), lengths, tuple(real.shape))
+        counts, first = counts.tolist(), first.tolist()
+        partner: dict[int, int] = {}  # row b -> row a whose prefix it reuses
+        shared = [0] * B  # b's leading tokens equal to a's
+        if shared_prefixes:
+            if input_ids is None:
+                raise ValueError("shared_prefixes needs input_ids, to find the common prefixes")
+            ids = input_ids.cpu()
+            for a, b in shared_prefixes:
+                if not (0 <= a < B and 0 <= b < B) or a == b or {a, b} & (partner.keys() | set(partner.values())):
+                    raise ValueError(f"shared_prefixes: ({a}, {b}) must be two different rows of {B}, "
+                                     "each in at most one pair")
+                n = min(counts[a], counts[b])
+                differs = (ids[a, first[a]:first[a] + n] != ids[b, first[b]:first[b] + n]).nonzero()
+                partner[b], shared[b] = a, int(differs[0]) if len(differs) else n
+        # Layout: first the rows that own all their tokens, then the rest of each row that
+        # reuses a prefix (DPO: the chosen rows, then what each rejected row adds to its prompt).
+        start = [0] * B  # packed position of each owning row's first real token
+        cursor = 0
+        for r in range(B):
+            if r not in partner:
+                start[r], cursor = cursor, cursor + counts[r]
+        own_start = {}  # packed position of the first token after a reusing row's shared prefix
+        for r in sorted(partner):
+            own_start[r], cursor = cursor, cursor + counts[r] - shared[r]
+        # gather: [B, T] -> packed position; a row's j-th real token is at start + j, except the
+        # second row of a pair, whose first `shared` tokens are its partner's.
+        gather = torch.full((B, T), cursor, dtype=torch.long)  # padding -> N (a zero row)
+        index = torch.empty(cursor, dtype=torch.long)
+        segments = []
+        for r in range(B):
+            j = torch.arange(counts[r])  # [n] real token number
+            if r in partner:
+                a, L = partner[r], shared[r]
+                gather[r, first[r]:first[r] + counts[r]] = torch.where(
+                    j < L, start[partner[r]] + j, own_start[r] + j - L)
+                index[own_start[r]:own_start[r] + counts[r] - L] = r * T + first[r] + j[L:]
+                if counts[r] > L:
+                    n = counts[r] - L  # query i (position L + i) sees prefix keys and own keys <= i
+                    mask = torch.ones(n, L + n, dtype=torch.bool).tril(diagonal=L)
+                    segments.append(Segment(own_start[r], n, start[a], L, mask.to(device) if L else None))
+            else:
+                gather[r, first[r]:first[r] + counts[r]] = start[r] + j
+                index[start[r]:start[r] + counts[r]] = r * T + first[r] + j
+                if counts[r]:
+                    segments.append(Segment(start[r], counts[r]))
+        segments.sort(key=lambda seg: seg.start)
+        return cls(index.to(device), segments, gather.flatten().to(device), (B, T))
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, ...] -> [1, N, ...]: the real positions, row after row."""
+        """[B, T, ...] -> [1, N, ...]: the packed positions, segment after segment."""
         return x.flatten(0, 1)[self.index].unsqueeze(0)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[1, N, ...] -> [B, T, ...], zeros at padding positions."""
-        out = x.new_zeros((self.shape[0] * self.shape[1], *x.shape[2:]))
-        return out.index_copy(0, self.index, x[0]).view(*self.shape, *x.shape[2:])
+        """[1, N, ...] -> [B, T, ...], zeros at padding positions; a shared prefix goes to both rows."""
+        rows = torch.cat([x[0], x.new_zeros((1, *x.shape[2:]))])  # [N + 1, ...]: the last for padding
+        return rows[self.gather].view(*self.shape, *x.shape[2:])
 
 
 class Attention(nn.Module):
@@ -188,9 +269,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, layer_idx: int = 0):
-        """mask: None (plain causal), a boolean [B, 1, T, S] tensor, or a list of sequence lengths
+        """mask: None (plain causal), a boolean [B, 1, T, S] tensor, or the `Packing.segments`
         when x [1, N, C] holds several sequences packed one after another (each attends
-        causally to itself only)."""
+        causally to itself, and to its shared prefix if it has one)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
@@ -202,15 +283,24 @@ class Attention(nn.Module):
         # copying k and v H // KV times).
         if mask is None:  # no padding, no cache: the plain causal mask, fastest kernels
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
-        elif isinstance(mask, list):  # packed sequences: causal attention within each one
-            y = torch.cat([
-                F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True).transpose(1, 2)
-                for qi, ki, vi in zip(q.split(mask, 2), k.split(mask, 2), v.split(mask, 2))
-            ], dim=1)  # [1, N, H, D]
+        elif isinstance(mask, list):  # packed sequences: each one attends within itself
+            y = torch.cat([self._attend_segment(q, k, v, seg) for seg in mask], dim=2).transpose(1, 2)  # [1, N, H, D]
         else:  # mask [B, 1, T, S]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
         y = y.reshape(B, T, self.num_heads * self.head_dim)  # [B, T, H*D]
         return self.o_proj(y)
+
+    @staticmethod
+    def _attend_segment(q, k, v, seg: Segment) -> torch.Tensor:
+        """Attention of one packed segment: q [1, H, N, D], k, v [1, KV, N, D] -> [1, H, n, D]."""
+        own = slice(seg.start, seg.start + seg.length)
+        if seg.prefix_length == 0:
+            return F.scaled_dot_product_attention(q[:, :, own], k[:, :, own], v[:, :, own], is_causal=True,
+                                                  enable_gqa=True)
+        prefix = slice(seg.prefix_start, seg.prefix_start + seg.prefix_length)
+        keys = torch.cat([k[:, :, prefix], k[:, :, own]], dim=2)  # [1, KV, L + n, D]
+        values = torch.cat([v[:, :, prefix], v[:, :, own]], dim=2)  # [1, KV, L + n, D]
+        return F.scaled_dot_product_attention(q[:, :, own], keys, values, attn_mask=seg.mask, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -329,7 +419,8 @@ class SmolLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       kv_cache: KVCache | None = None, *, start_layer: int = 0,
                       end_layer: int | None = None, hidden: torch.Tensor | None = None,
-                      final_norm: bool = True, pack: bool = True, recompute: bool = False) -> torch.Tensor:
+                      final_norm: bool = True, pack: bool = True, recompute: bool = False,
+                      shared_prefixes: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """The residual stream [B, T, C] after blocks [start_layer, end_layer), then the final norm.
 
         The defaults run the whole trunk. `start_layer`/`end_layer`/`hidden` run a slice of it
@@ -337,15 +428,23 @@ class SmolLM(nn.Module):
         model.norm, e.g. when more blocks follow. `pack`: see `forward`. `recompute`
         (activation checkpointing): keep only each block's input for backward and run the
         block again during backward; same gradients, less memory, one more forward of the blocks.
+        `shared_prefixes`: pairs of rows (a, b) whose common leading tokens run once (see
+        `Packing`; only when packing, i.e. `pack` and no KV cache). Given `hidden`, b's rows
+        at those positions are not read: a's stand for them (equal when both come from the
+        same tokens, as in a shared trunk).
         """
         end_layer = self.config.num_hidden_layers if end_layer is None else end_layer
         past = kv_cache.length if kv_cache is not None else 0
         position_ids, mask = self._positions_and_mask(input_ids, attention_mask, past)
         x = self.model.embed_tokens(input_ids) if hidden is None else hidden  # [B, T, C]
-        packing = Packing.of(attention_mask) if pack and mask is not None and kv_cache is None else None
-        if packing is not None:  # padding and no cache: run the real tokens only
+        packing = None
+        if pack and kv_cache is None and (mask is not None or shared_prefixes):
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            packing = Packing.of(attention_mask, input_ids, shared_prefixes)
+        if packing is not None:  # no cache: run the real tokens only, each shared prefix once
             x = packing.pack(x)  # [1, N, C]
-            position_ids, mask = packing.pack(position_ids), packing.lengths  # [1, N], B lengths
+            position_ids, mask = packing.pack(position_ids), packing.segments  # [1, N], a Segment per row
         cos, sin = self.rotary(position_ids)  # [B, 1, T, D] each
         recompute = recompute and kv_cache is None and torch.is_grad_enabled()
         for i in range(start_layer, end_layer):

@@ -242,6 +242,76 @@ def test_a_mask_with_holes_is_not_packed():
         torch.testing.assert_close(model(ids, mask), model(ids, mask, pack=False), atol=0, rtol=0)
 
 
+def _rows_sharing_prefixes():
+    """Six rows in three pairs (0, 3), (1, 4), (2, 5) with 8, 0 and all-of-row-5 common leading
+    tokens; right padding, left padding, and a row that is a prefix of its partner."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 1000, (6, 14), generator=g)
+    mask = torch.ones(6, 14, dtype=torch.long)
+    ids[3, :8] = ids[0, :8]  # the prompt plus the first response token
+    ids[3, 8] = ids[0, 8] + 1
+    mask[0, 12:] = 0
+    mask[3, 10:] = 0
+    ids[4, 3] = ids[1, 0] + 1  # (1, 4): left-padded row 4, nothing in common
+    mask[4, :3] = 0
+    mask[2, :2] = 0  # (2, 5): row 5 is row 2 without its last 3 tokens, and differently padded
+    ids[5, :9] = ids[2, 2:11]
+    mask[5, 9:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_shared_prefixes_run_once_and_change_nothing(recompute):
+    """Rows given as pairs run their common leading tokens once: same hidden states at every real
+    position (zero at padding), same gradients for the weights and for the input hidden states."""
+    ids, mask = _rows_sharing_prefixes()
+    pairs = [(0, 3), (1, 4), (2, 5)]
+    packing = Packing.of(mask, ids, pairs)
+    assert len(packing.index) == int(mask.sum()) - 8 - 0 - 9  # each shared prefix counted once
+    assert [s.prefix_length for s in packing.segments] == [0, 0, 0, 8, 0]  # row 5 has no token of its own
+    real = mask.bool()
+    probe = torch.randn(6, 14, 64, generator=torch.Generator().manual_seed(4))
+    outs, grads = [], []
+    for shared in (pairs, None):
+        model = random_model(small_config(num_hidden_layers=3), seed=6)
+        freeze_all_but_last(model, 2)
+        with torch.no_grad():
+            trunk = model.hidden_states(ids, mask, end_layer=1, final_norm=False, shared_prefixes=shared)
+        trunk.requires_grad_(True)
+        hidden = model.hidden_states(ids, mask, start_layer=1, hidden=trunk, recompute=recompute,
+                                     shared_prefixes=shared)
+        (hidden * probe).sum().backward()
+        outs.append(hidden.detach())
+        grads.append([trunk.grad] + [p.grad for n, p in model.named_parameters() if n.startswith("model.")
+                                     and p.requires_grad])  # blocks 1-2 and the final norm
+    torch.testing.assert_close(outs[0][real], outs[1][real], atol=1e-5, rtol=0)
+    assert torch.equal(outs[0][~real], torch.zeros_like(outs[0][~real]))
+    # A shared prefix is read from row a only: its input gradient is the sum of both rows' gradients.
+    folded = grads[1][0].clone()
+    for a, b, start_a, start_b, n in ((0, 3, 0, 0, 8), (2, 5, 2, 0, 9)):
+        folded[a, start_a:start_a + n] += folded[b, start_b:start_b + n]
+        folded[b, start_b:start_b + n] = 0
+    grads[1][0] = folded
+    for a, b in zip(*grads):  # fp32 sums of large terms in another order: 1e-6 of the tensor's scale
+        torch.testing.assert_close(a, b, atol=1e-6 * float(b.abs().max()), rtol=0)
+
+
+def test_shared_prefixes_without_padding_and_bad_pairs():
+    ids = torch.randint(5, 1000, (4, 6))
+    ids[2, :4] = ids[0, :4]
+    model = random_model(small_config())
+    with torch.no_grad():  # no padding at all: still packed, to share the prefixes
+        torch.testing.assert_close(model(ids), model.lm_head(model.hidden_states(ids, shared_prefixes=[(0, 2)])),
+                                   atol=1e-5, rtol=0)
+    mask = torch.ones_like(ids)
+    assert len(Packing.of(mask, ids, [(0, 2), (1, 3)]).index) == 24 - 4 - int(ids[1, 0] == ids[3, 0])
+    for bad in ([(0, 2), (2, 3)], [(0, 0)], [(0, 4)]):
+        with pytest.raises(ValueError, match="at most one pair"):
+            Packing.of(mask, ids, bad)
+    with pytest.raises(ValueError, match="needs input_ids"):
+        Packing.of(mask, None, [(0, 2)])
+
+
 def test_packed_forward_matches_transformers_with_padding(tmp_path):
     transformers = pytest.importorskip("transformers")
     from model_utils import save_random_checkpoint
