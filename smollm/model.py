@@ -147,7 +147,7 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: never compare the mask tensors
 class Segment:
     """One row's tokens in a packed row: packed positions [start, start + length).
 
