@@ -170,7 +170,7 @@ def main(argv=None) -> int:
                         "`git archive`), to measure before/after")
     p.add_argument("--ours-ablation", default="", metavar="LIST",
                    help="turn optimizations off on our side, comma-separated: "
-                        + "; ".join(f"{k} ({v})" for k, v in ABLATIONS.items()))
+                        + "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()))
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="where the checkpoint and inputs are cached")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -221,8 +221,8 @@ def _matmul_params(model, embedding) -> int:
 # ------------------------------------------------------------------ ours, in a child
 ABLATIONS = {  # --ours-ablation: each switches one optimization off, for the "what each bought" table
     "no-shared-trunk": "the textbook path: policy and reference each run the whole model over every "
-                       "padded position, with full logits (implies no-pack and no-head-chunk)",
-    "no-pack": "run the padding too (implies no-prefix-share)",
+                       "padded position, with full logits, so no-pack and no-head-chunk too",
+    "no-pack": "run the padding too, so no-prefix-share too",
     "no-prefix-share": "run the prompt twice, in the chosen and in the rejected row",
     "no-head-chunk": "the whole [N, V] head logits kept for backward",
     "textbook-layers": "autograd RMSNorm and MLP instead of the hand-written backwards",

@@ -34,7 +34,7 @@ from .plots import plot_sft_curve
 from .tokenization import (TokenizedSequence, TokenizeStats, collate_sequences, length_grouped_order,
                            tokenize_prompt_response)
 from .train import USER_ERRORS, check_model_and_tokenizer, log
-from .trainer import NonFiniteError, autocast_dtype_for
+from .trainer import NonFiniteError, adamw, autocast_dtype_for
 
 OUTPUTS = ("metrics.jsonl", "eval.json", "curves.png", "final", "sft_config.json")
 
@@ -206,8 +206,7 @@ def run(config: SFTConfig) -> dict:
     model = load_pretrained(model_dir, device=device)
     log(str(freeze_all_but_last(model, n_blocks)))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda" or None)
+    optimizer = adamw(trainable, config.lr, config.weight_decay, device)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     amp = autocast_dtype_for(config, device)
