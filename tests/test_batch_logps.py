@@ -403,3 +403,20 @@ def test_trainer_takes_recompute_tail_from_the_config_and_uses_fused_adamw(recom
     assert trainer.shared_trunk.recompute_tail is recompute
     assert trainer.optimizer.defaults["fused"] is True  # one kernel, no foreach temporaries, on CPU too
     assert trainer.train_step()["loss"] == pytest.approx(0.6931472, abs=1e-6)
+
+
+def test_bf16_autocast_training_follows_fp32():
+    """The CUDA default (bf16 autocast, fp32 master weights) through the whole fast path (shared
+    trunk, packing with shared prompts, chunked head), run on CPU: the losses follow fp32's."""
+    pairs = crafted_pairs(16)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        policy, reference = _policy_and_reference(2, seed=9)
+        config = TrainConfig(batch_size=8, epochs=2, beta=0.5, lr=3e-3, logp_reduction="mean", dtype=dtype)
+        trainer = DPOTrainer(policy, reference, pairs, config, pad_token_id=0, device="cpu")
+        assert trainer.autocast_dtype == (torch.bfloat16 if dtype == "bfloat16" else None)
+        losses[dtype] = [trainer.train_step()["loss"] for _ in range(4)]
+        assert all(p.dtype == torch.float32 for p in trainer.trainable)
+    assert losses["bfloat16"][0] == pytest.approx(0.6931472, abs=1e-6)  # policy == reference at the start
+    assert losses["float32"][3] < 0.6  # it learns (two epochs of the same 16 pairs)
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=5e-3)  # measured: within 2e-4
