@@ -238,14 +238,13 @@ def _ablate(names: list[str]) -> None:
     import torch.nn.functional as F
 
     import dpo.batch_logps as batch_logps
-    from smollm.model import MLP, RMSNorm, SmolLM
+    from smollm.model import MLP, Packing, RMSNorm
 
     unknown = set(names) - set(ABLATIONS)
     if unknown:
         raise SystemExit(f"unknown --ours-ablation {sorted(unknown)}; known: {', '.join(ABLATIONS)}")
-    if "no-pack" in names:
-        hidden_states = SmolLM.hidden_states
-        SmolLM.hidden_states = lambda self, *a, **k: hidden_states(self, *a, **{**k, "pack": False})
+    if "no-pack" in names:  # no Packing is ever made: every call runs the padded batch
+        Packing.of = classmethod(lambda cls, *args, **kwargs: None)
     if "no-head-chunk" in names:
         def whole_logits(lm_head, h, targets):
             logits = lm_head(h).float()  # [N, V], kept for backward

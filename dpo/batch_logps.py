@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from smollm import SmolLM
+from smollm.model import Packing
 
 from .freeze import first_trainable_layer
 from .logprobs import sequence_logprobs
@@ -158,14 +159,17 @@ class SharedTrunk:
         ids, mask, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         B = ids.shape[0] // 2
         pairs = [(i, B + i) for i in range(B)] if self.share_prefixes else None  # chosen, rejected
+        # Made once for the three calls below; a batch with neither padding nor shared prompts
+        # runs unpacked (one batched attention call is faster than one per sequence).
+        packing = Packing.of(mask, ids, pairs) if pairs or not bool(mask.bool().all()) else None
         with torch.no_grad():
             trunk = self.policy.hidden_states(ids, mask, end_layer=self.split, final_norm=False,
-                                              shared_prefixes=pairs)  # [2B, T, C]
+                                              packing=packing)  # [2B, T, C]
             ref_hidden = self.reference.hidden_states(ids, mask, start_layer=self.split, hidden=trunk,
-                                                      shared_prefixes=pairs)
+                                                      packing=packing)
             reference = head_logps(self.reference.lm_head, ref_hidden, ids, response, reduction)
         hidden = self.policy.hidden_states(ids, mask, start_layer=self.split, hidden=trunk,
-                                           recompute=self.recompute_tail, shared_prefixes=pairs)  # [2B, T, C]
+                                           recompute=self.recompute_tail, packing=packing)  # [2B, T, C]
         policy = head_logps(self.policy.lm_head, hidden, ids, response, reduction)
         return policy, reference
 

@@ -99,8 +99,7 @@ def frozen_reference(policy: SmolLM) -> SmolLM:
     reference = copy.deepcopy(policy, memo=shared)
     embedding = reference.model.embed_tokens.weight
     if (not reference.tied and embedding is policy.model.embed_tokens.weight
-            and reference.lm_head.weight.shape == embedding.shape
-            and torch.equal(reference.lm_head.weight, embedding)):
+            and torch.equal(reference.lm_head.weight, embedding)):  # False for unequal shapes too
         reference.lm_head.weight = embedding  # [V, C], shared with the policy's frozen embedding
         reference.config = dataclasses.replace(reference.config, tie_word_embeddings=True)
     for p in reference.parameters():

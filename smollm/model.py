@@ -176,9 +176,10 @@ class Packing:
     prefix's states are the same in both rows. `unpack` gives both rows their prefix states.
     """
 
-    def __init__(self, index: torch.Tensor, segments: list[Segment], gather: torch.Tensor,
-                 shape: tuple[int, int]):
+    def __init__(self, index: torch.Tensor, position_ids: torch.Tensor, segments: list[Segment],
+                 gather: torch.Tensor, shape: tuple[int, int]):
         self.index = index  # [N] flat indices into [B*T] of the packed tokens, in order
+        self.position_ids = position_ids  # [1, N] each packed token's position in its own row
         self.segments = segments  # one per row with tokens of its own, covering [0, N) in order
         self.gather = gather  # [B*T] packed position of every (row, position); N for padding
         self.shape = shape  # (B, T)
@@ -227,14 +228,15 @@ class Packing:
         # second row of a pair, whose first `shared` tokens are its partner's.
         gather = torch.full((B, T), cursor, dtype=torch.long)  # padding -> N (a zero row)
         index = torch.empty(cursor, dtype=torch.long)
+        positions = torch.empty(cursor, dtype=torch.long)  # positions count a row's real tokens
         segments = []
         for r in range(B):
             j = torch.arange(counts[r])  # [n] real token number
             if r in partner:
                 a, L = partner[r], shared[r]
-                gather[r, first[r]:first[r] + counts[r]] = torch.where(
-                    j < L, start[partner[r]] + j, own_start[r] + j - L)
+                gather[r, first[r]:first[r] + counts[r]] = torch.where(j < L, start[a] + j, own_start[r] + j - L)
                 index[own_start[r]:own_start[r] + counts[r] - L] = r * T + first[r] + j[L:]
+                positions[own_start[r]:own_start[r] + counts[r] - L] = j[L:]
                 if counts[r] > L:
                     n = counts[r] - L  # query i (position L + i) sees prefix keys and own keys <= i
                     mask = torch.ones(n, L + n, dtype=torch.bool).tril(diagonal=L)
@@ -242,10 +244,11 @@ class Packing:
             else:
                 gather[r, first[r]:first[r] + counts[r]] = start[r] + j
                 index[start[r]:start[r] + counts[r]] = r * T + first[r] + j
+                positions[start[r]:start[r] + counts[r]] = j
                 if counts[r]:
                     segments.append(Segment(start[r], counts[r]))
         segments.sort(key=lambda seg: seg.start)
-        return cls(index.to(device), segments, gather.flatten().to(device), (B, T))
+        return cls(index.to(device), positions[None].to(device), segments, gather.flatten().to(device), (B, T))
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [1, N, ...]: the packed positions, segment after segment."""
@@ -420,7 +423,7 @@ class SmolLM(nn.Module):
                       kv_cache: KVCache | None = None, *, start_layer: int = 0,
                       end_layer: int | None = None, hidden: torch.Tensor | None = None,
                       final_norm: bool = True, pack: bool = True, recompute: bool = False,
-                      shared_prefixes: list[tuple[int, int]] | None = None) -> torch.Tensor:
+                      packing: Packing | None = None) -> torch.Tensor:
         """The residual stream [B, T, C] after blocks [start_layer, end_layer), then the final norm.
 
         The defaults run the whole trunk. `start_layer`/`end_layer`/`hidden` run a slice of it
@@ -428,23 +431,27 @@ class SmolLM(nn.Module):
         model.norm, e.g. when more blocks follow. `pack`: see `forward`. `recompute`
         (activation checkpointing): keep only each block's input for backward and run the
         block again during backward; same gradients, less memory, one more forward of the blocks.
-        `shared_prefixes`: pairs of rows (a, b) whose common leading tokens run once (see
-        `Packing`; only when packing, i.e. `pack` and no KV cache). Given `hidden`, b's rows
-        at those positions are not read: a's stand for them (equal when both come from the
-        same tokens, as in a shared trunk).
+        `packing`: the batch's `Packing` to run by, e.g. one with shared prefixes, made once
+        for several calls on the same batch (default: made here from `attention_mask` when
+        `pack` and the batch has padding). With shared prefixes and `hidden`, a reusing row's
+        states at its shared positions are not read: its partner's stand for them (equal when
+        both come from the same tokens, as in a shared trunk).
         """
         end_layer = self.config.num_hidden_layers if end_layer is None else end_layer
         past = kv_cache.length if kv_cache is not None else 0
-        position_ids, mask = self._positions_and_mask(input_ids, attention_mask, past)
         x = self.model.embed_tokens(input_ids) if hidden is None else hidden  # [B, T, C]
-        packing = None
-        if pack and kv_cache is None and (mask is not None or shared_prefixes):
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            packing = Packing.of(attention_mask, input_ids, shared_prefixes)
-        if packing is not None:  # no cache: run the real tokens only, each shared prefix once
+        if (packing is None and pack and kv_cache is None and attention_mask is not None
+                and not bool(attention_mask.bool().all())):
+            packing = Packing.of(attention_mask)  # None if a row has holes: the padded path below
+        if packing is not None:  # run the real tokens only, each shared prefix once
+            if kv_cache is not None or packing.shape != tuple(input_ids.shape):
+                raise ValueError(f"a Packing of shape {packing.shape} cannot run input_ids of shape "
+                                 f"{tuple(input_ids.shape)}{' with a KV cache' if kv_cache is not None else ''}")
+            self._check_positions(past=0, new=input_ids.shape[1])
             x = packing.pack(x)  # [1, N, C]
-            position_ids, mask = packing.pack(position_ids), packing.segments  # [1, N], a Segment per row
+            position_ids, mask = packing.position_ids, packing.segments  # [1, N], a Segment per row
+        else:
+            position_ids, mask = self._positions_and_mask(input_ids, attention_mask, past)
         cos, sin = self.rotary(position_ids)  # [B, 1, T, D] each
         recompute = recompute and kv_cache is None and torch.is_grad_enabled()
         for i in range(start_layer, end_layer):
@@ -457,16 +464,19 @@ class SmolLM(nn.Module):
         x = self.model.norm(x) if final_norm else x
         return packing.unpack(x) if packing is not None else x  # [B, T, C]
 
+    def _check_positions(self, past: int, new: int) -> None:
+        if past + new > self.config.max_position_embeddings:  # positions never exceed S - 1
+            raise ValueError(
+                f"{past + new} positions (cached {past} + new {new}) exceed max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+
     def _positions_and_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                             past: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Position ids [B, T] and a boolean attention mask [B, 1, T, S] (None: plain causal)."""
         B, T = input_ids.shape
         S = past + T
-        if S > self.config.max_position_embeddings:  # positions never exceed S - 1
-            raise ValueError(
-                f"{S} positions (cached {past} + new {T}) exceed max_position_embeddings="
-                f"{self.config.max_position_embeddings}"
-            )
+        self._check_positions(past, T)
         device = input_ids.device
         if attention_mask is None:
             position_ids = torch.arange(past, S, device=device).expand(B, T)

@@ -49,6 +49,14 @@ def _policy_and_reference(n_train: int, seed: int = 0):
     return policy, frozen_reference(policy)
 
 
+def _train(n_train: int, seed: int, pairs: list[TokenizedPair], steps: int, **settings):
+    """A fresh policy/reference trained `steps` steps: (trainer, losses, final trainable weights)."""
+    policy, reference = _policy_and_reference(n_train, seed=seed)
+    trainer = DPOTrainer(policy, reference, pairs, TrainConfig(**settings), pad_token_id=0, device="cpu")
+    losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    return trainer, losses, {n: t.clone() for n, t in trainer.trainable_state().items()}
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_shared_trunk_gives_plain_losses_and_gradients(reduction):
     """Same log-probs and the same gradients on every trainable parameter (fp32, 1e-5)."""
@@ -76,12 +84,10 @@ def test_shared_trunk_training_trajectory_equals_plain():
     pairs = crafted_pairs(24)
     runs = []
     for shared in (True, False):
-        policy, reference = _policy_and_reference(1, seed=4)
-        config = TrainConfig(batch_size=4, max_steps=4, shared_trunk=shared, beta=0.5, logp_reduction="sum")
-        trainer = DPOTrainer(policy, reference, pairs, config, pad_token_id=0)
+        trainer, losses, weights = _train(1, 4, pairs, 4, batch_size=4, max_steps=4, shared_trunk=shared,
+                                          beta=0.5, logp_reduction="sum")
         assert (trainer.shared_trunk is not None) == shared
-        losses = [trainer.train_step()["loss"] for _ in range(4)]
-        runs.append((losses, {n: t.clone() for n, t in trainer.trainable_state().items()}))
+        runs.append((losses, weights))
     (loss_a, w_a), (loss_b, w_b) = runs
     assert loss_a == pytest.approx(loss_b, abs=1e-5)
     assert loss_a[0] == pytest.approx(0.6931472, abs=1e-5)  # policy == reference at the start: ln 2
@@ -272,14 +278,14 @@ def test_shared_prefixes_run_once_and_change_nothing(recompute):
     real = mask.bool()
     probe = torch.randn(6, 14, 64, generator=torch.Generator().manual_seed(4))
     outs, grads = [], []
-    for shared in (pairs, None):
+    for shared in (packing, None):  # None: the default packing, padding removed only
         model = random_model(small_config(num_hidden_layers=3), seed=6)
         freeze_all_but_last(model, 2)
         with torch.no_grad():
-            trunk = model.hidden_states(ids, mask, end_layer=1, final_norm=False, shared_prefixes=shared)
+            trunk = model.hidden_states(ids, mask, end_layer=1, final_norm=False, packing=shared)
         trunk.requires_grad_(True)
         hidden = model.hidden_states(ids, mask, start_layer=1, hidden=trunk, recompute=recompute,
-                                     shared_prefixes=shared)
+                                     packing=shared)
         (hidden * probe).sum().backward()
         outs.append(hidden.detach())
         grads.append([trunk.grad] + [p.grad for n, p in model.named_parameters() if n.startswith("model.")
@@ -300,16 +306,18 @@ def test_shared_prefixes_without_padding_and_bad_pairs():
     ids = torch.randint(5, 1000, (4, 6))
     ids[2, :4] = ids[0, :4]
     model = random_model(small_config())
-    with torch.no_grad():  # no padding at all: still packed, to share the prefixes
-        torch.testing.assert_close(model(ids), model.lm_head(model.hidden_states(ids, shared_prefixes=[(0, 2)])),
-                                   atol=1e-5, rtol=0)
     mask = torch.ones_like(ids)
+    with torch.no_grad():  # no padding at all: still packed, to share the prefixes
+        shared = model.hidden_states(ids, packing=Packing.of(mask, ids, [(0, 2)]))
+        torch.testing.assert_close(model(ids), model.lm_head(shared), atol=1e-5, rtol=0)
     assert len(Packing.of(mask, ids, [(0, 2), (1, 3)]).index) == 24 - 4 - int(ids[1, 0] == ids[3, 0])
     for bad in ([(0, 2), (2, 3)], [(0, 0)], [(0, 4)]):
         with pytest.raises(ValueError, match="at most one pair"):
             Packing.of(mask, ids, bad)
     with pytest.raises(ValueError, match="needs input_ids"):
         Packing.of(mask, None, [(0, 2)])
+    with pytest.raises(ValueError, match=r"a Packing of shape \(4, 6\) cannot run input_ids of shape \(4, 5\)"):
+        model.hidden_states(ids[:, :5], packing=Packing.of(mask, ids, [(0, 2)]))
 
 
 def test_packed_forward_matches_transformers_with_padding(tmp_path):
@@ -358,12 +366,10 @@ def test_optimized_training_trajectory_equals_textbook():
     pairs = crafted_pairs(24)
     runs = []
     for fast in (True, False):
-        policy, reference = _policy_and_reference(2, seed=5)
-        config = TrainConfig(batch_size=4, max_steps=4, shared_trunk=fast, beta=0.5, logp_reduction="mean")
-        trainer = DPOTrainer(policy, reference, pairs, config, pad_token_id=0)
         with contextlib.nullcontext() if fast else textbook_layers():
-            losses = [trainer.train_step()["loss"] for _ in range(4)]
-        runs.append((losses, {n: t.clone() for n, t in trainer.trainable_state().items()}))
+            _, losses, weights = _train(2, 5, pairs, 4, batch_size=4, max_steps=4, shared_trunk=fast, beta=0.5,
+                                        logp_reduction="mean")
+        runs.append((losses, weights))
     (loss_a, w_a), (loss_b, w_b) = runs
     assert loss_a == pytest.approx(loss_b, abs=1e-5)
     for name in w_a:
@@ -411,11 +417,9 @@ def test_bf16_autocast_training_follows_fp32():
     pairs = crafted_pairs(16)
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        policy, reference = _policy_and_reference(2, seed=9)
-        config = TrainConfig(batch_size=8, epochs=2, beta=0.5, lr=3e-3, logp_reduction="mean", dtype=dtype)
-        trainer = DPOTrainer(policy, reference, pairs, config, pad_token_id=0, device="cpu")
+        trainer, losses[dtype], _ = _train(2, 9, pairs, 4, batch_size=8, epochs=2, beta=0.5, lr=3e-3,
+                                           logp_reduction="mean", dtype=dtype)
         assert trainer.autocast_dtype == (torch.bfloat16 if dtype == "bfloat16" else None)
-        losses[dtype] = [trainer.train_step()["loss"] for _ in range(4)]
         assert all(p.dtype == torch.float32 for p in trainer.trainable)
     assert losses["bfloat16"][0] == pytest.approx(0.6931472, abs=1e-6)  # policy == reference at the start
     assert losses["float32"][3] < 0.6  # it learns (two epochs of the same 16 pairs)
