@@ -17,16 +17,34 @@ What is accepted (``load_preferences``):
 * rows ``{"chosen", "rejected"}`` (HH transcripts) or ``{"prompt", "chosen", "rejected"}``
   (Dahoas/full-hh-rlhf style: chosen/rejected are already the responses; extra keys such
   as ``response`` are ignored);
+* TRL's conversational rows, where the fields are lists of ``{"role", "content"}``
+  messages: ``{"prompt": [user, ...], "chosen": [assistant], "rejected": [assistant]}``,
+  or, without ``prompt``, two whole conversations that share every message before the
+  answers (the shared messages become the prompt). Such a pair keeps its messages
+  (``prompt_messages``, ``chosen_messages``, ``rejected_messages``, for
+  ``dpo.chat.apply_chat_format``) and also gets HH-style text fields, so that plain-text
+  consumers (the NLTK filter, training without a chat template) see
+  ``"\\n\\nHuman: ...\\n\\nAssistant:"`` and ``" answer"`` as for HH rows;
 * hub names ``"Anthropic/hh-rlhf"`` (subsets helpful-base + harmless-base),
   ``"Anthropic/hh-rlhf/<subset>"``, or ``"<owner>/<repo>/<path/to/file.jsonl.gz>"``,
   downloaded through ``smollm.hub.download_file``. A name is a hub name only when no
-  local path of that name exists.
+  local path of that name exists. When the hub cannot be reached, ``"Anthropic/hh-rlhf"``
+  falls back to the HH-RLHF test splits bundled with this package (``bundled_hh_files``),
+  and the ``LoadReport`` says so (``offline_fallback=False`` turns this off).
 
-Bad records raise ``DataError`` naming the file, line (``item`` for JSON lists, ``row``
-for parquet) and field. With ``skip_bad_records=True`` they are skipped and counted in a
-``LoadReport`` instead; the reasons are the keys of ``SKIP_REASONS``. Problems with a
-whole input (a missing path, an unsupported suffix, a corrupt gzip stream, a ``.json``
-file that does not parse) are always errors.
+Two kinds of bad rows:
+
+* **unusable** rows are well formed but carry no preference (UNUSABLE_REASONS: an empty
+  answer, transcripts that differ before the last answer, chosen == rejected). Real
+  HH-RLHF has some, so they are skipped and counted in the ``LoadReport`` by default;
+  ``skip_unusable=False`` makes them errors.
+* **malformed** rows (bad JSON or UTF-8, a missing field, a bad chat message, ...) raise
+  ``DataError`` naming the file, line (``item`` for JSON lists, ``row`` for parquet) and
+  field. With ``skip_bad_records=True`` they are skipped and counted too.
+
+The reasons are the keys of ``SKIP_REASONS``. Problems with a whole input (a missing
+path, an unsupported suffix, a corrupt gzip stream, a ``.json`` file that does not
+parse) are always errors.
 
 HH-RLHF edge cases, as found in the test splits (4,666 rows):
 
@@ -38,16 +56,19 @@ HH-RLHF edge cases, as found in the test splits (4,666 rows):
 * 2 rows (helpful) whose chosen and rejected transcripts are identical: no preference.
   -> ``identical``.
 
-So the real test splits load as 2,354 + 2,312 - 24 = 4,642 pairs with
-``skip_bad_records=True``, and raise on the first such row without it.
+So the real test splits load as 2,354 + 2,312 - 24 = 4,642 pairs, with the 24 skipped
+rows counted in the report; with ``skip_unusable=False`` loading stops at the first one
+(helpful-base line 121, an empty answer).
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib
 import json
 import os
 import random
+import warnings
 import zlib
 from collections import Counter
 from contextlib import closing
@@ -64,24 +85,44 @@ HH_REPO = "Anthropic/hh-rlhf"
 HH_DEFAULT_SUBSETS = ("helpful-base", "harmless-base")
 SPLIT_NAMES = ("train", "test", "validation", "valid", "eval", "dev")
 
+# The HH-RLHF test splits ship inside the package (dpo/bundled/hh-rlhf, see its
+# PROVENANCE.md): the tests read them, and "Anthropic/hh-rlhf" falls back to them offline.
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+BUNDLED_HH_DIR = BUNDLED_DIR / "hh-rlhf"
+BUNDLED_HH = {  # path under BUNDLED_HH_DIR -> (size in bytes, sha256), from the upstream repos
+    "helpful-base/test.jsonl.gz": (875_191, "8be3fc1a13b27901631696f2be6f184c799f1baeaf145f53ac5db24960adc37b"),
+    "harmless-base/test.jsonl.gz": (742_801, "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03"),
+}
+BUNDLED_HH_ROWS = 2354 + 2312  # rows in the two files; 4,642 of them are usable pairs
+OFFLINE_FALLBACK_MESSAGE = (
+    "the hub is unreachable: using the HH-RLHF test splits bundled with dpo "
+    "(helpful-base + harmless-base, {rows:,} pairs) instead of {repo} {split}")
+
+CHAT_ROLES = ("system", "user", "assistant")  # roles accepted in conversational rows
+HH_ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}  # HH-style text
+
 # Why a record can be rejected; the keys of LoadReport.skipped, in this order.
 SKIP_REASONS = (
     "line_too_long",      # a JSONL line above max_line_bytes (read in bounded chunks, never whole)
     "bad_utf8",           # the line is not valid UTF-8
     "bad_json",           # the line is not valid JSON
     "bad_shape",          # not an object, or a required field is missing
-    "not_string",         # a field is not a string (e.g. a list of chat messages)
+    "not_string",         # a field is neither a string nor a list of chat messages
+    "bad_messages",       # a list of chat messages with a bad role or content, or mixed with strings
     "empty",              # prompt, chosen or rejected (response) is empty or whitespace only
     "no_assistant_turn",  # an HH transcript without "\n\nAssistant:"
     "prompt_mismatch",    # chosen and rejected transcripts differ before the last Assistant turn
     "identical",          # chosen == rejected: no preference to learn
 )
 
-# Well-formed rows that carry no usable preference. Real HH-RLHF has some (see above), so the
-# training CLI skips and reports them (skip_unusable=True) while malformed rows still stop it.
+# Well-formed rows that carry no usable preference. Real HH-RLHF has some (see above), so they
+# are skipped and reported by default (skip_unusable=True) while malformed rows still raise.
 UNUSABLE_REASONS = ("empty", "prompt_mismatch", "identical")
 
 PathLike = Union[str, os.PathLike]
+
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 
 @dataclass(frozen=True)
@@ -90,6 +131,13 @@ class PreferencePair:
     chosen: str  # the preferred response, e.g. " Sure! ..." (leading space kept)
     rejected: str  # the dispreferred response
     source: str = ""  # where it came from, "helpful-base/test.jsonl.gz:17" (file + 1-based line)
+    # Only for pairs from TRL's conversational rows (None otherwise): the messages that the
+    # text fields above were rendered from, for dpo.chat.apply_chat_format. The prompt's
+    # messages end where the answer starts; chosen/rejected hold assistant messages only.
+    # Left out of the hash (dicts are unhashable), kept in ==.
+    prompt_messages: tuple[Message, ...] | None = field(default=None, hash=False)
+    chosen_messages: tuple[Message, ...] | None = field(default=None, hash=False)
+    rejected_messages: tuple[Message, ...] | None = field(default=None, hash=False)
 
 
 class DataError(ValueError):
@@ -121,6 +169,9 @@ class LoadReport:
     """What load_preferences_with_report read, and what it skipped and why."""
 
     files: list[str] = field(default_factory=list)  # the files read, in order
+    # set when "Anthropic/hh-rlhf" could not be downloaded and the bundled test splits were
+    # read instead: the one-line message to show the user (OFFLINE_FALLBACK_MESSAGE)
+    fallback: str | None = None
     loaded: int = 0  # pairs returned
     skipped: Counter = field(default_factory=Counter)  # reason -> count (reasons: SKIP_REASONS)
     examples: list[str] = field(default_factory=list)  # the first few "file:line: reason" messages
@@ -136,6 +187,7 @@ class LoadReport:
             self.examples.append(f"{err.reason}: {err}")
 
     def __str__(self) -> str:
+        # (the fallback line is not part of it: callers print report.fallback on its own)
         lines = [f"loaded {self.loaded} pairs from {len(self.files)} file(s), "
                  f"skipped {self.total_skipped}"]
         for reason in SKIP_REASONS:
@@ -187,9 +239,12 @@ def _pair_from_row(row: object, source: str) -> PreferencePair:
             f"HH transcripts or {{prompt, chosen, rejected}}, got keys {sorted(row)[:10]}",
             reason="bad_shape", field=missing[0])
     for k in needed:
-        if not isinstance(row[k], str):
-            raise DataError(f"expected a string, got {type(row[k]).__name__}",
-                            reason="not_string", field=k)
+        if not isinstance(row[k], (str, list)):
+            raise DataError(f"expected a string (or a list of chat messages), got "
+                            f"{type(row[k]).__name__}", reason="not_string", field=k)
+    if any(isinstance(row[k], list) for k in needed):
+        return _pair_from_messages(row, needed, source)
+    for k in needed:
         if not _is_valid_text(row[k]):  # e.g. "\\ud800" in JSON: a lone UTF-16 surrogate
             raise DataError("holds a lone UTF-16 surrogate (an escape like \\ud800), not valid "
                             "Unicode text", reason="bad_utf8", field=k)
@@ -206,6 +261,104 @@ def _pair_from_row(row: object, source: str) -> PreferencePair:
     if chosen == rejected:
         raise DataError("chosen and rejected are identical", reason="identical", field="chosen")
     return PreferencePair(prompt, chosen, rejected, source)
+
+
+# ---------------------------------------------------------------------------- chat messages
+
+def _messages(value: object, name: str) -> tuple[Message, ...]:
+    """Check one field of a conversational row: a non-empty list of {role, content} objects
+    with a known role and string content. Returns fresh {"role", "content"} dicts (any
+    other keys, such as "name", are dropped)."""
+    def bad(detail: str, reason: str = "bad_messages") -> DataError:
+        return DataError(detail, reason=reason, field=name)
+
+    if not isinstance(value, list):
+        raise bad(f"expected a list of chat messages like the other fields, got {type(value).__name__} "
+                  f"(TRL's conversational format: prompt, chosen and rejected are all message lists)")
+    if not value:
+        raise bad("an empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            got = f"keys {sorted(m)[:5]}" if isinstance(m, dict) else type(m).__name__
+            raise bad(f"message {i}: expected an object with 'role' and 'content', got {got}")
+        role, content = m["role"], m["content"]
+        if role not in CHAT_ROLES:
+            raise bad(f"message {i}: role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise bad(f"message {i}: content must be a string, got {type(content).__name__}"
+                      + (" (multimodal content parts are not supported)" if isinstance(content, list) else ""))
+        if not _is_valid_text(content):
+            raise bad(f"message {i}: content holds a lone UTF-16 surrogate, not valid Unicode text",
+                      reason="bad_utf8")
+        if role == "system" and i > 0:
+            raise bad(f"message {i}: a system message may only come first")
+        out.append({"role": role, "content": content})
+    return tuple(out)
+
+
+def _answer(messages: tuple[Message, ...], name: str) -> tuple[Message, ...]:
+    """Check an answer: assistant messages only, not all empty."""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            raise DataError(f"message {i}: an answer holds assistant messages only, got role {m['role']!r}",
+                            reason="bad_messages", field=name)
+    if not any(m["content"].strip() for m in messages):
+        raise DataError("the assistant answer is empty", reason="empty", field=name)
+    return messages
+
+
+def hh_prompt_text(messages: Sequence[Message]) -> str:
+    """Messages -> HH-style prompt text, ending with the Assistant turn to be answered.
+
+    [{"role": "user", "content": "Hi"}] -> "\\n\\nHuman: Hi\\n\\nAssistant:" (a system message
+    becomes a "System:" turn, which HH-RLHF itself never has).
+    """
+    return "".join(f"\n\n{HH_ROLE_NAMES[m['role']]}: {m['content']}" for m in messages) + ASSISTANT
+
+
+def hh_answer_text(messages: Sequence[Message]) -> str:
+    """Assistant messages -> HH-style answer text: " content", and any further assistant
+    message as another "\\n\\nAssistant: content" turn."""
+    return " " + f"{ASSISTANT} ".join(m["content"] for m in messages)
+
+
+def _pair_from_messages(row: dict, needed: tuple[str, ...], source: str) -> PreferencePair:
+    """A TRL conversational row -> PreferencePair with messages and HH-style text fields.
+
+    With "prompt": prompt, chosen and rejected are message lists; the answers hold
+    assistant messages. Without it, chosen and rejected are whole conversations: the
+    messages they share from the start are the prompt, and what follows in each must be
+    assistant messages (else the two differ earlier: prompt_mismatch).
+    """
+    fields = {k: _messages(row[k], k) for k in needed}
+    if "prompt" in row:
+        prompt = fields["prompt"]
+        chosen, rejected = _answer(fields["chosen"], "chosen"), _answer(fields["rejected"], "rejected")
+    else:
+        whole_c, whole_r = fields["chosen"], fields["rejected"]
+        if whole_c == whole_r:
+            raise DataError("chosen and rejected are identical", reason="identical", field="chosen")
+        shared = 0
+        while shared < min(len(whole_c), len(whole_r)) and whole_c[shared] == whole_r[shared]:
+            shared += 1
+        prompt, chosen, rejected = whole_c[:shared], whole_c[shared:], whole_r[shared:]
+        later = [k for k, rest in (("chosen", chosen), ("rejected", rejected))
+                 if any(m["role"] != "assistant" for m in rest)]
+        if not prompt or later:
+            raise DataError(
+                f"chosen and rejected conversations differ at message {shared}, not only in the "
+                f"final assistant answer, so they share no prompt", reason="prompt_mismatch")
+        for k, rest in (("chosen", chosen), ("rejected", rejected)):
+            if not rest:
+                raise DataError(f"no assistant answer after the {shared} shared messages",
+                                reason="empty", field=k)
+            _answer(rest, k)
+    chosen_text, rejected_text = hh_answer_text(chosen), hh_answer_text(rejected)
+    if chosen == rejected or chosen_text == rejected_text:  # the text must differ too, for text consumers
+        raise DataError("chosen and rejected are identical", reason="identical", field="chosen")
+    return PreferencePair(hh_prompt_text(prompt), chosen_text, rejected_text, source,
+                          prompt_messages=prompt, chosen_messages=chosen, rejected_messages=rejected)
 
 
 def _is_valid_text(text: str) -> bool:
@@ -322,7 +475,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, object]]:
 
 def _read_file(path: Path, display: str, report: LoadReport, skip_bad_records: bool,
                max_line_bytes: int, limit: int | None, out: list[PreferencePair],
-               skip_unusable: bool = False) -> None:
+               skip_unusable: bool = True) -> None:
     suffix = _suffix(path)
     if suffix == ".json":
         rows, unit = _iter_json_list(path), "item"
@@ -374,8 +527,18 @@ def _looks_like_hub_name(name: str) -> bool:
             and "\\" not in name)
 
 
-def _hub_files(name: str, split: str) -> list[tuple[Path, str]]:
-    """Download a hub dataset name and return [(local path, display name)]."""
+def _display(path: Path) -> str:
+    """How a local file is named in sources and messages: its folder and name."""
+    return f"{path.parent.name}/{path.name}"
+
+
+def _hub_files(name: str, split: str, report: LoadReport, offline_fallback: bool) -> list[tuple[Path, str]]:
+    """Download a hub dataset name and return [(local path, display name)].
+
+    When the name is exactly "Anthropic/hh-rlhf", the hub cannot be reached
+    (smollm.hub.HubOfflineError) and offline_fallback is on, the bundled test splits are
+    returned instead and report.fallback says so.
+    """
     parts = name.split("/")
     repo_id, rest = "/".join(parts[:2]), "/".join(parts[2:])
     if rest and _suffix(Path(rest)):
@@ -389,27 +552,62 @@ def _hub_files(name: str, split: str) -> list[tuple[Path, str]]:
             f"'{HH_REPO}/<subset>' or '<owner>/<repo>/<file{SUFFIXES[1]}>'")
     hub = importlib.import_module("smollm.hub")  # lazy: only hub names need it
     out = []
-    for filename in filenames:
-        local = hub.download_file(repo_id, filename, repo_type="dataset")
-        out.append((Path(local), f"{repo_id}/{filename}"))
+    try:
+        for filename in filenames:
+            local = hub.download_file(repo_id, filename, repo_type="dataset")
+            out.append((Path(local), f"{repo_id}/{filename}"))
+    except hub.HubOfflineError:
+        if not (offline_fallback and name == HH_REPO):
+            raise
+        # All or nothing: never mix a cached train file with the bundled test files.
+        report.fallback = OFFLINE_FALLBACK_MESSAGE.format(rows=BUNDLED_HH_ROWS, repo=HH_REPO, split=split)
+        return [(path, _display(path)) for path in bundled_hh_files()]
     return out
 
 
-def _resolve(item: PathLike, split: str) -> list[tuple[Path, str]]:
+def _resolve(item: PathLike, split: str, report: LoadReport, offline_fallback: bool
+             ) -> list[tuple[Path, str]]:
     path = Path(item)
     if path.is_dir():
-        return [(p, f"{p.parent.name}/{p.name}") for p in _files_in_dir(path, split)]
+        return [(p, _display(p)) for p in _files_in_dir(path, split)]
     if path.exists():
         if not _suffix(path):
             raise DataError(f"unsupported file type (expected one of {', '.join(SUFFIXES)})",
                             path=str(path))
-        return [(path, f"{path.parent.name}/{path.name}")]
+        return [(path, _display(path))]
     if isinstance(item, str) and _looks_like_hub_name(item):
-        return _hub_files(item, split)
+        return _hub_files(item, split, report, offline_fallback)
     raise DataError("no such file or directory", path=str(path))
 
 
 # ---------------------------------------------------------------------------- public API
+
+def bundled_hh_files(*, verify: bool = False) -> list[Path]:
+    """The HH-RLHF test splits shipped inside the package: [helpful-base, harmless-base].
+
+    They live in ``dpo/bundled/hh-rlhf/<subset>/test.jsonl.gz`` (byte-identical copies of
+    Anthropic's files; ``dpo/bundled/PROVENANCE.md`` says where from) and load with
+    ``load_preferences(bundled_hh_files())`` from any working directory and after
+    ``pip install``. ``verify=True`` also checks each file's size and sha256 against
+    BUNDLED_HH (reading 1.6 MB, so it is left to the tests rather than every load).
+
+    Raises DataError when a file is missing or, with verify=True, differs.
+    """
+    paths = []
+    for rel, (size, sha256) in BUNDLED_HH.items():
+        path = BUNDLED_HH_DIR / rel
+        if not path.is_file():
+            raise DataError("missing from this installation of dpo (the package data was not "
+                            "installed?)", path=str(path))
+        if verify:
+            data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if (len(data), digest) != (size, sha256):
+                raise DataError(f"{len(data):,} bytes with sha256 {digest}, expected {size:,} bytes "
+                                f"with sha256 {sha256}", path=str(path))
+        paths.append(path)
+    return paths
+
 
 def load_preferences_with_report(
     path_or_name: PathLike | Sequence[PathLike],
@@ -418,16 +616,22 @@ def load_preferences_with_report(
     skip_bad_records: bool = False,
     limit: int | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
-    skip_unusable: bool = False,
+    skip_unusable: bool = True,
+    offline_fallback: bool = True,
 ) -> tuple[list[PreferencePair], LoadReport]:
-    """Load preference pairs and report what was skipped; see load_preferences."""
+    """Load preference pairs and report what was skipped, and any offline fallback.
+
+    The arguments are load_preferences'. The LoadReport counts the skipped rows by reason
+    (with the first few as examples) and sets ``fallback`` to a one-line message when
+    "Anthropic/hh-rlhf" was replaced by the bundled test splits; print it.
+    """
     items = [path_or_name] if isinstance(path_or_name, (str, os.PathLike)) else list(path_or_name)
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
     pairs: list[PreferencePair] = []
     report = LoadReport()
     for item in items:
-        for path, display in _resolve(item, split):
+        for path, display in _resolve(item, split, report, offline_fallback):
             _read_file(path, display, report, skip_bad_records, max_line_bytes, limit, pairs, skip_unusable)
             if limit is not None and len(pairs) >= limit:
                 break
@@ -451,7 +655,8 @@ def load_preferences(
     skip_bad_records: bool = False,
     limit: int | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
-    skip_unusable: bool = False,
+    skip_unusable: bool = True,
+    offline_fallback: bool = True,
 ) -> list[PreferencePair]:
     """Load (prompt, chosen, rejected) pairs from files, directories or hub names.
 
@@ -461,17 +666,26 @@ def load_preferences(
         local path of that name exists): "Anthropic/hh-rlhf" -> helpful-base and
         harmless-base ``{subset}/{split}.jsonl.gz``; "Anthropic/hh-rlhf/<subset>";
         "<owner>/<repo>/<file>". ``split`` does not apply to explicit files.
-    skip_bad_records: skip and count bad rows (see SKIP_REASONS) instead of raising.
-    skip_unusable: skip and count only well-formed rows without a usable preference
-        (UNUSABLE_REASONS: empty answer, prompts that differ, chosen == rejected).
+    skip_unusable: skip (and count, see load_preferences_with_report) well-formed rows
+        without a usable preference (UNUSABLE_REASONS: an empty answer, transcripts that
+        differ before the last answer, chosen == rejected). On by default, because real
+        HH-RLHF has such rows; False raises DataError at the first one.
+    skip_bad_records: also skip and count malformed rows (every reason in SKIP_REASONS:
+        bad JSON, a missing field, a bad chat message, ...) instead of raising.
     limit: stop after this many pairs.
     max_line_bytes: a longer JSONL line is a bad record (it is never held in memory whole).
+    offline_fallback: when "Anthropic/hh-rlhf" cannot be downloaded (the hub is
+        unreachable, or SMOLLM_OFFLINE=1 and it is not cached), read the HH-RLHF test
+        splits bundled with dpo instead (bundled_hh_files), with a warning. False lets
+        smollm.hub.HubOfflineError through.
 
     Raises DataError naming the file, line and field; also when nothing was loaded.
     """
-    pairs, _ = load_preferences_with_report(path_or_name, split=split,
-                                            skip_bad_records=skip_bad_records, limit=limit,
-                                            max_line_bytes=max_line_bytes, skip_unusable=skip_unusable)
+    pairs, report = load_preferences_with_report(
+        path_or_name, split=split, skip_bad_records=skip_bad_records, limit=limit,
+        max_line_bytes=max_line_bytes, skip_unusable=skip_unusable, offline_fallback=offline_fallback)
+    if report.fallback:  # the report is not returned here, so say it as a warning
+        warnings.warn(report.fallback, RuntimeWarning, stacklevel=2)
     return pairs
 
 

@@ -30,21 +30,32 @@ Speed (the whole 4,642-pair HH test set filters in ~3 s on one core; the tagger 
   tagger's tag dictionary bound the counts before any tagging.
 
 NLTK data (the ``stopwords`` corpus and the ``averaged_perceptron_tagger_eng`` tagger) is
-loaded once, at first use, never at import. It is found through ``NLTK_DATA`` or NLTK's
-own search path; when missing, ``nltk.download`` is tried once, and if that fails too
-(offline) a ``MissingNLTKDataError`` (a LookupError) says how to get it.
+loaded once, at first use, never at import. It is looked for in this order:
+
+1. NLTK's own search path (``NLTK_DATA``, ``~/nltk_data``, ``/usr/share/nltk_data``, ...),
+   so a copy you installed always wins;
+2. the English data bundled with this package, ``dpo/bundled/nltk_data`` (the stop-word
+   list, the tagger and punkt_tab, ~6 MB; ``dpo/bundled/PROVENANCE.md`` says where from),
+   which is appended to ``nltk.data.path``: the filter works offline with nothing set up;
+3. ``nltk.download``, tried once, in case the bundled copy was removed.
+
+If all three fail, a ``MissingNLTKDataError`` (a LookupError) says how to get the data.
 """
 from __future__ import annotations
 
 import difflib
 import functools
+import logging
 import re
 import sys
 import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Iterable, Sequence
 
-from dpo.data import PreferencePair
+from dpo.data import BUNDLED_DIR, PreferencePair
+
+log = logging.getLogger(__name__)
 
 # Weak phrases: the chosen answer should not hedge or refuse. Matched case-insensitively
 # on word boundaries, after curly apostrophes are turned into straight ones.
@@ -95,34 +106,50 @@ NLTK_RESOURCES = {
 }
 
 
+# English NLTK data shipped with the package, in NLTK's own layout (corpora/, taggers/, tokenizers/)
+BUNDLED_NLTK_DATA: Path = BUNDLED_DIR / "nltk_data"
+
 _DOWNLOAD_TRIED: set[str] = set()  # packages nltk.download was already tried for
 
 
+def _found(resource: str) -> bool:
+    import nltk
+
+    try:
+        nltk.data.find(resource)
+        return True
+    except LookupError:
+        return False
+
+
 def ensure_nltk_data(package: str) -> None:
-    """Make sure an NLTK data package is available: find it, else try nltk.download once
-    (per package and process), else raise MissingNLTKDataError naming the package."""
+    """Make sure an NLTK data package is available: find it on NLTK's search path, else
+    in the bundled copy (appending BUNDLED_NLTK_DATA to ``nltk.data.path``), else try
+    nltk.download once (per package and process), else raise MissingNLTKDataError."""
     import nltk
 
     resource = NLTK_RESOURCES[package]
-    try:
-        nltk.data.find(resource)
+    if _found(resource):
         return
-    except LookupError:
-        pass
+    bundled = str(BUNDLED_NLTK_DATA)
+    if (BUNDLED_NLTK_DATA / resource).exists() and bundled not in nltk.data.path:
+        nltk.data.path.append(bundled)
+        if _found(resource):
+            log.debug("NLTK data %r is not on NLTK's search path; using the copy bundled with dpo (%s)",
+                      package, bundled)
+            return
     if package not in _DOWNLOAD_TRIED:
         _DOWNLOAD_TRIED.add(package)
         try:
             nltk.download(package, quiet=True)
         except Exception:  # offline, proxy errors, ...: reported as missing below
             pass
-    try:
-        nltk.data.find(resource)
-    except LookupError:
+    if not _found(resource):
         raise MissingNLTKDataError(
-            f"NLTK data package {package!r} ({resource}) was not found and could not be "
-            f"downloaded. Set NLTK_DATA to a directory that has it (in this project: "
-            f"NLTK_DATA=../shared/data/nltk_data) or run `python -m nltk.downloader {package}`."
-            f" Searched: {list(nltk.data.path)}") from None
+            f"NLTK data package {package!r} ({resource}) was not found, not even in the copy "
+            f"bundled with dpo ({BUNDLED_NLTK_DATA}), and could not be downloaded. Set NLTK_DATA "
+            f"to a directory that has it or run `python -m nltk.downloader {package}`."
+            f" Searched: {list(nltk.data.path)}")
 
 
 @functools.lru_cache(maxsize=None)

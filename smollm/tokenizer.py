@@ -8,6 +8,7 @@ is EOS and BOS, as in the SmolLM base models.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -28,9 +29,10 @@ class SmolTokenizer:
     """A `tokenizers.Tokenizer` plus its special token ids."""
 
     def __init__(self, tokenizer: Tokenizer, special_tokens: dict[str, str | None] | None = None,
-                 source: Path | None = None):
+                 source: Path | None = None, chat_template: str | None = None):
         self.tokenizer = tokenizer
         self.source = source  # the tokenizer.json this came from, if any
+        self.chat_template = chat_template  # Jinja source, or None for a model without one
         special = {"bos_token": DEFAULT_EOS, "eos_token": DEFAULT_EOS, "pad_token": None}
         special.update({k: v for k, v in (special_tokens or {}).items() if k in special})
         self.special_tokens = special
@@ -58,6 +60,28 @@ class SmolTokenizer:
         """Token ids of `text`, no special tokens added."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end a generated answer: EOS, and for a chat model also `<|im_end|>` and
+        `<|endoftext|>` (an Instruct model ends its turn on the first, a base model on the second)."""
+        ids = [self.eos_token_id]
+        if self.chat_template is not None:
+            ids += [self.tokenizer.token_to_id(t) for t in ("<|im_end|>", DEFAULT_EOS)]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the model's chat template.
+
+        `add_generation_prompt` appends what opens the assistant's turn (ChatML's
+        `<|im_start|>assistant\n`). Rendered as `transformers` renders it: Jinja with
+        `trim_blocks` and `lstrip_blocks`, in a sandbox.
+        """
+        if self.chat_template is None:
+            raise TokenizerError(f"{self.source or 'this tokenizer'} has no chat template")
+        return _compiled_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.special_tokens["bos_token"] or "", eos_token=self.special_tokens["eos_token"] or "")
+
     def save(self, out_dir: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json into `out_dir`, each atomically."""
         from .checkpoint import atomic_path, write_json  # lazy: checkpoint imports the model
@@ -71,7 +95,28 @@ class SmolTokenizer:
                 self.tokenizer.save(str(tmp))
         config = {k: v for k, v in self.special_tokens.items() if v is not None}
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         write_json(out / TOKENIZER_CONFIG_NAME, config)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_template(source: str):
+    """A chat template compiled as transformers compiles it (sandboxed Jinja, trimmed blocks)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TokenizerError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])  # {% break %}, as transformers
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise TokenizerError(f"the chat template is not valid Jinja ({e})") from None
 
 
 def _token_text(value) -> str | None:
@@ -82,18 +127,29 @@ def _token_text(value) -> str | None:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> SmolTokenizer:
-    """Load from a `tokenizer.json` file, a directory holding one, or a hub id."""
+    """Load from a `tokenizer.json` file, a directory holding one, a `.gguf` file, or a hub id."""
+    from . import local_models
+
     path = Path(name_or_path).expanduser()
-    if not path.exists():
+    if local_models.is_gguf(path):
+        path = local_models.gguf_checkpoint_dir(path)  # its tokenizer.ggml.* and chat template
+    elif not path.exists():
         from . import hub
 
         if not hub.looks_like_repo_id(str(name_or_path)):
             raise TokenizerError(f"{path}: no such tokenizer file or directory")
-        path = hub.download_file(str(name_or_path), TOKENIZER_NAME)
         try:
-            hub.download_file(str(name_or_path), TOKENIZER_CONFIG_NAME)
-        except hub.HubFileNotFoundError:
-            pass  # optional: special tokens then default to <|endoftext|>
+            path = hub.download_file(str(name_or_path), TOKENIZER_NAME)
+        except hub.HubOfflineError as e:
+            reason = getattr(e, "reason", "the hub cannot be reached")
+            path = local_models.embedded_fallback(str(name_or_path), reason)
+            if path is None:
+                raise
+        else:
+            try:
+                hub.download_file(str(name_or_path), TOKENIZER_CONFIG_NAME)
+            except hub.HubFileNotFoundError:
+                pass  # optional: special tokens then default to <|endoftext|>
     file = path / TOKENIZER_NAME if path.is_dir() else path
     if not file.is_file():
         raise TokenizerError(f"{path}: no {TOKENIZER_NAME} there")
@@ -103,6 +159,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> SmolTokenizer:
         raise TokenizerError(f"{file}: not a valid tokenizer.json ({e})") from None
 
     special: dict[str, str | None] = {}
+    chat_template = None
     config_file = file.parent / TOKENIZER_CONFIG_NAME
     if config_file.is_file():
         try:
@@ -112,7 +169,11 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> SmolTokenizer:
         for key in ("bos_token", "eos_token", "pad_token"):
             if key in config:
                 special[key] = _token_text(config[key])
+        chat_template = config.get("chat_template")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TokenizerError(f"{config_file}: chat_template must be one Jinja string "
+                                 f"(named templates are not supported), got {type(chat_template).__name__}")
     try:
-        return SmolTokenizer(tokenizer, special, source=file)
+        return SmolTokenizer(tokenizer, special, source=file, chat_template=chat_template)
     except TokenizerError as e:
         raise TokenizerError(f"{config_file}: {e}") from None

@@ -1,7 +1,9 @@
 """Shared test fixtures: where the read-only project data lives, and small helpers.
 
-The real data (HH-RLHF test splits, the SmolLM tokenizer, NLTK data) is never copied
-into the repository; it is read from ``../shared/data`` beside the checkout, as in CI.
+The HH-RLHF test splits ship inside the package (``dpo/bundled/hh-rlhf``, see
+``dpo.data.bundled_hh_files``), so the tests read them from there. The SmolLM tokenizer
+is read from ``../shared/data`` beside the checkout, as in CI, and so is the NLTK data
+when it is there (the filter falls back to its bundled copy otherwise).
 """
 from __future__ import annotations
 
@@ -10,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from dpo.data import bundled_hh_files
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SMOLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
-HH_DIR = SHARED_DATA / "hh-rlhf"
-HH_HELPFUL_TEST = HH_DIR / "helpful-base" / "test.jsonl.gz"
-HH_HARMLESS_TEST = HH_DIR / "harmless-base" / "test.jsonl.gz"
 TOKENIZER_JSON = SHARED_DATA / "smollm-135m" / "tokenizer.json"
 NLTK_DIR = SHARED_DATA / "nltk_data"
 
@@ -37,4 +38,5 @@ def tokenizer_json() -> Path:
 
 @pytest.fixture(scope="session")
 def hh_files() -> list[Path]:
-    return [_require(HH_HELPFUL_TEST), _require(HH_HARMLESS_TEST)]
+    """[helpful-base, harmless-base] test.jsonl.gz, bundled with the package (4,666 rows)."""
+    return bundled_hh_files()

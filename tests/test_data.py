@@ -1,17 +1,23 @@
-"""Tests for dpo.data: HH transcript splitting, file formats, bad records, hub names, splits."""
+"""Tests for dpo.data: HH transcript splitting, file formats, TRL conversational rows, bad and
+unusable records, the bundled HH-RLHF test splits, hub names and the offline fallback, splits."""
 from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
 from http_server import FileServer
 
+from dpo import data as data_module
 from dpo.data import (
+    BUNDLED_HH,
     SKIP_REASONS,
+    UNUSABLE_REASONS,
     DataError,
     PreferencePair,
+    bundled_hh_files,
     load_preferences,
     load_preferences_with_report,
     _BAD_OPENERS,
@@ -188,8 +194,10 @@ def test_invalid_utf8(tmp_path):
     ({"text": "hi"}, "chosen", "bad_shape", "missing field(s) 'chosen', 'rejected'"),
     ({"prompt": P1, "chosen": " a"}, "rejected", "bad_shape", "missing field(s) 'rejected'"),
     (["a", "b"], None, "bad_shape", "expected a JSON object, got list"),
-    ({"chosen": [{"role": "user"}], "rejected": "x"}, "chosen", "not_string", "expected a string, got list"),
-    ({"prompt": 3, "chosen": " a", "rejected": " b"}, "prompt", "not_string", "expected a string, got int"),
+    ({"chosen": [{"role": "user"}], "rejected": "x"}, "chosen", "bad_messages",
+     "message 0: expected an object with 'role' and 'content', got keys ['role']"),
+    ({"prompt": 3, "chosen": " a", "rejected": " b"}, "prompt", "not_string",
+     "expected a string (or a list of chat messages), got int"),
     ({"chosen": "", "rejected": P1 + " b"}, "chosen", "empty", "empty or whitespace only"),
     ({"prompt": P1, "chosen": " a", "rejected": "  "}, "rejected", "empty", "empty or whitespace only"),
     ({"chosen": P1 + " ", "rejected": P1 + " b"}, "chosen", "empty", "final Assistant answer is empty"),
@@ -200,12 +208,35 @@ def test_invalid_utf8(tmp_path):
      None, "prompt_mismatch", "differ before the last Assistant turn"),
 ])
 def test_bad_rows_name_file_line_field(tmp_path, row, field, reason, message):
-    err = load_error(tmp_path, [HH_ROW, HH_ROW2, row])
+    err = load_error(tmp_path, [HH_ROW, HH_ROW2, row], skip_unusable=False)
     assert (err.reason, err.field, err.line) == (reason, field, 3)
     assert f"bad.jsonl: line 3: " in str(err) and message in str(err)
     if field:
         assert f"field {field!r}" in str(err)
     assert reason in SKIP_REASONS
+
+
+def test_unusable_rows_are_skipped_by_default(tmp_path):
+    """Rows without a usable preference are skipped and reported unless skip_unusable=False;
+    malformed rows still raise unless skip_bad_records=True."""
+    rows = [HH_ROW, {"chosen": P1 + " a", "rejected": P1 + " a"}, {"chosen": P1 + " ", "rejected": P1 + " b"},
+            {"chosen": P1 + " a\n\nHuman: x\n\nAssistant: y", "rejected": P1 + " b\n\nHuman: x\n\nAssistant: z"},
+            HH_ROW2]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    pairs, report = load_preferences_with_report(path)
+    assert [p.source.rsplit(":", 1)[1] for p in pairs] == ["1", "5"]
+    assert report.skipped == {"identical": 1, "empty": 1, "prompt_mismatch": 1}
+    assert set(report.skipped) <= set(UNUSABLE_REASONS) and report.fallback is None
+    assert "loaded 2 pairs from 1 file(s), skipped 3" in str(report)
+    assert load_preferences(path) == pairs
+    with pytest.raises(DataError, match="d.jsonl: line 2: field 'chosen': chosen and rejected are identical"):
+        load_preferences(path, skip_unusable=False)
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows + ["{not json", {"chosen": P1 + " a"}])
+    with pytest.raises(DataError, match="bad.jsonl: line 6: malformed JSON"):
+        load_preferences(bad)
+    pairs, report = load_preferences_with_report(bad, skip_bad_records=True)
+    assert len(pairs) == 2 and report.skipped == {"identical": 1, "empty": 1, "prompt_mismatch": 1,
+                                                  "bad_json": 1, "bad_shape": 1}
 
 
 def test_gigantic_line_is_rejected_in_bounded_memory(tmp_path):
@@ -264,18 +295,19 @@ def test_corrupt_gzip_names_file(tmp_path):
 # ---------------------------------------------------------------------------- real HH data
 
 def test_real_hh_test_splits(hh_files):
-    import os
-
-    with pytest.raises(DataError, match=r"helpful-base/test.jsonl.gz: line 121: field 'rejected': "
-                                        r"the final Assistant answer is empty"):
-        load_preferences(hh_files)
-    pairs, report = load_preferences_with_report(hh_files, skip_bad_records=True)
+    # the library call skips and reports the 24 unusable rows by default
+    pairs, report = load_preferences_with_report(hh_files)
     # documented in dpo/data.py: 14 prompt mismatches, 8 empty answers, 2 identical rows
     assert report.skipped == {"prompt_mismatch": 14, "empty": 8, "identical": 2}
+    assert load_preferences(hh_files) == pairs
+    assert load_preferences_with_report(hh_files, skip_bad_records=True)[0] == pairs
+    with pytest.raises(DataError, match=r"helpful-base/test.jsonl.gz: line 121: field 'rejected': "
+                                        r"the final Assistant answer is empty"):
+        load_preferences(hh_files, skip_unusable=False)
     helpful = [p for p in pairs if p.source.startswith("helpful-base/")]
     harmless = [p for p in pairs if p.source.startswith("harmless-base/")]
     assert (len(helpful), len(harmless)) == (2354 - 9 - 4 - 2, 2312 - 5 - 4)
-    assert len(pairs) == 4642
+    assert len(pairs) == 4642 and len(pairs) + report.total_skipped == data_module.BUNDLED_HH_ROWS
     # prompt + response reproduces every original transcript exactly
     originals = {}
     for path in hh_files:
@@ -288,9 +320,88 @@ def test_real_hh_test_splits(hh_files):
         assert p.prompt.startswith("\n\nHuman:") and p.prompt.endswith("\n\nAssistant:")
         assert p.chosen.startswith(" ") and p.rejected.startswith(" ")
         assert p.chosen.strip() and p.rejected.strip() and p.chosen != p.rejected
-    # the directory form with split= picks the same files
+        assert p.prompt_messages is None
+    # the directory form with split= picks the same files (in sorted order: harmless first)
     hh_dir = os.path.commonpath([str(f) for f in hh_files])
-    assert len(load_preferences(hh_dir, split="test", skip_bad_records=True)) == 4642
+    by_source = lambda ps: sorted(ps, key=lambda p: p.source)
+    assert by_source(load_preferences(hh_dir, split="test")) == by_source(pairs)
+
+
+# ---------------------------------------------------------------------------- bundled HH files
+
+def test_bundled_hh_files_are_the_upstream_files(hh_files):
+    """Size and sha256 of each bundled file as recorded from the upstream repositories
+    (dpo/bundled/PROVENANCE.md); the licence travels with them."""
+    assert bundled_hh_files(verify=True) == hh_files
+    assert [f"{p.parent.name}/{p.name}" for p in hh_files] == list(BUNDLED_HH)
+    assert [p.stat().st_size for p in hh_files] == [875_191, 742_801]
+    licence = data_module.BUNDLED_HH_DIR / "LICENSE"
+    assert licence.read_text().startswith("MIT License")
+    provenance = (data_module.BUNDLED_DIR / "PROVENANCE.md").read_text()
+    for rel, (size, sha256) in BUNDLED_HH.items():
+        assert sha256 in provenance and f"{size:,}" in provenance and rel in provenance
+
+
+def test_bundled_hh_files_detect_a_changed_or_missing_file(tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "hh-rlhf"
+    shutil.copytree(data_module.BUNDLED_HH_DIR, copy)
+    monkeypatch.setattr(data_module, "BUNDLED_HH_DIR", copy)
+    assert bundled_hh_files(verify=True)[0].parent.parent == copy
+    target = copy / "harmless-base" / "test.jsonl.gz"
+    data = bytearray(target.read_bytes())
+    data[1000] ^= 1
+    target.write_bytes(bytes(data))
+    bundled_hh_files()  # not verified: no read
+    with pytest.raises(DataError, match=r"harmless-base/test.jsonl.gz: 742,801 bytes with sha256 [0-9a-f]{64}, "
+                                        r"expected 742,801 bytes with sha256 ebfaaed2"):
+        bundled_hh_files(verify=True)
+    target.unlink()
+    with pytest.raises(DataError, match="harmless-base/test.jsonl.gz: missing from this installation of dpo"):
+        bundled_hh_files()
+
+
+def test_bundled_hh_files_from_any_working_directory(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("from dpo.data import bundled_hh_files, load_preferences; "
+            "print(len(load_preferences(bundled_hh_files())))")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(repo)}, check=True)
+    assert out.stdout.strip() == "4642"
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_bundled_data(tmp_path):
+    """`pip install .` gets the data: the wheel built from pyproject.toml holds every bundled file."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import shutil
+
+    pytest.importorskip("setuptools")
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy: building in place would write build/ into the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    for package in ("dpo", "smollm"):
+        shutil.copytree(repo / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+         "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True,
+        env={**os.environ, "PIP_NO_INPUT": "1"})
+    if build.returncode:
+        pytest.skip(f"cannot build a wheel here: {build.stderr[-500:]}")
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    bundled = repo / "dpo" / "bundled"
+    expected = {f"dpo/bundled/{p.relative_to(bundled).as_posix()}" for p in bundled.rglob("*") if p.is_file()}
+    assert expected and expected <= names, sorted(expected - names)
 
 
 # ---------------------------------------------------------------------------- hub names
@@ -364,6 +475,152 @@ def test_hub_download_through_local_server(monkeypatch, tmp_path):
     with pytest.raises(HubOfflineError):
         load_preferences("Anthropic/hh-rlhf/harmless-base", split="test")
     assert len(load_preferences("Anthropic/hh-rlhf/helpful-base", split="test")) == 2  # cached
+
+
+FALLBACK = ("the hub is unreachable: using the HH-RLHF test splits bundled with dpo "
+            "(helpful-base + harmless-base, 4,666 pairs) instead of Anthropic/hh-rlhf train")
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """The hub at a closed local port (connection refused at once), with an empty cache."""
+    from smollm.hub import CACHE_ENV, HUB_URL_ENV, OFFLINE_ENV
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(HUB_URL_ENV, "http://127.0.0.1:9")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(OFFLINE_ENV, raising=False)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    return tmp_path / "cache"
+
+
+def test_offline_fallback_to_the_bundled_test_splits(unreachable_hub, hh_files):
+    pairs, report = load_preferences_with_report("Anthropic/hh-rlhf")
+    assert report.fallback == FALLBACK
+    assert str(report).splitlines()[0] == "loaded 4642 pairs from 2 file(s), skipped 24"
+    assert report.files == [str(p) for p in hh_files]
+    assert pairs == load_preferences(hh_files)  # same sources: "helpful-base/test.jsonl.gz:1", ...
+    # the report-less call warns instead
+    with pytest.warns(RuntimeWarning, match="the hub is unreachable: using the HH-RLHF test splits"):
+        assert len(load_preferences("Anthropic/hh-rlhf", limit=5)) == 5
+    _, report = load_preferences_with_report("Anthropic/hh-rlhf", split="test", limit=3)
+    assert report.fallback.endswith("instead of Anthropic/hh-rlhf test")
+
+
+def test_offline_fallback_can_be_switched_off(unreachable_hub):
+    from smollm.hub import HubOfflineError
+
+    with pytest.raises(HubOfflineError, match="could not reach http://127.0.0.1:9/datasets/Anthropic/hh-rlhf"):
+        load_preferences("Anthropic/hh-rlhf", offline_fallback=False)
+    # only the whole "Anthropic/hh-rlhf" falls back: a subset or a file asked for by name does not
+    for name in ("Anthropic/hh-rlhf/helpful-base", "Anthropic/hh-rlhf/helpful-base/train.jsonl.gz"):
+        with pytest.raises(HubOfflineError):
+            load_preferences(name)
+
+
+def test_offline_fallback_never_mixes_train_and_test(unreachable_hub, monkeypatch, hh_files):
+    """One train split cached, the other not: both come from the bundled test splits."""
+    from smollm.hub import OFFLINE_ENV, cached_file_path
+
+    cached = cached_file_path("Anthropic/hh-rlhf", "helpful-base/train.jsonl.gz", repo_type="dataset")
+    cached.parent.mkdir(parents=True)
+    write_jsonl(cached, [HH_ROW], gz=True)
+    pairs, report = load_preferences_with_report("Anthropic/hh-rlhf")
+    assert report.fallback == FALLBACK and report.files == [str(p) for p in hh_files] and len(pairs) == 4642
+    monkeypatch.setenv(OFFLINE_ENV, "1")  # SMOLLM_OFFLINE=1 and not cached: the same fallback
+    assert load_preferences_with_report("Anthropic/hh-rlhf", limit=1)[1].fallback == FALLBACK
+
+
+# ---------------------------------------------------------------------------- TRL conversational rows
+
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+CONV_EXPLICIT = {"prompt": [msg("system", "Be brief."), msg("user", "Hi"), msg("assistant", "Hello!"),
+                            msg("user", "Name a fruit.")],
+                 "chosen": [msg("assistant", "An apple.")], "rejected": [msg("assistant", "A car.")]}
+CONV_IMPLICIT = {"chosen": [msg("user", "Name a fruit."), msg("assistant", "An apple.")],
+                 "rejected": [msg("user", "Name a fruit."), msg("assistant", "A car.")]}
+
+
+def test_conversational_rows_explicit_prompt(tmp_path):
+    (pair,) = load_preferences(write_jsonl(tmp_path / "c.jsonl", [CONV_EXPLICIT]))
+    assert pair.prompt_messages == tuple(CONV_EXPLICIT["prompt"])
+    assert pair.chosen_messages == (msg("assistant", "An apple."),)
+    assert pair.rejected_messages == (msg("assistant", "A car."),)
+    # the text fields are HH style, for the NLTK filter and for training without a template
+    assert pair.prompt == ("\n\nSystem: Be brief.\n\nHuman: Hi\n\nAssistant: Hello!"
+                           "\n\nHuman: Name a fruit.\n\nAssistant:")
+    assert (pair.chosen, pair.rejected) == (" An apple.", " A car.")
+    assert pair.source.endswith("c.jsonl:1")
+    hash(pair)  # still usable in sets and as a dict key
+    assert pair != PreferencePair(pair.prompt, pair.chosen, pair.rejected, pair.source)
+
+
+def test_conversational_rows_implicit_prompt(tmp_path):
+    long = {"chosen": [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "Fruit?"),
+                       msg("assistant", "An apple."), msg("assistant", "Or a pear.")],
+            "rejected": [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "Fruit?"),
+                         msg("assistant", "A car.")]}
+    one, two = load_preferences(write_jsonl(tmp_path / "c.jsonl", [CONV_IMPLICIT, long]))
+    assert one.prompt_messages == (msg("user", "Name a fruit."),)
+    assert (one.prompt, one.chosen, one.rejected) == (
+        "\n\nHuman: Name a fruit.\n\nAssistant:", " An apple.", " A car.")
+    assert two.prompt_messages == tuple(long["rejected"][:3])
+    assert two.chosen_messages == (msg("assistant", "An apple."), msg("assistant", "Or a pear."))
+    assert two.chosen == " An apple.\n\nAssistant: Or a pear."  # a second assistant turn, HH style
+    assert two.prompt == "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Fruit?\n\nAssistant:"
+
+
+def test_conversational_rows_keep_only_role_and_content(tmp_path):
+    row = {"prompt": [{"role": "user", "content": "Hi", "name": "bob"}],
+           "chosen": [msg("assistant", "Hello!")], "rejected": [msg("assistant", "Go.")]}
+    (pair,) = load_preferences(write_jsonl(tmp_path / "c.jsonl", [row]))
+    assert pair.prompt_messages == (msg("user", "Hi"),)
+
+
+@pytest.mark.parametrize("row, field, reason, message", [
+    ({**CONV_EXPLICIT, "chosen": " An apple."}, "chosen", "bad_messages",
+     "expected a list of chat messages like the other fields, got str"),
+    ({**CONV_EXPLICIT, "prompt": []}, "prompt", "bad_messages", "an empty list of messages"),
+    ({**CONV_EXPLICIT, "prompt": ["Hi"]}, "prompt", "bad_messages",
+     "message 0: expected an object with 'role' and 'content', got str"),
+    ({**CONV_EXPLICIT, "prompt": [msg("human", "Hi")]}, "prompt", "bad_messages",
+     "message 0: role 'human' is not one of system, user, assistant"),
+    ({**CONV_EXPLICIT, "prompt": [msg("user", None)]}, "prompt", "bad_messages",
+     "message 0: content must be a string, got NoneType"),
+    ({**CONV_EXPLICIT, "prompt": [msg("user", [{"type": "text", "text": "Hi"}])]}, "prompt", "bad_messages",
+     "multimodal content parts are not supported"),
+    ({**CONV_EXPLICIT, "prompt": [msg("user", "Hi"), msg("system", "Be brief.")]}, "prompt", "bad_messages",
+     "message 1: a system message may only come first"),
+    ({**CONV_EXPLICIT, "rejected": [msg("user", "A car.")]}, "rejected", "bad_messages",
+     "message 0: an answer holds assistant messages only, got role 'user'"),
+    ({**CONV_EXPLICIT, "prompt": [msg("user", "\ud800")]}, "prompt", "bad_utf8", "lone UTF-16 surrogate"),
+    ({**CONV_EXPLICIT, "chosen": [msg("assistant", " ")]}, "chosen", "empty", "the assistant answer is empty"),
+    ({**CONV_EXPLICIT, "rejected": CONV_EXPLICIT["chosen"]}, "chosen", "identical", "identical"),
+    (CONV_IMPLICIT | {"rejected": CONV_IMPLICIT["chosen"]}, "chosen", "identical", "identical"),
+    ({**CONV_EXPLICIT, "chosen": [msg("assistant", "x"), msg("assistant", "y")],  # the same HH text
+      "rejected": [msg("assistant", "x\n\nAssistant: y")]}, "chosen", "identical", "identical"),
+    ({"chosen": [msg("user", "A?"), msg("assistant", "a")], "rejected": [msg("user", "B?"), msg("assistant", "b")]},
+     None, "prompt_mismatch", "differ at message 0, not only in the final assistant answer"),
+    ({"chosen": [msg("user", "A?"), msg("assistant", "a"), msg("user", "ok"), msg("assistant", "c")],
+      "rejected": [msg("user", "A?"), msg("assistant", "b"), msg("user", "ok"), msg("assistant", "c")]},
+     None, "prompt_mismatch", "differ at message 1"),
+    ({"chosen": [msg("user", "A?"), msg("assistant", "a")], "rejected": [msg("user", "A?")]},
+     "rejected", "empty", "no assistant answer after the 1 shared messages"),
+])
+def test_bad_conversational_rows_name_file_line_field(tmp_path, row, field, reason, message):
+    err = load_error(tmp_path, [CONV_EXPLICIT, HH_ROW, row], skip_unusable=False)
+    assert (err.reason, err.field, err.line) == (reason, field, 3)
+    assert "bad.jsonl: line 3: " in str(err) and message in str(err)
+    if reason in UNUSABLE_REASONS:  # skipped and counted by default
+        pairs, report = load_preferences_with_report(tmp_path / "bad.jsonl")
+        assert len(pairs) == 2 and report.skipped == {reason: 1}
+    else:
+        pairs, report = load_preferences_with_report(tmp_path / "bad.jsonl", skip_bad_records=True)
+        assert len(pairs) == 2 and report.skipped == {reason: 1}
 
 
 # ---------------------------------------------------------------------------- splits, synthetic

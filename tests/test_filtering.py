@@ -125,10 +125,12 @@ def test_missing_nltk_data_is_a_clear_error(monkeypatch, tmp_path):
 
     downloads = []
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(filtering, "BUNDLED_NLTK_DATA", tmp_path / "not-bundled")  # as if deleted
     monkeypatch.setattr(nltk, "download", lambda name, **kw: downloads.append(name) or False)
     monkeypatch.setattr(filtering, "_DOWNLOAD_TRIED", set())
     for package in ("stopwords", "punkt_tab", "averaged_perceptron_tagger_eng"):
-        with pytest.raises(MissingNLTKDataError, match=rf"NLTK data package '{package}'.*NLTK_DATA"
+        with pytest.raises(MissingNLTKDataError, match=rf"NLTK data package '{package}'.*not even in the copy "
+                                                       rf"bundled with dpo.*NLTK_DATA"
                                                        rf".*python -m nltk.downloader {package}"):
             ensure_nltk_data(package)
     with pytest.raises(LookupError):  # a LookupError, as NLTK's own
@@ -141,6 +143,90 @@ def test_missing_nltk_data_is_a_clear_error(monkeypatch, tmp_path):
             filter_pairs([PASSES])
     finally:
         filtering._stopwords.cache_clear()
+
+
+def test_bundled_nltk_data_is_used_when_nltk_finds_none(monkeypatch, tmp_path, caplog):
+    import logging
+
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # NLTK's own search finds nothing
+    monkeypatch.setattr(nltk, "download", lambda *a, **kw: pytest.fail("nltk.download was called"))
+    with caplog.at_level(logging.DEBUG, logger="dpo.filtering"):
+        for package in ("stopwords", "punkt_tab", "averaged_perceptron_tagger_eng"):
+            ensure_nltk_data(package)
+    assert nltk.data.path == [str(tmp_path), str(filtering.BUNDLED_NLTK_DATA)]  # appended once
+    assert str(nltk.data.find("corpora/stopwords")).startswith(str(filtering.BUNDLED_NLTK_DATA))
+    assert len([r for r in caplog.records if "bundled with dpo" in r.getMessage()]) == 1
+
+
+def test_bundled_nltk_data_matches_its_provenance():
+    """Each bundled NLTK file has the sha256 recorded in dpo/bundled/PROVENANCE.md, and only the
+    English data the filter (and the tokenizer comparison below) needs is there."""
+    import hashlib
+    import re
+
+    root = filtering.BUNDLED_NLTK_DATA
+    provenance = (root.parent / "PROVENANCE.md").read_text()
+    recorded = dict(re.findall(r"^\| `((?:corpora|tokenizers|taggers)/[^`]+)` \| `([0-9a-f]{64})` \|$",
+                               provenance, re.M))
+    files = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+    assert sorted(files) == sorted(recorded) and len(files) == 9
+    for rel, path in files.items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == recorded[rel], rel
+    assert sum(p.stat().st_size for p in files.values()) < 6_500_000
+
+
+_VERDICTS = """if True:
+    import json, os, sys
+    import nltk
+    if not os.environ.get("NLTK_DATA"):
+        # as on a machine without any NLTK data: NLTK's default folders are empty or absent
+        nltk.data.path[:] = [p for p in nltk.data.path if not os.path.isdir(p)]
+    def no_download(*args, **kwargs):
+        raise AssertionError("nltk.download was called")
+    nltk.download = no_download
+    from dpo.data import bundled_hh_files, load_preferences
+    from dpo import filtering
+    verdicts = [filtering.check_pair(p) for p in load_preferences(bundled_hh_files())[::2]]
+    print(json.dumps({"verdicts": verdicts, "stopwords": str(nltk.data.find("corpora/stopwords")),
+                      "tagger": str(nltk.data.find("taggers/averaged_perceptron_tagger_eng"))}))
+"""
+
+
+def _verdicts_in_a_fresh_process(home, nltk_data=None) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"}
+    env.update(HOME=str(home), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    if nltk_data is not None:
+        env["NLTK_DATA"] = str(nltk_data)
+    out = subprocess.run([sys.executable, "-c", _VERDICTS], cwd=home, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_filter_offline_with_no_nltk_data_set_up(tmp_path, hh_pairs):
+    """A fresh process with NLTK_DATA unset and an empty HOME (no ~/nltk_data) filters real HH
+    pairs with the bundled data, without downloading, to the same verdicts as with the shared
+    NLTK data (../shared/data/nltk_data)."""
+    from conftest import NLTK_DIR
+
+    bundled = _verdicts_in_a_fresh_process(tmp_path)
+    root = str(filtering.BUNDLED_NLTK_DATA)
+    assert bundled["stopwords"].startswith(root) and bundled["tagger"].startswith(root)
+    assert len(bundled["verdicts"]) == len(hh_pairs[::2]) > 2000
+    assert sum(v is None for v in bundled["verdicts"]) > 500  # kept pairs, and every rule at work:
+    assert set(bundled["verdicts"]) == {None, *RULES}
+    if not NLTK_DIR.is_dir():
+        pytest.skip(f"no shared NLTK data at {NLTK_DIR} to compare with")
+    shared = _verdicts_in_a_fresh_process(tmp_path, nltk_data=NLTK_DIR)
+    assert shared["stopwords"].startswith(str(NLTK_DIR)) and shared["tagger"].startswith(str(NLTK_DIR))
+    assert bundled["verdicts"] == shared["verdicts"]
 
 
 def test_nltk_data_is_not_loaded_at_import():
@@ -181,7 +267,7 @@ def test_synthetic_pairs_are_not_strong():
 
 @pytest.fixture(scope="module")
 def hh_pairs(hh_files):
-    return load_preferences(hh_files, skip_bad_records=True)
+    return load_preferences(hh_files)
 
 
 def test_workers_give_identical_results(hh_pairs):

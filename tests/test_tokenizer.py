@@ -124,3 +124,45 @@ def test_special_token_not_in_vocab_names_the_file_and_token(tmp_path, tokenizer
     directory = _checkpoint_dir(tmp_path, tokenizer_json, {"eos_token": "</s>"})
     with pytest.raises(TokenizerError, match=r"tokenizer_config\.json.*'</s>'.*not in the tokenizer's vocabulary"):
         load_tokenizer(directory)
+
+
+SMOLLM2_TEMPLATE = (  # SmolLM2-135M-Instruct's chat template, as its GGUF and tokenizer_config.json carry it
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_chat_template_renders_chatml_and_survives_save(tmp_path, tokenizer_json):
+    directory = _checkpoint_dir(tmp_path, tokenizer_json, {"eos_token": "<|im_end|>", "chat_template": SMOLLM2_TEMPLATE})
+    tok = load_tokenizer(directory)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Capital of France?"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                    "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+                    "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.stop_token_ids == [2, 0]  # <|im_end|> ends an Instruct turn, <|endoftext|> a base model's text
+    tok.save(tmp_path / "out")
+    back = load_tokenizer(tmp_path / "out")
+    assert back.chat_template == SMOLLM2_TEMPLATE
+    assert back.apply_chat_template(messages) == tok.apply_chat_template(messages)
+
+    transformers = pytest.importorskip("transformers", reason="transformers is the rendering oracle")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for add in (False, True):
+        assert theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=add) == \
+            tok.apply_chat_template(messages, add_generation_prompt=add)
+
+
+def test_no_chat_template_is_a_clear_error(tmp_path, tokenizer_json):
+    tok = load_tokenizer(tokenizer_json)
+    assert tok.chat_template is None and tok.stop_token_ids == [0]
+    with pytest.raises(TokenizerError, match="has no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
+def test_named_chat_templates_are_refused_naming_the_file(tmp_path, tokenizer_json):
+    directory = _checkpoint_dir(tmp_path, tokenizer_json, {"chat_template": [{"name": "default", "template": "x"}]})
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: chat_template must be one Jinja string"):
+        load_tokenizer(directory)
