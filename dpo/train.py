@@ -59,7 +59,10 @@ def prepare_data(config: TrainConfig, tokenizer, model_config: SmolLMConfig
     """Load, filter, split and tokenize; the held-out pairs never enter training."""
     pairs, load_report = load_preferences_with_report(
         config.data, split=config.data_split, skip_bad_records=config.skip_bad_records, skip_unusable=True)
-    log(f"loaded {len(pairs)} preference pairs from {', '.join(config.data)}")
+    if load_report.fallback:
+        log(load_report.fallback)
+    source = "the bundled HH-RLHF test splits" if load_report.fallback else ", ".join(config.data)
+    log(f"loaded {len(pairs)} preference pairs from {source}")
     if load_report.total_skipped:
         log(str(load_report))
     info: dict = {"loaded": len(pairs)}
@@ -88,10 +91,13 @@ def prepare_data(config: TrainConfig, tokenizer, model_config: SmolLMConfig
         raise DataError(f"only {len(kept)} usable pairs were loaded; {need_msg}. "
                         "Use more data or fewer --eval-pairs.")
     train_raw, eval_raw = train_eval_split(kept, config.eval_pairs, seed=config.seed)
+    train_raw = format_for_model(train_raw[:math.ceil(config.num_pairs * 1.05) + 8], tokenizer,
+                                 config.chat_template, "train")
+    eval_raw = format_for_model(eval_raw, tokenizer, config.chat_template, "eval")
     eos = tokenizer.eos_token_id
     kwargs = dict(max_length=config.max_length, eos_token_id=eos, max_prompt_length=config.max_prompt_length)
     eval_pairs, eval_stats = tokenize_pairs(tokenizer, eval_raw, **kwargs)
-    train_pairs, train_stats = tokenize_pairs(tokenizer, train_raw[:math.ceil(config.num_pairs * 1.05) + 8], **kwargs)
+    train_pairs, train_stats = tokenize_pairs(tokenizer, train_raw, **kwargs)
     train_pairs = train_pairs[:config.num_pairs]
     for name, stats in (("train", train_stats), ("eval", eval_stats)):
         log(f"tokenized {name}: {stats}")
@@ -107,6 +113,18 @@ def prepare_data(config: TrainConfig, tokenizer, model_config: SmolLMConfig
     info.update(train_pairs=len(train_pairs), eval_pairs=len(eval_pairs),
                 fingerprint=_fingerprint(train_pairs + eval_pairs))
     return train_pairs, eval_pairs, info
+
+
+def format_for_model(pairs: list, tokenizer, chat_template: str, name: str) -> list:
+    """Render the pairs with the model's chat template (--chat-template auto and a tokenizer that
+    has one), or leave their text as it is. The filter has already judged the plain text."""
+    if chat_template == "none" or getattr(tokenizer, "chat_template", None) is None:
+        return pairs
+    from .chat import apply_chat_format
+
+    rendered, report = apply_chat_format(pairs, tokenizer)
+    log(f"chat template ({name}): {report}")
+    return rendered
 
 
 def _fingerprint(pairs: list[TokenizedPair]) -> str:

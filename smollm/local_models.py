@@ -91,7 +91,7 @@ def gguf_checkpoint_dir(path: str | os.PathLike, cache_dir: str | os.PathLike | 
     folder = root / "gguf" / f"{path.stem}-{_cache_key(path)}"
     if (folder / _MARKER).is_file():
         return folder
-    from .gguf import gguf_to_hf
+    from .gguf_io import gguf_to_hf
 
     if folder.exists():  # an earlier conversion stopped before its marker: start again
         import shutil
