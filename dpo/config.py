@@ -86,7 +86,14 @@ class TrainConfig:
     device: str | None = _f(None, "cpu, cuda, cuda:1 ... (default: cuda when present)")
     dtype: str | None = _f(None, "compute dtype: bfloat16 (autocast, fp32 master weights) or float32 "
                                  "(default: bfloat16 on CUDA, float32 on CPU)", choices=["float32", "bfloat16"])
-    eval_every: int = _f(0, "evaluate on the held-out pairs every N steps (0: only before and after)")
+    eval_every: int | None = _f(None, "evaluate accuracy and health on the held-out pairs every N steps "
+                                      "(default: about 5 evaluations per run; 0: only before and after)")
+    sample_prompts: int = _f(8, "held-out prompts that reference and policy answer at each evaluation "
+                                "(greedy; written to samples.md and samples.jsonl at the end)")
+    sample_tokens: int = _f(128, "longest answer generated for those prompts, in tokens")
+    max_chosen_logp_drop: float = _f(1.0, "health bound: the policy's held-out per-token log p(chosen) may "
+                                          "fall at most this many nats below the reference's (mean reduction)")
+    max_empty_share: float = _f(0.25, "health bound: largest share of empty or whitespace-only sample answers")
     save_every: int = _f(0, "write a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "how many of the latest checkpoints to keep")
     resume: str | None = _f(None, "continue from a checkpoint directory, or a run directory (its latest)")
@@ -111,9 +118,17 @@ class TrainConfig:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
         if self.max_length < 2:
             bad("max_length", "must be at least 2 (a prompt token and a response token)")
-        for name in ("eval_pairs", "warmup_steps", "eval_every", "save_every", "train_last_n"):
+        for name in ("eval_pairs", "warmup_steps", "save_every", "train_last_n", "sample_prompts"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.eval_every is not None and self.eval_every < 0:
+            bad("eval_every", f"must be >= 0, got {self.eval_every}")
+        if self.sample_tokens < 1:
+            bad("sample_tokens", f"must be at least 1, got {self.sample_tokens}")
+        if not 0 < self.max_chosen_logp_drop < float("inf"):
+            bad("max_chosen_logp_drop", f"must be a positive finite number, got {self.max_chosen_logp_drop}")
+        if not 0 <= self.max_empty_share <= 1:
+            bad("max_empty_share", f"must be in [0, 1], got {self.max_empty_share}")
         if self.keep_checkpoints < 1:
             bad("keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
         if self.max_steps is not None and self.max_steps < 1:

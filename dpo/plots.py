@@ -27,8 +27,8 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike, evals: list[dict] 
     rows = [m for m in metrics if "loss" in m]
     steps = [m["step"] for m in rows]
     window = max(1, len(rows) // 20)
-    fig = Figure(figsize=(15, 4), layout="constrained")
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(20, 4.2), layout="constrained")
+    axes = fig.subplots(1, 4)
 
     ax = axes[0]
     ax.plot(steps, [m["loss"] for m in rows], alpha=0.3, color="C0")
@@ -58,9 +58,42 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike, evals: list[dict] 
     ax.set(title="implicit rewards  beta * (log pi - log pi_ref)", xlabel="step")
     ax.legend()
 
+    _health_panel(axes[3], evals or [])
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
+
+
+def _health_panel(ax, evals: list[dict]) -> None:
+    """Held-out log p(chosen) of policy and reference, and the policy's empty answers, per evaluation.
+
+    Accuracy can rise while these fall apart: this panel is where a collapse shows.
+    """
+    ax.set(title="health (held-out evaluations)", xlabel="step", ylabel="log p(chosen) per token")
+    evals = [e for e in evals if "policy_chosen_logp" in e]
+    if not evals:
+        ax.text(0.5, 0.5, "no held-out evaluation", ha="center", va="center", transform=ax.transAxes)
+        return
+    steps = [e["step"] for e in evals]
+    ax.plot(steps, [e["policy_chosen_logp"] for e in evals], marker="o", color="C0", label="policy log p(chosen)")
+    ax.plot(steps, [e["policy_rejected_logp"] for e in evals], marker="o", color="C3", alpha=0.6,
+            label="policy log p(rejected)")
+    ax.axhline(evals[0]["reference_chosen_logp"], ls="--", color="grey", label="reference log p(chosen)")
+    bad = [e for e in evals if not e.get("healthy", True)]
+    if bad:
+        ax.scatter([e["step"] for e in bad], [e["policy_chosen_logp"] for e in bad], s=120, marker="x",
+                   color="red", zorder=4, label="unhealthy evaluation")
+    empty = [(e["step"], e["health"]["policy_sample_empty_share"]) for e in evals
+             if "policy_sample_empty_share" in e.get("health", {})]
+    handles, labels = ax.get_legend_handles_labels()
+    if empty:
+        twin = ax.twinx()
+        twin.plot([s for s, _ in empty], [v for _, v in empty], ls=":", marker="s", color="C2",
+                  label="policy empty answers")
+        twin.set(ylim=(-0.02, 1.02), ylabel="share of empty answers")
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="best", fontsize="small")
 
 
 def plot_sft_curve(metrics: list[dict], path: str | os.PathLike, evals: dict | None = None) -> Path:

@@ -2,8 +2,13 @@
 
     load pairs -> NLTK strong-preference filter -> hold out eval pairs -> tokenize
     -> load policy, freeze all but the last N blocks, frozen reference copy
-    -> train (metrics.jsonl, checkpoints) -> evaluate reference vs policy (eval.json)
-    -> curves.png, final/ (HF format + tokenizer)
+    -> train (metrics.jsonl, checkpoints), evaluating accuracy and health every --eval-every steps
+    -> evaluate reference vs policy: accuracy, health, side-by-side samples (eval.json, samples.md)
+    -> curves.png, final/ (HF format + tokenizer), best/ (the best healthy evaluation)
+
+Accuracy alone is not success: a policy can win on held-out preferences while its answers decay
+into whitespace. Every evaluation also measures the policy's health (dpo.health); a problem is
+a warning in the log and on the progress bar, and the final table says the model collapsed.
 
 Everything that can be checked is checked before the expensive work starts, and the output
 directory is created only once the data and model are known to be usable.
@@ -41,7 +46,9 @@ from .checkpointing import (CHECKPOINTS_DIR, CheckpointLoadError, list_checkpoin
 from .config import ConfigError, TrainConfig, build_parser, config_from_args
 from .data import DataError, load_preferences_with_report, train_eval_split
 from .freeze import freeze_all_but_last, frozen_reference
+from .monitor import BEST_DIR, RunMonitor, evaluation_interval, health_table, verdict
 from .plots import plot_curves
+from .samples import format_sample, write_samples
 from .tokenization import TokenizedPair, tokenize_pairs
 from .trainer import DPOTrainer, NonFiniteError
 
@@ -318,20 +325,24 @@ def run(config: TrainConfig) -> dict:
         history = _read_metrics(metrics_path, up_to_step=trainer.step)  # drop steps after the checkpoint
         _write_metrics(metrics_path, history)
         evals = [e for e in meta.get("evals", []) if e["step"] <= trainer.step]
+        monitor = RunMonitor(trainer, tokenizer, eval_pairs, config, out, log, history=evals)
     else:
         out.mkdir(parents=True, exist_ok=True)
         if config.overwrite:
-            for name in (METRICS_NAME, EVAL_NAME, CURVES_NAME):
+            for name in (METRICS_NAME, EVAL_NAME, CURVES_NAME, "samples.md", "samples.jsonl"):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / FINAL_DIR, ignore_errors=True)
+            shutil.rmtree(out / BEST_DIR, ignore_errors=True)
             shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
         write_json(out / CONFIG_NAME, config.to_dict())
         _write_metrics(metrics_path, [])
-        evals = []
+        monitor = RunMonitor(trainer, tokenizer, eval_pairs, config, out, log)
         if eval_pairs:
-            before = trainer.evaluate(eval_pairs)
-            evals.append({"step": 0, **before.to_dict()})
+            before = monitor.evaluate().result
             log(f"before training: reference accuracy {before.reference_accuracy:.1%} on {len(eval_pairs)} held-out pairs")
+    evals = monitor.history  # every evaluation's record, saved in each checkpoint
+    eval_every = evaluation_interval(config.eval_every, trainer.total_steps)
+    unhealthy = ""  # shown on the progress bar once an evaluation finds a problem
 
     # This run's latest checkpoint from this session (the one resumed from counts): never written twice.
     last_saved: list[Path] = []
@@ -360,17 +371,21 @@ def run(config: TrainConfig) -> dict:
                                      f"{_latest_checkpoint_note(out, ' --skip-nonfinite')} "
                                      "(--skip-nonfinite skips and counts such batches; a lower --lr or "
                                      "--max-grad-norm may avoid them)") from None
-            if config.eval_every and trainer.step % config.eval_every == 0 and eval_pairs and not trainer.done:
-                ev = trainer.evaluate(eval_pairs)
-                evals.append({"step": trainer.step, **ev.to_dict()})
-                m.update({f"eval_{k}": v for k, v in ev.to_dict().items()})
+            if eval_every and trainer.step % eval_every == 0 and eval_pairs and not trainer.done:
+                evaluation = monitor.evaluate()
+                m.update({f"eval_{k}": v for k, v in evaluation.result.to_dict().items()})
+                m.update({f"health_{k}": v for k, v in evaluation.health.items() if isinstance(v, (int, float))})
+                unhealthy = "COLLAPSING: see the log" if evaluation.problems else ""
             metrics_file.write(json.dumps(m) + "\n")
             metrics_file.flush()
             if bar is not None:
                 bar.update(1)
                 if "loss" in m:
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['reward_accuracy']:.2f}",
-                                    margin=f"{m['margin']:+.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                    postfix = dict(loss=f"{m['loss']:.4f}", acc=f"{m['reward_accuracy']:.2f}",
+                                   margin=f"{m['margin']:+.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                    if unhealthy:
+                        postfix["health"] = unhealthy
+                    bar.set_postfix(postfix)
             if config.save_every and trainer.step % config.save_every == 0 and not trainer.done:
                 checkpoint()
             if stop.signal is not None:
@@ -388,10 +403,14 @@ def run(config: TrainConfig) -> dict:
     # ------------------------------------------------------------------ the end
     result: dict = {"steps": trainer.step, "train_pairs": len(train_pairs), "data": data_info,
                     "skipped_nonfinite": trainer.skipped_nonfinite, "trainable": trainable.trainable}
+    final_eval = None
     if eval_pairs:
-        after = trainer.evaluate(eval_pairs)
-        evals.append({"step": trainer.step, **after.to_dict()})
-        result.update(after.to_dict())
+        final_eval = monitor.evaluate()
+        result.update(final_eval.result.to_dict())
+        result.update(monitor.summary())
+        if final_eval.samples:
+            write_samples(final_eval.samples, out, header=f"Greedy answers to {len(final_eval.samples)} held-out "
+                          f"prompts after {trainer.step} steps: the reference (the starting model) and the policy.")
     else:
         result.update(num_pairs=0, reference_accuracy=None, policy_accuracy=None, mean_margin=None)
     result["history"] = evals
@@ -405,9 +424,18 @@ def run(config: TrainConfig) -> dict:
         plot_curves(_read_metrics(metrics_path), out / CURVES_NAME, evals)
     except (ImportError, OSError, ValueError, RuntimeError) as e:  # the curves are a convenience
         log(f"note: could not draw {out / CURVES_NAME}: {e}")
-    if eval_pairs:
-        print(after.table())
-    print(f"wrote {out / METRICS_NAME}, {out / EVAL_NAME}, {out / CURVES_NAME} and {out / FINAL_DIR}/")
+    if final_eval is not None:
+        for sample in final_eval.samples[:2]:
+            print(format_sample(sample) + "\n")
+        print(final_eval.result.table())
+        table = health_table(final_eval.health)
+        if table:
+            print(table)
+        print(verdict(monitor.summary(), out))
+    written = [METRICS_NAME, EVAL_NAME, CURVES_NAME] + (
+        ["samples.md", "samples.jsonl"] if final_eval is not None and final_eval.samples else [])
+    print(f"wrote {', '.join(str(out / n) for n in written)} and {out / FINAL_DIR}/"
+          + (f" ({BEST_DIR}/: the best healthy evaluation)" if (out / BEST_DIR).is_dir() else ""))
     return result
 
 

@@ -306,8 +306,10 @@ GOOD = {"prompt": HH, "chosen": " Knead, rest, bake.", "rejected": " No."}
 BAD_DATA = {  # name: (line 2 of the file as bytes, what the error must say besides the file and "line 2")
     "malformed-json": (b'{"prompt": "x", "chosen": ', ["malformed JSON"]),
     "missing-field": (json.dumps({"prompt": HH, "chosen": " a"}).encode(), ["field 'rejected'", "missing"]),
-    "not-a-string": (json.dumps({**GOOD, "chosen": [{"role": "assistant"}]}).encode(),
-                     ["field 'chosen'", "expected a string, got list"]),
+    "not-a-string": (json.dumps({**GOOD, "chosen": 5}).encode(),
+                     ["field 'chosen'", "expected a string (or a list of chat messages), got int"]),
+    "mixed-formats": (json.dumps({**GOOD, "chosen": [{"role": "assistant", "content": "a"}]}).encode(),
+                      ["field 'prompt'", "expected a list of chat messages like the other fields, got str"]),
     "no-assistant-turn": (json.dumps({"chosen": f"{HUMAN} hi", "rejected": f"{HUMAN} yo"}).encode(),
                           ["field 'chosen'", "no '\\n\\nAssistant:' turn"]),
     "invalid-utf8": (b'{"prompt": "caf\xe9", "chosen": " a", "rejected": " b"}', ["invalid UTF-8 at byte 15"]),

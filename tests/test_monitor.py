@@ -1,0 +1,99 @@
+"""Collapse detection in `python -m dpo.train`: a run that collapses says so, a healthy one does not.
+
+A tiny random SmolLM on the learnable synthetic preference set (dpo.data.make_synthetic_pairs).
+At lr 1e-3 it learns the preference and stays healthy. At lr 3e-2 it learns it too (held-out
+accuracy 100%), but by pushing every answer's log-prob down: its per-token log p(chosen) falls
+far below the reference's, which is the collapse that accuracy alone hides.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpo.data import make_synthetic_pairs
+from dpo.monitor import evaluation_interval, verdict
+from smollm import load_pretrained, load_tokenizer
+
+from model_utils import save_random_checkpoint, small_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_json) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("monitor")
+    model = save_random_checkpoint(folder / "tiny", small_config(), seed=0, tokenizer=load_tokenizer(tokenizer_json))
+    data = folder / "synthetic.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for p in make_synthetic_pairs(160, seed=0):
+            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
+    return model, data
+
+
+def train(setup, out: Path, lr: str) -> subprocess.CompletedProcess:
+    model, data = setup
+    args = ["--model", str(model), "--data", str(data), "--no-filter", "--num-pairs", "96", "--eval-pairs", "32",
+            "--train-last-n", "1", "--lr", lr, "--eval-every", "3", "--sample-prompts", "4", "--sample-tokens", "32",
+            "--output-dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SMOLLM_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "dpo.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_collapsing_run_warns_keeps_an_earlier_healthy_best_and_says_it_collapsed(setup, tmp_path):
+    out = tmp_path / "collapse"
+    result = train(setup, out, "3e-2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: step")]
+    assert warnings and all("log p(chosen) fell" in w and "bound 1.00" in w for w in warnings), result.stderr
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["policy_accuracy"] >= 0.9  # accuracy alone would call this a success ...
+    assert ev["collapsed"] is True and ev["problems"]  # ... the run does not
+    assert ev["policy_chosen_logp"] < ev["reference_chosen_logp"] - 1.0
+    assert "THE MODEL COLLAPSED" in result.stdout and "log p(chosen) fell" in result.stdout
+    best = ev["best"]
+    assert best is not None and best["step"] < ev["steps"]  # an earlier evaluation ...
+    record = next(e for e in ev["history"] if e["step"] == best["step"])
+    assert record["healthy"] and not record["problems"]  # ... that was within the bounds
+    assert json.loads((out / "best" / "dpo_best.json").read_text())["step"] == best["step"]
+    load_pretrained(out / "best")
+    assert "(empty)" in (out / "samples.md").read_text() or (out / "samples.jsonl").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("health_kl_policy_reference" in r for r in rows)  # health tracked during training
+
+
+@pytest.mark.slow
+def test_a_healthy_run_does_not_warn(setup, tmp_path):
+    out = tmp_path / "healthy"
+    result = train(setup, out, "1e-3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning:" not in result.stderr
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["collapsed"] is False and ev["problems"] == []
+    assert ev["policy_accuracy"] > ev["reference_accuracy"]
+    assert "health: within the bounds" in result.stdout and "COLLAPSED" not in result.stdout
+    assert all(e["healthy"] for e in ev["history"])
+    assert ev["best"]["step"] > 0 and ev["best"]["policy_accuracy"] > ev["reference_accuracy"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all({"prompt", "reference", "policy"} <= set(s) for s in samples)
+
+
+def test_evaluation_interval():
+    assert evaluation_interval(None, 125) == 25  # about 5 evaluations per run
+    assert evaluation_interval(None, 3) == 0  # too short: before and after only
+    assert evaluation_interval(0, 125) == 0 and evaluation_interval(7, 125) == 7
+
+
+def test_verdict_names_the_problems_and_best():
+    summary = {"collapsed": True, "problems": ["held-out log p(chosen) fell 8.10 nats/token"],
+               "best": {"step": 40, "policy_accuracy": 0.88, "dir": "best"}}
+    text = verdict(summary, "runs/dpo")
+    assert text.startswith("THE MODEL COLLAPSED") and "fell 8.10" in text and "step 40" in text and "runs/dpo/best/" in text
+    assert verdict({**summary, "collapsed": False, "problems": []}).startswith("health: within the bounds")
+    assert "no best/" in verdict({**summary, "best": None})
