@@ -154,23 +154,48 @@ class SharedTrunk:
             raise ValueError("SharedTrunk needs a reference that shares the policy's frozen trunk "
                              "(make it with dpo.freeze.frozen_reference after freezing)")
 
-    def __call__(self, batch: Batch, reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
-        """(policy log-probs [2B] with grad, reference log-probs [2B] without)."""
-        ids, mask, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    def packing(self, batch: Batch) -> Packing | None:
+        """The batch's `Packing`, made once for the trunk and both tails: padding removed and
+        each pair's common prefix run once. A batch with neither padding nor shared prompts runs
+        unpacked (None: one batched attention call is faster than one per sequence)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         B = ids.shape[0] // 2
         pairs = [(i, B + i) for i in range(B)] if self.share_prefixes else None  # chosen, rejected
-        # Made once for the three calls below; a batch with neither padding nor shared prompts
-        # runs unpacked (one batched attention call is faster than one per sequence).
-        packing = Packing.of(mask, ids, pairs) if pairs or not bool(mask.bool().all()) else None
+        return Packing.of(mask, ids, pairs) if pairs or not bool(mask.bool().all()) else None
+
+    @torch.no_grad()
+    def trunk_states(self, batch: Batch, packing: Packing | None) -> torch.Tensor:
+        """The frozen trunk's output [2B, T, C]: the residual stream entering block K."""
+        return self.policy.hidden_states(batch["input_ids"], batch["attention_mask"], end_layer=self.split,
+                                         final_norm=False, packing=packing)
+
+    def tail_logps(self, model: SmolLM, batch: Batch, trunk: torch.Tensor, packing: Packing | None,
+                   reduction: str = "sum", recompute: bool = False) -> torch.Tensor:
+        """Log-probs [2B] of `model` (the policy or the reference) from the trunk's output
+        [2B, T, C]: its blocks [K, L), final norm and head, the head at response positions only."""
+        ids = batch["input_ids"]
+        hidden = model.hidden_states(ids, batch["attention_mask"], start_layer=self.split, hidden=trunk,
+                                     recompute=recompute, packing=packing)  # [2B, T, C]
+        return head_logps(model.lm_head, hidden, ids, batch["response_mask"], reduction)
+
+    @torch.no_grad()
+    def policy_is_reference(self) -> bool:
+        """Whether the policy's blocks [K, L), final norm and head still equal the reference's
+        (e.g. before the first step): then the policy's log-probs are the reference's."""
+        def tail(model: SmolLM) -> list[torch.Tensor]:
+            return [*model.model.layers[self.split:].parameters(), *model.model.norm.parameters(),
+                    *model.lm_head.parameters()]
+
+        pol, ref = tail(self.policy), tail(self.reference)
+        return len(pol) == len(ref) and all(p is q or torch.equal(p, q) for p, q in zip(pol, ref))
+
+    def __call__(self, batch: Batch, reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+        """(policy log-probs [2B] with grad, reference log-probs [2B] without)."""
+        packing = self.packing(batch)
         with torch.no_grad():
-            trunk = self.policy.hidden_states(ids, mask, end_layer=self.split, final_norm=False,
-                                              packing=packing)  # [2B, T, C]
-            ref_hidden = self.reference.hidden_states(ids, mask, start_layer=self.split, hidden=trunk,
-                                                      packing=packing)
-            reference = head_logps(self.reference.lm_head, ref_hidden, ids, response, reduction)
-        hidden = self.policy.hidden_states(ids, mask, start_layer=self.split, hidden=trunk,
-                                           recompute=self.recompute_tail, packing=packing)  # [2B, T, C]
-        policy = head_logps(self.policy.lm_head, hidden, ids, response, reduction)
+            trunk = self.trunk_states(batch, packing)  # [2B, T, C]
+            reference = self.tail_logps(self.reference, batch, trunk, packing, reduction)
+        policy = self.tail_logps(self.policy, batch, trunk, packing, reduction, recompute=self.recompute_tail)
         return policy, reference
 
 

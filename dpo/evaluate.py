@@ -7,6 +7,11 @@ For each held-out pair we compare sequence log-probs (with the run's reduction):
 * reward accuracy: fraction where DPO's implicit reward prefers chosen, i.e.
   (policy - reference)(chosen) > (policy - reference)(rejected); 0 for an untrained policy;
 * mean margin: the mean of beta * that difference (the implicit reward margin).
+
+A run evaluates the same held-out pairs several times (before, every --eval-every steps, after).
+With the frozen trunk shared (`dpo.batch_logps.SharedTrunk`), most of that work never changes:
+the trunk's output for those pairs, and the reference's log-probs. `HeldOutCache` computes them
+once and then runs only the policy's trainable tail, with the same numbers as `evaluate_pairs`.
 """
 from __future__ import annotations
 
@@ -16,8 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from smollm import SmolLM
+from smollm.model import Packing
 
-from .batch_logps import SharedTrunk, policy_and_reference_logps
+from .batch_logps import Batch, SharedTrunk, policy_and_reference_logps
 from .tokenization import TokenizedPair, collate_pairs
 
 
@@ -55,7 +61,8 @@ def evaluate_pairs(policy: SmolLM, reference: SmolLM, pairs: list[TokenizedPair]
                    beta: float, reduction: str = "mean", batch_size: int = 8,
                    device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
                    shared_trunk: SharedTrunk | None = None) -> EvalResult:
-    """Reference and policy preference accuracy on `pairs` (never trained on)."""
+    """Reference and policy preference accuracy on `pairs` (never trained on), everything
+    computed afresh. `HeldOutCache` gives the same numbers, the unchanging part computed once."""
     if not pairs:
         raise ValueError("evaluate_pairs needs at least one pair")
     device = torch.device(device)
@@ -65,17 +72,21 @@ def evaluate_pairs(policy: SmolLM, reference: SmolLM, pairs: list[TokenizedPair]
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id).items()}
-        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                    else contextlib.nullcontext())
-        with autocast:
+        with _autocast(device, autocast_dtype):
             pol, ref = policy_and_reference_logps(policy, reference, batch, reduction, shared_trunk)
         B = len(chunk)
         logps.append(torch.stack([pol[:B], pol[B:], ref[:B], ref[B:]]).float().cpu())  # [4, B]
     policy.train(was_training)
-    pc, pr, rc, rr = torch.cat(logps, dim=1)  # each [N]
+    return _result(torch.cat(logps, dim=1), beta)
+
+
+def _result(logps: torch.Tensor, beta: float) -> EvalResult:
+    """The EvalResult of log-probs [4, N]: policy chosen, policy rejected, reference chosen,
+    reference rejected (fp32)."""
+    pc, pr, rc, rr = logps  # each [N]
     margin = beta * ((pc - rc) - (pr - rr))
     return EvalResult(
-        num_pairs=len(pairs),
+        num_pairs=logps.shape[1],
         reference_accuracy=(rc > rr).float().mean().item(),
         policy_accuracy=(pc > pr).float().mean().item(),
         reward_accuracy=(margin > 0).float().mean().item(),
@@ -85,3 +96,125 @@ def evaluate_pairs(policy: SmolLM, reference: SmolLM, pairs: list[TokenizedPair]
         reference_chosen_logp=rc.mean().item(),
         reference_rejected_logp=rr.mean().item(),
     )
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def pairs_fingerprint(pairs: list[TokenizedPair]) -> int:
+    """A hash of what the held-out numbers depend on: every pair's token ids and response masks."""
+    return hash(tuple((tuple(p.chosen_ids), tuple(p.chosen_mask), tuple(p.rejected_ids), tuple(p.rejected_mask))
+                      for p in pairs))
+
+
+@dataclass
+class _CachedBatch:
+    batch: Batch  # collate_pairs' tensors, on the device
+    packing: Packing | None  # SharedTrunk.packing(batch)
+    trunk: torch.Tensor  # the trunk's output, packed [1, N, C] (or [2B, T, C] when not packed)
+
+    def trunk_states(self) -> torch.Tensor:
+        """[2B, T, C], as SharedTrunk.trunk_states gave it (packing it again gives `trunk` back exactly)."""
+        return self.packing.unpack(self.trunk) if self.packing is not None else self.trunk
+
+
+class HeldOutCache:
+    """The part of a held-out evaluation that never changes, computed once.
+
+    Built from a `SharedTrunk` (the embedding and blocks [0, K) frozen and shared by identity
+    with the reference) and the held-out pairs, it runs, batch by batch, the frozen trunk and
+    the reference's tail and head, and keeps the trunk's output and the reference's log-probs.
+    Each `evaluate` then runs only the policy's blocks [K, L), final norm and head (at response
+    positions) from the kept states; and nothing at all while the policy still equals the
+    reference (`SharedTrunk.policy_is_reference`, before the first step), whose log-probs are
+    then the policy's. So at step 0 one tail runs, not two, and later evaluations call neither
+    the reference nor the trunk.
+
+    Exact: the same batches through the same code as `evaluate_pairs` with the same SharedTrunk
+    (only the trunk's output is kept in between), so the same numbers, in fp32 and under
+    autocast (tests/test_evaluate.py).
+
+    Memory (`nbytes`): the trunk's output is kept packed, as the tail reads it: [N, C] per
+    batch, N its real tokens with each prompt counted once, in the dtype the trunk gives (fp32
+    under autocast too: the residual stream stays fp32; a bf16 copy would change the numbers),
+    on `device`. For 200 HH pairs at max length 512 and C = 576 (the default run's held-out
+    set) that is about 110 MiB: 46,041 token states of 2.25 KiB, where the padded [2B, T, C]
+    layout would take 372 MiB (at most 450 MiB). docs/benchmarks.md, section 6.
+
+    `fits` says whether the cache still applies: the same list object with the same tokens,
+    the same settings, and no frozen tensor modified in place since the build.
+    """
+
+    def __init__(self, shared_trunk: SharedTrunk, pairs: list[TokenizedPair], *, pad_token_id: int,
+                 reduction: str = "mean", batch_size: int = 8, device: torch.device | str = "cpu",
+                 autocast_dtype: torch.dtype | None = None):
+        if not pairs:
+            raise ValueError("HeldOutCache needs at least one pair")
+        self.shared_trunk, self.pairs = shared_trunk, pairs
+        self.settings = dict(pad_token_id=pad_token_id, reduction=reduction, batch_size=batch_size,
+                             device=torch.device(device), autocast_dtype=autocast_dtype)
+        self.fingerprint = pairs_fingerprint(pairs)
+        self.batches: list[_CachedBatch] = []
+        reference = []  # [2, B] (chosen, rejected) per batch
+        device = self.settings["device"]
+        with torch.no_grad():
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start:start + batch_size]
+                batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id).items()}
+                with _autocast(device, autocast_dtype):
+                    packing = shared_trunk.packing(batch)
+                    trunk = shared_trunk.trunk_states(batch, packing)  # [2B, T, C]
+                    ref = shared_trunk.tail_logps(shared_trunk.reference, batch, trunk, packing, reduction)
+                kept = packing.pack(trunk) if packing is not None else trunk  # [1, N, C]
+                self.batches.append(_CachedBatch(batch, packing, kept))
+                B = len(chunk)
+                reference.append(torch.stack([ref[:B], ref[B:]]).float().cpu())  # [2, B]
+        self.reference_logps = torch.cat(reference, dim=1)  # [2, N pairs]: chosen, rejected
+        self._versions = self._frozen_versions()
+
+    def _frozen_versions(self) -> tuple[int, ...]:
+        """In-place modification counters of the reference's tensors (the shared trunk among them)."""
+        return tuple(p._version for p in self.shared_trunk.reference.parameters())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes kept on the device: trunk states, the batches' tensors and their packings."""
+        total = 0
+        for b in self.batches:
+            tensors = [b.trunk, *b.batch.values()]
+            if b.packing is not None:
+                p = b.packing
+                tensors += [p.index, p.position_ids, p.gather, *(s.mask for s in p.segments if s.mask is not None)]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
+    def fits(self, pairs: list[TokenizedPair], *, pad_token_id: int, reduction: str = "mean", batch_size: int = 8,
+             device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> bool:
+        """Whether this cache gives `evaluate_pairs`' numbers for these pairs and settings."""
+        settings = dict(pad_token_id=pad_token_id, reduction=reduction, batch_size=batch_size,
+                        device=torch.device(device), autocast_dtype=autocast_dtype)
+        return (pairs is self.pairs and settings == self.settings and self._frozen_versions() == self._versions
+                and pairs_fingerprint(pairs) == self.fingerprint)
+
+    @torch.no_grad()
+    def policy_logps(self) -> torch.Tensor:
+        """The policy's log-probs [2, N pairs] (chosen, rejected): its tail from the kept states."""
+        trunk = self.shared_trunk
+        if trunk.policy_is_reference():
+            return self.reference_logps
+        policy, device = trunk.policy, self.settings["device"]
+        was_training = policy.training
+        policy.eval()
+        out = []
+        for b in self.batches:
+            with _autocast(device, self.settings["autocast_dtype"]):
+                pol = trunk.tail_logps(policy, b.batch, b.trunk_states(), b.packing, self.settings["reduction"])
+            B = pol.shape[0] // 2
+            out.append(torch.stack([pol[:B], pol[B:]]).float().cpu())  # [2, B]
+        policy.train(was_training)
+        return torch.cat(out, dim=1)
+
+    def evaluate(self, beta: float) -> EvalResult:
+        """Reference and policy preference accuracy on the cached pairs, as `evaluate_pairs`."""
+        return _result(torch.cat([self.policy_logps(), self.reference_logps]), beta)

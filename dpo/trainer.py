@@ -24,7 +24,7 @@ from smollm import SmolLM
 
 from .batch_logps import SharedTrunk, policy_and_reference_logps
 from .config import TrainConfig
-from .evaluate import EvalResult, evaluate_pairs
+from .evaluate import EvalResult, HeldOutCache, evaluate_pairs
 from .freeze import first_trainable_layer
 from .loss import dpo_loss
 from .tokenization import TokenizedPair, collate_pairs, length_grouped_order
@@ -64,6 +64,7 @@ class DPOTrainer:
             raise ValueError("the policy has no trainable parameters")
         self.shared_trunk = (SharedTrunk(policy, reference, recompute_tail=config.recompute_tail)
                              if config.shared_trunk and first_trainable_layer(policy) > 0 else None)
+        self.eval_cache: HeldOutCache | None = None  # made by the first evaluate (shared trunk only)
         self.optimizer = adamw(self.trainable, config.lr, config.weight_decay, self.device)
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -181,10 +182,22 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, pairs: list[TokenizedPair], batch_size: int | None = None) -> EvalResult:
-        return evaluate_pairs(
-            self.policy, self.reference, pairs, pad_token_id=self.pad_token_id, beta=self.config.beta,
-            reduction=self.config.logp_reduction, batch_size=batch_size or self.config.batch_size,
-            device=self.device, autocast_dtype=self.autocast_dtype, shared_trunk=self.shared_trunk)
+        """Reference vs policy preference accuracy on held-out `pairs`.
+
+        With the shared trunk, the first call on a list of pairs keeps the trunk's output and the
+        reference's log-probs (`HeldOutCache`, in `eval_cache`), and later calls on the same list
+        run only the policy's tail: the same numbers as `evaluate_pairs`. Another list, or the
+        same list with other tokens, builds a new cache; `eval_cache = None` frees it.
+        """
+        settings = dict(pad_token_id=self.pad_token_id, reduction=self.config.logp_reduction,
+                        batch_size=batch_size or self.config.batch_size, device=self.device,
+                        autocast_dtype=self.autocast_dtype)
+        if self.shared_trunk is None:
+            return evaluate_pairs(self.policy, self.reference, pairs, beta=self.config.beta, **settings)
+        if self.eval_cache is None or not self.eval_cache.fits(pairs, **settings):
+            self.eval_cache = None  # free the old one before building the new one
+            self.eval_cache = HeldOutCache(self.shared_trunk, pairs, **settings)
+        return self.eval_cache.evaluate(self.config.beta)
 
     # ------------------------------------------------------------------ state
     def trainable_state(self) -> dict[str, torch.Tensor]:
