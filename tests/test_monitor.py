@@ -97,3 +97,15 @@ def test_verdict_names_the_problems_and_best():
     assert text.startswith("THE MODEL COLLAPSED") and "fell 8.10" in text and "step 40" in text and "runs/dpo/best/" in text
     assert verdict({**summary, "collapsed": False, "problems": []}).startswith("health: within the bounds")
     assert "no best/" in verdict({**summary, "best": None})
+
+
+def test_preset_assignment_gives_the_assignments_settings_and_explicit_flags_win():
+    from dpo.config import PRESETS, build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["--preset", "assignment"]))
+    assert (config.lr, config.beta, config.train_last_n, config.batch_size, config.logp_reduction) == (
+        1e-4, 0.8, 5, 8, "mean")
+    assert config.freeze_head is False and config.weight_decay == 1e-2 and config.max_length == 512
+    assert all(getattr(config, k) == v for k, v in PRESETS["assignment"].items())
+    mine = config_from_args(build_parser().parse_args(["--preset", "assignment", "--beta", "0.5"]))
+    assert mine.beta == 0.5 and mine.lr == 1e-4
