@@ -348,29 +348,15 @@ def cmd_parity(args) -> int:
 
 
 # ------------------------------------------------------------------ 5. fast path vs textbook path
-@contextlib.contextmanager
 def textbook_layers():
-    """RMSNorm and MLP by plain autograd ops instead of the hand-written backwards (as
-    tests/test_batch_logps.py's textbook_layers)."""
-    import torch
-    import torch.nn.functional as F
+    """RMSNorm and MLP by plain autograd ops instead of the hand-written backwards: the same
+    oracle as the tests' (tests/model_utils.py), imported from there."""
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from model_utils import textbook_layers as oracle
 
-    from smollm.model import MLP, RMSNorm
-
-    def norm(self, x):
-        dtype = x.dtype
-        x = x.float()
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
-
-    def mlp(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-    saved = RMSNorm.forward, MLP.forward
-    RMSNorm.forward, MLP.forward = norm, mlp
-    try:
-        yield
-    finally:
-        RMSNorm.forward, MLP.forward = saved
+    return oracle()
 
 
 def cmd_fastpath(args) -> int:

@@ -1,10 +1,12 @@
 """Helpers for tests: random SmolLM checkpoints at real configs, saved in HuggingFace format."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from smollm import SmolLM, SmolLMConfig, save_pretrained
 
@@ -35,3 +37,47 @@ def small_config(**overrides) -> SmolLMConfig:
 
 def replace(config: SmolLMConfig, **changes) -> SmolLMConfig:
     return dataclasses.replace(config, **changes)
+
+
+def crafted_pairs(n: int, seed: int = 0, *, share_first_token: bool = False, source: str = "crafted"):
+    """Pairs of varied lengths: prompt 3-12 tokens, responses 2-9 tokens. With share_first_token,
+    every third pair's answers share their first token (a prefix longer than the prompt)."""
+    from dpo.tokenization import TokenizedPair
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = int(torch.randint(3, 13, (1,), generator=g))
+        c, r = (int(x) for x in torch.randint(2, 10, (2,), generator=g))
+        prompt = torch.randint(3, 1000, (p,), generator=g).tolist()
+        chosen = torch.randint(3, 1000, (c,), generator=g).tolist()
+        rejected = torch.randint(3, 1000, (r,), generator=g).tolist()
+        if share_first_token and i % 3 == 0:
+            rejected[0] = chosen[0]
+        out.append(TokenizedPair(index=i, source=f"{source}:{i}", chosen_ids=prompt + chosen,
+                                 chosen_mask=[0] * p + [1] * c, rejected_ids=prompt + rejected,
+                                 rejected_mask=[0] * p + [1] * r, prompt_len=p))
+    return out
+
+
+@contextlib.contextmanager
+def textbook_layers():
+    """RMSNorm and MLP computed by plain autograd ops, as before the hand-written backwards:
+    the oracle that the fast path is checked against (tests and bench/gpu_check.py)."""
+    from smollm.model import MLP, RMSNorm
+
+    def norm(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def mlp(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    saved = RMSNorm.forward, MLP.forward
+    RMSNorm.forward, MLP.forward = norm, mlp
+    try:
+        yield
+    finally:
+        RMSNorm.forward, MLP.forward = saved

@@ -13,23 +13,7 @@ from dpo.logprobs import sequence_logprobs
 from dpo.tokenization import TokenizedPair, collate_pairs
 from dpo.trainer import DPOTrainer
 
-from model_utils import random_model, small_config
-
-
-def crafted_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
-    """Pairs of varied lengths: prompt 3-12 tokens, responses 2-9 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = int(torch.randint(3, 13, (1,), generator=g))
-        c, r = (int(x) for x in torch.randint(2, 10, (2,), generator=g))
-        prompt = torch.randint(3, 1000, (p,), generator=g).tolist()
-        chosen = torch.randint(3, 1000, (c,), generator=g).tolist()
-        rejected = torch.randint(3, 1000, (r,), generator=g).tolist()
-        out.append(TokenizedPair(index=i, source=f"crafted:{i}", chosen_ids=prompt + chosen,
-                                 chosen_mask=[0] * p + [1] * c, rejected_ids=prompt + rejected,
-                                 rejected_mask=[0] * p + [1] * r, prompt_len=p))
-    return out
+from model_utils import crafted_pairs, random_model, small_config, textbook_layers
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -121,24 +105,6 @@ from dpo.batch_logps import HeadLogProbs
 from smollm.model import MLP, Packing, RMSNorm, RMSNormFunction, SwiGLUDown
 
 
-@contextlib.contextmanager
-def textbook_layers():
-    """RMSNorm and MLP computed by plain autograd ops, as before the hand-written backwards."""
-    def norm(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-    def mlp(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-    saved = RMSNorm.forward, MLP.forward
-    RMSNorm.forward, MLP.forward = norm, mlp
-    try:
-        yield
-    finally:
-        RMSNorm.forward, MLP.forward = saved
 
 
 def _grads(params):

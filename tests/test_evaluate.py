@@ -14,28 +14,15 @@ from dpo.freeze import freeze_all_but_last, frozen_reference
 from dpo.tokenization import TokenizedPair
 from dpo.trainer import DPOTrainer
 
-from model_utils import random_model, small_config
+from model_utils import crafted_pairs, random_model, small_config
 
 LAYERS, TRAIN_LAST = 4, 2  # blocks 0-1 are the frozen trunk, blocks 2-3 + norm + head train
 
 
 def held_out_pairs(n: int, seed: int) -> list[TokenizedPair]:
-    """Pairs of varied lengths (prompt 3-12 tokens, responses 2-9); every third pair's answers
-    share their first token, so prefixes longer than the prompt are shared too."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = int(torch.randint(3, 13, (1,), generator=g))
-        c, r = (int(x) for x in torch.randint(2, 10, (2,), generator=g))
-        prompt = torch.randint(3, 1000, (p,), generator=g).tolist()
-        chosen = torch.randint(3, 1000, (c,), generator=g).tolist()
-        rejected = torch.randint(3, 1000, (r,), generator=g).tolist()
-        if i % 3 == 0:
-            rejected[0] = chosen[0]
-        out.append(TokenizedPair(index=i, source=f"held-out:{i}", chosen_ids=prompt + chosen,
-                                 chosen_mask=[0] * p + [1] * c, rejected_ids=prompt + rejected,
-                                 rejected_mask=[0] * p + [1] * r, prompt_len=p))
-    return out
+    """Pairs of varied lengths; every third pair's answers share their first token, so prefixes
+    longer than the prompt are shared too."""
+    return crafted_pairs(n, seed, share_first_token=True, source="held-out")
 
 
 def make_trainer(seed: int = 0, train_last: int = TRAIN_LAST, **settings) -> DPOTrainer:
