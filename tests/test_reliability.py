@@ -111,7 +111,9 @@ def test_checkpoints_hold_everything_needed_to_resume(tiny, tmp_path):
     assert meta["step"] == 5 and (meta["epoch"], meta["cursor"]) == (0, 5)  # data-order position
     assert meta["scheduler"]["last_epoch"] == 5 and len(meta["python_rng"][1]) == 625
     assert meta["config"] == config.to_dict() and len(meta["data_fingerprint"]) == 16
-    assert [e["step"] for e in meta["evals"]] == [0]  # the evaluation before training
+    # before training, then about 5 per run (every step of these 5); the final one comes after this checkpoint
+    assert [e["step"] for e in meta["evals"]] == [0, 1, 2, 3, 4]
+    assert all("health" in e and "healthy" in e for e in meta["evals"])
 
     # A checkpoint directory itself can be resumed too; from step 4 the run ends where it ended.
     before = {k: v.clone() for k, v in final.items()}
@@ -120,7 +122,7 @@ def test_checkpoints_hold_everything_needed_to_resume(tiny, tmp_path):
     after = load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4, 5]
-    assert [e["step"] for e in json.loads((out / "eval.json").read_text())["history"]] == [0, 5]
+    assert [e["step"] for e in json.loads((out / "eval.json").read_text())["history"]] == [0, 1, 2, 3, 4, 5]
 
 
 def _fake_state(step: int) -> tuple[dict, dict]:
