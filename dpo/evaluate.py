@@ -72,7 +72,7 @@ def evaluate_pairs(policy: SmolLM, reference: SmolLM, pairs: list[TokenizedPair]
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id).items()}
-        with _autocast(device, autocast_dtype):
+        with autocast_context(device, autocast_dtype):
             pol, ref = policy_and_reference_logps(policy, reference, batch, reduction, shared_trunk)
         B = len(chunk)
         logps.append(torch.stack([pol[:B], pol[B:], ref[:B], ref[B:]]).float().cpu())  # [4, B]
@@ -98,7 +98,8 @@ def _result(logps: torch.Tensor, beta: float) -> EvalResult:
     )
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast(device, dtype), or nothing when dtype is None (fp32)."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
@@ -162,7 +163,7 @@ class HeldOutCache:
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start:start + batch_size]
                 batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id).items()}
-                with _autocast(device, autocast_dtype):
+                with autocast_context(device, autocast_dtype):
                     packing = shared_trunk.packing(batch)
                     trunk = shared_trunk.trunk_states(batch, packing)  # [2B, T, C]
                     ref = shared_trunk.tail_logps(shared_trunk.reference, batch, trunk, packing, reduction)
@@ -208,7 +209,7 @@ class HeldOutCache:
         policy.eval()
         out = []
         for b in self.batches:
-            with _autocast(device, self.settings["autocast_dtype"]):
+            with autocast_context(device, self.settings["autocast_dtype"]):
                 pol = trunk.tail_logps(policy, b.batch, b.trunk_states(), b.packing, self.settings["reduction"])
             B = pol.shape[0] // 2
             out.append(torch.stack([pol[:B], pol[B:]]).float().cpu())  # [2, B]

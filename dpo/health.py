@@ -38,6 +38,8 @@ import torch.nn.functional as F
 
 from smollm import SmolLM
 
+from .evaluate import autocast_context
+
 # --------------------------------------------------------------------------- text statistics
 
 
@@ -123,11 +125,6 @@ def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """torch.autocast(device, dtype), or nothing when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _check_inputs(prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]]) -> None:

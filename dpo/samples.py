@@ -23,7 +23,8 @@ import torch
 from smollm import SmolLM, generate
 from smollm.checkpoint import atomic_path
 
-from .health import autocast_context, eval_mode
+from .evaluate import autocast_context
+from .health import eval_mode
 
 SAMPLES_MD = "samples.md"
 SAMPLES_JSONL = "samples.jsonl"

@@ -12,7 +12,6 @@ plus JSON, and goes back in with `load_state_dict()` (see dpo.checkpointing).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -24,7 +23,7 @@ from smollm import SmolLM
 
 from .batch_logps import SharedTrunk, policy_and_reference_logps
 from .config import TrainConfig
-from .evaluate import EvalResult, HeldOutCache, evaluate_pairs
+from .evaluate import EvalResult, HeldOutCache, autocast_context, evaluate_pairs
 from .freeze import first_trainable_layer
 from .loss import dpo_loss
 from .tokenization import TokenizedPair, collate_pairs, length_grouped_order
@@ -110,16 +109,11 @@ class DPOTrainer:
         return [[self.train_pairs[i] for i in b] for b in take]
 
     # ------------------------------------------------------------------ one step
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def compute_loss(self, pairs: list[TokenizedPair]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair DPO losses [B] and the step's statistics for one micro-batch."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in collate_pairs(pairs, self.pad_token_id).items()}
         c = self.config
-        with self._autocast():
+        with autocast_context(self.device, self.autocast_dtype):
             policy_logps, reference_logps = policy_and_reference_logps(
                 self.policy, self.reference, batch, c.logp_reduction, self.shared_trunk)
         B = len(pairs)
