@@ -98,6 +98,9 @@ class TrainConfig:
     max_chosen_logp_drop: float = _f(1.0, "health bound: the policy's held-out per-token log p(chosen) may "
                                           "fall at most this many nats below the reference's (mean reduction)")
     max_empty_share: float = _f(0.25, "health bound: largest share of empty or whitespace-only sample answers")
+    stop_when_unhealthy: int = _f(1, "early stopping on health: stop training after this many evaluations in "
+                                     "a row outside the health bounds (best/ keeps the best healthy one; "
+                                     "0: never stop)")
     save_every: int = _f(0, "write a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "how many of the latest checkpoints to keep")
     resume: str | None = _f(None, "continue from a checkpoint directory, or a run directory (its latest)")
@@ -122,7 +125,8 @@ class TrainConfig:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
         if self.max_length < 2:
             bad("max_length", "must be at least 2 (a prompt token and a response token)")
-        for name in ("eval_pairs", "warmup_steps", "save_every", "train_last_n", "sample_prompts"):
+        for name in ("eval_pairs", "warmup_steps", "save_every", "train_last_n", "sample_prompts",
+                     "stop_when_unhealthy"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.eval_every is not None and self.eval_every < 0:
@@ -199,7 +203,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "assignment": dict(lr=1e-4, beta=0.8, weight_decay=1e-2, batch_size=8, grad_accum=1, max_length=512,
                        num_pairs=1000, eval_pairs=200, epochs=1, train_last_n=5, freeze_head=False,
                        loss_type="sigmoid", label_smoothing=0.0, logp_reduction="mean", warmup_steps=0,
-                       max_grad_norm=None),
+                       max_grad_norm=None, stop_when_unhealthy=0),
 }
 
 

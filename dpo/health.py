@@ -315,6 +315,81 @@ def assess(health: dict[str, Any], thresholds: HealthThresholds | None = None) -
 # --------------------------------------------------------------------------- the report
 
 
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two models have equal parameters, name by name (e.g. a policy before its first step)."""
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    return pa.keys() == pb.keys() and all(
+        pa[n] is pb[n] or (pa[n].shape == pb[n].shape and torch.equal(pa[n], pb[n])) for n in pa)
+
+
+class HealthProbe:
+    """The health numbers of a run's policy at each evaluation, with the reference's side computed once.
+
+    The reference never changes during a run, so its greedy answers to the held-out prompts,
+    their statistics and its NLL of them are computed at the first `report` and kept (and
+    computed again only if a reference tensor was modified in place). When the policy still
+    has the reference's weights (before the first step), its answers are the reference's and
+    its KL is 0: nothing is generated twice. The numbers are those of `health_report`.
+    """
+
+    def __init__(self, reference: SmolLM, tokenizer, eval_pairs, *, n_prompts: int = 16,
+                 max_new_tokens: int = 128, device: torch.device | str = "cpu",
+                 autocast_dtype: torch.dtype | None = None, batch_size: int = 8,
+                 logp_reduction: str = "mean", stop_ids: Sequence[int] | None = None):
+        if logp_reduction not in ("mean", "sum"):
+            raise ValueError(f"logp_reduction must be 'mean' or 'sum', got {logp_reduction!r}")
+        pairs = list(eval_pairs)[:n_prompts]
+        if not pairs:
+            raise ValueError("health_report needs at least one held-out pair (n_prompts >= 1)")
+        if stop_ids is None:
+            stop_ids = list(dict.fromkeys(list(tokenizer.stop_token_ids) + [tokenizer.eos_token_id]))
+        self.reference, self.tokenizer = reference, tokenizer
+        self.prompts = [list(p.chosen_ids[:p.prompt_len]) for p in pairs]
+        self.max_new_tokens, self.logp_reduction, self.stop_ids = max_new_tokens, logp_reduction, list(stop_ids)
+        self.kwargs = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
+        self._reference_side: tuple | None = None  # (answers, stats, tensor versions when computed)
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.reference.parameters())
+
+    def report(self, policy: SmolLM, eval_result=None) -> tuple[dict[str, Any], list]:
+        """(health, samples) of `policy` now; see `health_report`."""
+        from .samples import generate_samples  # samples imports this module's eval_mode
+
+        cached = self._reference_side
+        if cached is not None and cached[2] != self._versions():
+            cached = None
+        same = same_weights(policy, self.reference)
+        samples = generate_samples(policy, self.reference, self.tokenizer, self.prompts,
+                                   max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
+                                   reference_answers=None if cached is None else cached[0],
+                                   same_weights=same, **self.kwargs)
+        if cached is None:
+            stats = self._side_stats(samples, "reference")
+            cached = self._reference_side = (
+                [(s.reference_ids, s.reference_stopped) for s in samples], stats, self._versions())
+        health: dict[str, Any] = {"n_samples": len(samples), "max_new_tokens": self.max_new_tokens,
+                                  "logp_reduction": self.logp_reduction}
+        if eval_result is not None:
+            for key in ("policy_chosen_logp", "policy_rejected_logp", "reference_chosen_logp",
+                        "reference_rejected_logp"):
+                health[key] = getattr(eval_result, key)
+        ref_stats = cached[1]
+        pol_stats = dict(ref_stats) if same else self._side_stats(samples, "policy")
+        health.update({f"policy_sample_{k}": v for k, v in pol_stats.items()})
+        health.update({f"reference_sample_{k}": v for k, v in ref_stats.items()})
+        health["kl_policy_reference"] = 0.0 if same else kl_on_samples(
+            policy, self.reference, self.prompts, [s.policy_ids for s in samples], **self.kwargs)
+        return health, samples
+
+    def _side_stats(self, samples: list, side: str) -> dict[str, float]:
+        ids = [getattr(s, f"{side}_ids") for s in samples]
+        stats = text_stats(ids, [getattr(s, side) for s in samples])
+        stats["stopped_share"] = sum(getattr(s, f"{side}_stopped") for s in samples) / len(samples)
+        stats["reference_nll"] = reference_nll(self.reference, self.prompts, ids, **self.kwargs)
+        return stats
+
+
 def health_report(policy: SmolLM, reference: SmolLM, tokenizer, eval_pairs, *, n_prompts: int = 16,
                   max_new_tokens: int = 128, eval_result=None, device: torch.device | str = "cpu",
                   autocast_dtype: torch.dtype | None = None, batch_size: int = 8,
@@ -338,32 +413,9 @@ def health_report(policy: SmolLM, reference: SmolLM, tokenizer, eval_pairs, *, n
         kl_policy_reference   (KL(policy || reference) on the policy's samples; for the
                                reference's samples it is 0 by definition and not computed)
     samples: the `dpo.samples.Sample`s, for `dpo.samples.write_samples`.
+    A run evaluates many times: `HealthProbe` keeps the reference's side between calls.
     """
-    from .samples import generate_samples  # samples imports this module's eval_mode
-
-    if logp_reduction not in ("mean", "sum"):
-        raise ValueError(f"logp_reduction must be 'mean' or 'sum', got {logp_reduction!r}")
-    pairs = list(eval_pairs)[:n_prompts]
-    if not pairs:
-        raise ValueError("health_report needs at least one held-out pair (n_prompts >= 1)")
-    if stop_ids is None:
-        stop_ids = list(dict.fromkeys(list(tokenizer.stop_token_ids) + [tokenizer.eos_token_id]))
-    prompts = [list(p.chosen_ids[:p.prompt_len]) for p in pairs]
-    samples = generate_samples(policy, reference, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                               stop_ids=list(stop_ids), batch_size=batch_size, device=device,
-                               autocast_dtype=autocast_dtype)
-    health: dict[str, Any] = {"n_samples": len(samples), "max_new_tokens": max_new_tokens,
-                              "logp_reduction": logp_reduction}
-    if eval_result is not None:
-        for key in ("policy_chosen_logp", "policy_rejected_logp", "reference_chosen_logp", "reference_rejected_logp"):
-            health[key] = getattr(eval_result, key)
-    kwargs = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
-    for side in ("policy", "reference"):
-        ids = [getattr(s, f"{side}_ids") for s in samples]
-        stats = text_stats(ids, [getattr(s, side) for s in samples])
-        stats["stopped_share"] = sum(getattr(s, f"{side}_stopped") for s in samples) / len(samples)
-        stats["reference_nll"] = reference_nll(reference, prompts, ids, **kwargs)
-        health.update({f"{side}_sample_{k}": v for k, v in stats.items()})
-    health["kl_policy_reference"] = kl_on_samples(policy, reference, prompts, [s.policy_ids for s in samples],
-                                                  **kwargs)
-    return health, samples
+    probe = HealthProbe(reference, tokenizer, eval_pairs, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
+                        device=device, autocast_dtype=autocast_dtype, batch_size=batch_size,
+                        logp_reduction=logp_reduction, stop_ids=stop_ids)
+    return probe.report(policy, eval_result)

@@ -23,7 +23,7 @@ from typing import Callable
 from smollm import save_pretrained
 
 from .evaluate import EvalResult
-from .health import HealthThresholds, assess, health_report
+from .health import HealthProbe, HealthThresholds, assess
 from .samples import Sample
 
 BEST_DIR = "best"
@@ -66,6 +66,11 @@ class RunMonitor:
         self.out, self.log = Path(out_dir), log
         self.thresholds = HealthThresholds(max_chosen_logp_drop=config.max_chosen_logp_drop,
                                            max_empty_share=config.max_empty_share)
+        self.probe = HealthProbe(  # keeps the reference's answers between evaluations
+            trainer.reference, tokenizer, eval_pairs, n_prompts=config.sample_prompts,
+            max_new_tokens=config.sample_tokens, device=trainer.device, autocast_dtype=trainer.autocast_dtype,
+            batch_size=config.batch_size, logp_reduction=config.logp_reduction,
+        ) if config.sample_prompts and eval_pairs else None
         self.history: list[dict] = list(history or [])  # records of the evaluations so far
         healthy = [e for e in self.history if e.get("healthy", True)]
         self.best: dict | None = max(healthy, key=lambda e: e["policy_accuracy"], default=None)
@@ -74,11 +79,8 @@ class RunMonitor:
         """Accuracy and health of the policy now; warns about each problem and updates best/."""
         t, c = self.trainer, self.config
         result = t.evaluate(self.eval_pairs)
-        if c.sample_prompts:
-            health, samples = health_report(
-                t.policy, t.reference, self.tokenizer, self.eval_pairs, n_prompts=c.sample_prompts,
-                max_new_tokens=c.sample_tokens, eval_result=result, device=t.device,
-                autocast_dtype=t.autocast_dtype, batch_size=c.batch_size, logp_reduction=c.logp_reduction)
+        if self.probe is not None:
+            health, samples = self.probe.report(t.policy, result)
         else:  # no samples: judge the held-out log-probs alone
             health, samples = {"logp_reduction": c.logp_reduction, **{
                 k: getattr(result, k) for k in ("policy_chosen_logp", "policy_rejected_logp",
@@ -90,6 +92,16 @@ class RunMonitor:
         if evaluation.healthy and (self.best is None or result.policy_accuracy > self.best["policy_accuracy"]):
             self._save_best(evaluation)
         return evaluation
+
+    @property
+    def unhealthy_streak(self) -> int:
+        """How many of the latest evaluations in a row were outside the health bounds."""
+        streak = 0
+        for record in reversed(self.history):
+            if record.get("healthy", True):
+                break
+            streak += 1
+        return streak
 
     def _save_best(self, evaluation: Evaluation) -> None:
         tmp = self.out / f".{BEST_DIR}.tmp"

@@ -85,9 +85,13 @@ def _greedy_answers(model: SmolLM, prompts: Sequence[Sequence[int]], *, max_new_
     return answers
 
 
+Answers = list[tuple[list[int], bool]]  # per prompt: (answer ids without the stop id, stopped)
+
+
 def generate_samples(policy: SmolLM, reference: SmolLM, tokenizer, prompt_ids: Sequence[Sequence[int]], *,
                      max_new_tokens: int = 128, stop_ids: Sequence[int], batch_size: int = 8,
-                     device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> list[Sample]:
+                     device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+                     reference_answers: Answers | None = None, same_weights: bool = False) -> list[Sample]:
     """Answer every prompt greedily with both models; returns one `Sample` per prompt, in order.
 
     prompt_ids: token lists, already in the run's format (a held-out pair's
@@ -96,6 +100,12 @@ def generate_samples(policy: SmolLM, reference: SmolLM, tokenizer, prompt_ids: S
         that never produces one stops at `max_new_tokens` (fewer when the model's context
         runs out) and has `stopped` False.
     Both models run in eval mode without gradients, and get their own modes back.
+
+    Two shortcuts, for a caller that knows (`dpo.health.HealthProbe` does):
+    reference_answers: the reference's answers to these prompts with these settings, from an
+        earlier call (the reference never changes during a run), so only the policy runs.
+    same_weights: the policy's weights equal the reference's (before the first step), so its
+        greedy answers are the reference's and are not generated a second time.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -105,9 +115,11 @@ def generate_samples(policy: SmolLM, reference: SmolLM, tokenizer, prompt_ids: S
     device = torch.device(device)
     kwargs = dict(max_new_tokens=max_new_tokens, stop_ids=stop_ids, batch_size=batch_size, device=device,
                   autocast_dtype=autocast_dtype)
+    if reference_answers is not None and len(reference_answers) != len(prompt_ids):
+        raise ValueError(f"reference_answers has {len(reference_answers)} answers for {len(prompt_ids)} prompts")
     with eval_mode(policy, reference):
-        ref = _greedy_answers(reference, prompt_ids, **kwargs)
-        pol = _greedy_answers(policy, prompt_ids, **kwargs)
+        ref = reference_answers if reference_answers is not None else _greedy_answers(reference, prompt_ids, **kwargs)
+        pol = ref if same_weights else _greedy_answers(policy, prompt_ids, **kwargs)
     return [Sample(prompt=tokenizer.decode(list(p), skip_special_tokens=False),
                    reference=tokenizer.decode(r_ids, skip_special_tokens=True),
                    policy=tokenizer.decode(p_ids, skip_special_tokens=True),

@@ -31,6 +31,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ from .checkpointing import (CHECKPOINTS_DIR, CheckpointLoadError, list_checkpoin
 from .config import ConfigError, TrainConfig, build_parser, config_from_args
 from .data import DataError, load_preferences_with_report, train_eval_split
 from .freeze import freeze_all_but_last, frozen_reference
-from .monitor import BEST_DIR, RunMonitor, evaluation_interval, health_table, verdict
+from .monitor import BEST_DIR, Evaluation, RunMonitor, evaluation_interval, health_table, verdict
 from .plots import plot_curves
 from .samples import format_sample, write_samples
 from .tokenization import TokenizedPair, tokenize_pairs
@@ -57,7 +58,11 @@ METRICS_NAME, EVAL_NAME, CURVES_NAME, FINAL_DIR, CONFIG_NAME = (
 
 
 def log(msg: str = "") -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A message on stderr, on its own lines above the progress bar while one is shown."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+    sys.stderr.flush()
 
 
 # ----------------------------------------------------------------------- data
@@ -284,6 +289,7 @@ def _latest_checkpoint_note(out: Path, flags: str = "") -> str:
 def run(config: TrainConfig) -> dict:
     """The whole pipeline; returns the final eval dict. Raises the project's clear errors."""
     config.check()
+    started = time.perf_counter()
     resume_state = None
     if config.resume:
         tensors, meta, ckpt_dir = load_checkpoint(config.resume)
@@ -343,6 +349,8 @@ def run(config: TrainConfig) -> dict:
     evals = monitor.history  # every evaluation's record, saved in each checkpoint
     eval_every = evaluation_interval(config.eval_every, trainer.total_steps)
     unhealthy = ""  # shown on the progress bar once an evaluation finds a problem
+    latest: Evaluation | None = None  # the latest evaluation of this session
+    stopped_early: dict | None = None  # why and when early stopping on health ended the run
 
     # This run's latest checkpoint from this session (the one resumed from counts): never written twice.
     last_saved: list[Path] = []
@@ -372,10 +380,16 @@ def run(config: TrainConfig) -> dict:
                                      "(--skip-nonfinite skips and counts such batches; a lower --lr or "
                                      "--max-grad-norm may avoid them)") from None
             if eval_every and trainer.step % eval_every == 0 and eval_pairs and not trainer.done:
-                evaluation = monitor.evaluate()
+                latest = evaluation = monitor.evaluate()
                 m.update({f"eval_{k}": v for k, v in evaluation.result.to_dict().items()})
                 m.update({f"health_{k}": v for k, v in evaluation.health.items() if isinstance(v, (int, float))})
                 unhealthy = "COLLAPSING: see the log" if evaluation.problems else ""
+                if config.stop_when_unhealthy and monitor.unhealthy_streak >= config.stop_when_unhealthy:
+                    stopped_early = {"step": trainer.step, "of": trainer.total_steps,
+                                     "unhealthy_evaluations": monitor.unhealthy_streak}
+                    log(f"early stop at step {trainer.step} of {trainer.total_steps}: "
+                        f"{monitor.unhealthy_streak} evaluation(s) in a row outside the health bounds "
+                        "(--stop-when-unhealthy 0 trains on)")
             metrics_file.write(json.dumps(m) + "\n")
             metrics_file.flush()
             if bar is not None:
@@ -394,6 +408,8 @@ def run(config: TrainConfig) -> dict:
                     bar.close()
                 log(f"checkpoint saved to {path}; continue with: python -m dpo.train --resume {out}")
                 raise TrainingInterrupted(stop.signal, path)
+            if stopped_early:
+                break
     if bar is not None:
         bar.close()
     if trainer.skipped_nonfinite:
@@ -402,10 +418,12 @@ def run(config: TrainConfig) -> dict:
 
     # ------------------------------------------------------------------ the end
     result: dict = {"steps": trainer.step, "train_pairs": len(train_pairs), "data": data_info,
-                    "skipped_nonfinite": trainer.skipped_nonfinite, "trainable": trainable.trainable}
+                    "skipped_nonfinite": trainer.skipped_nonfinite, "trainable": trainable.trainable,
+                    "stopped_early": stopped_early}
     final_eval = None
     if eval_pairs:
-        final_eval = monitor.evaluate()
+        # the policy was just evaluated when early stopping ended the run: not twice
+        final_eval = latest if latest is not None and latest.step == trainer.step else monitor.evaluate()
         result.update(final_eval.result.to_dict())
         result.update(monitor.summary())
         if final_eval.samples:
@@ -414,6 +432,11 @@ def run(config: TrainConfig) -> dict:
     else:
         result.update(num_pairs=0, reference_accuracy=None, policy_accuracy=None, mean_margin=None)
     result["history"] = evals
+    step_seconds = sum(r.get("seconds", 0.0) for r in _read_metrics(metrics_path))
+    result["timing"] = {  # wall: this session's, loading and evaluations included; steps/s: training steps only
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "step_seconds": round(step_seconds, 1),
+        "steps_per_second": round(trainer.step / step_seconds, 4) if step_seconds else None}
     final_tmp = out / f".{FINAL_DIR}.tmp"
     shutil.rmtree(final_tmp, ignore_errors=True)
     save_pretrained(policy, final_tmp, tokenizer=tokenizer)
@@ -432,6 +455,12 @@ def run(config: TrainConfig) -> dict:
         if table:
             print(table)
         print(verdict(monitor.summary(), out))
+        if stopped_early:
+            print(f"Training stopped early at step {stopped_early['step']} of {stopped_early['of']}: the policy "
+                  "left the health bounds (--stop-when-unhealthy 0 trains to the end).")
+    timing = result["timing"]
+    print(f"time: {timing['wall_seconds'] / 60:.1f} min wall (loading and evaluations included); "
+          f"{trainer.step} steps at {timing['steps_per_second'] or 0:.3f} steps/s of training")
     written = [METRICS_NAME, EVAL_NAME, CURVES_NAME] + (
         ["samples.md", "samples.jsonl"] if final_eval is not None and final_eval.samples else [])
     print(f"wrote {', '.join(str(out / n) for n in written)} and {out / FINAL_DIR}/"

@@ -231,3 +231,68 @@ def test_health_report_is_flat_and_consistent(models, tokenizer_json):
     assert health["kl_policy_reference"] > 0
     assert health["reference_sample_mean_length"] == pytest.approx(sum(len(s.reference_ids) for s in samples) / 2)
     assert isinstance(assess(health), list)
+
+
+def _three_pairs(tok) -> list[TokenizedPair]:
+    return [_pair(i, tok.encode_ids(p), tok.encode_ids(" Sure."), tok.encode_ids(" No."))
+            for i, p in enumerate(["Human: hi\n\nAssistant:", "Human: name a fruit\n\nAssistant:",
+                                   "Human: what is two plus two?\n\nAssistant:"])]
+
+
+def test_probe_generates_the_reference_once_and_matches_health_report(models, tokenizer_json, monkeypatch):
+    from dpo import samples as samples_module
+
+    model, other = models
+    tok = load_tokenizer(tokenizer_json)
+    pairs = _three_pairs(tok)
+    expected = health_report(other, model, tok, pairs, n_prompts=3, max_new_tokens=6, batch_size=2)
+    calls = []
+    real = samples_module._greedy_answers
+    monkeypatch.setattr(samples_module, "_greedy_answers",
+                        lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    probe = health.HealthProbe(model, tok, pairs, n_prompts=3, max_new_tokens=6, batch_size=2)
+    for _ in range(2):
+        got = probe.report(other)
+        assert got[0] == expected[0] and got[1] == expected[1]
+    assert calls == [model, other, other]  # the reference answered once, the policy each time
+
+
+def test_probe_with_the_reference_weights_generates_once_and_reports_zero_kl(models, tokenizer_json, monkeypatch):
+    from dpo import samples as samples_module
+
+    model, _ = models
+    tok = load_tokenizer(tokenizer_json)
+    pairs = _three_pairs(tok)
+    twin = copy.deepcopy(model)  # equal weights, another object: the policy before its first step
+    assert health.same_weights(twin, model)
+    with torch.no_grad():
+        computed = health_report(twin, model, tok, pairs, n_prompts=3, max_new_tokens=6, batch_size=2)[0]
+    calls = []
+    real = samples_module._greedy_answers
+    monkeypatch.setattr(samples_module, "_greedy_answers",
+                        lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    shortcut, samples = health.HealthProbe(model, tok, pairs, n_prompts=3, max_new_tokens=6,
+                                           batch_size=2).report(twin)
+    assert len(calls) == 1
+    assert shortcut["kl_policy_reference"] == 0.0 and computed["kl_policy_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert {k: v for k, v in shortcut.items() if k != "kl_policy_reference"} == \
+        {k: v for k, v in computed.items() if k != "kl_policy_reference"}
+    assert all(s.policy_ids == s.reference_ids for s in samples)
+    with torch.no_grad():
+        next(twin.parameters()).add_(1e-3)
+    assert not health.same_weights(twin, model)
+
+
+def test_probe_recomputes_the_reference_after_an_in_place_change(models, tokenizer_json):
+    model, other = models
+    tok = load_tokenizer(tokenizer_json)
+    pairs = _three_pairs(tok)
+    reference = copy.deepcopy(model)
+    probe = health.HealthProbe(reference, tok, pairs, n_prompts=3, max_new_tokens=6, batch_size=2)
+    probe.report(other)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(dict(other.named_parameters())[next(n for n, q in reference.named_parameters() if q is p)])
+    health_now, samples = probe.report(other)  # the reference now equals the policy
+    assert health_now["kl_policy_reference"] == 0.0
+    assert all(s.policy_ids == s.reference_ids for s in samples)

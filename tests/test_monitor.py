@@ -1,7 +1,7 @@
 """Collapse detection in `python -m dpo.train`: a run that collapses says so, a healthy one does not.
 
 A tiny random SmolLM on the learnable synthetic preference set (dpo.data.make_synthetic_pairs).
-At lr 1e-3 it learns the preference and stays healthy. At lr 3e-2 it learns it too (held-out
+At lr 1e-3 it learns the preference and stays healthy. At lr 5e-2 it learns it too (held-out
 accuracy 100%), but by pushing every answer's log-prob down: its per-token log p(chosen) falls
 far below the reference's, which is the collapse that accuracy alone hides.
 """
@@ -35,10 +35,10 @@ def setup(tmp_path_factory, tokenizer_json) -> tuple[Path, Path]:
     return model, data
 
 
-def train(setup, out: Path, lr: str) -> subprocess.CompletedProcess:
+def train(setup, out: Path, lr: str, eval_every: str = "3") -> subprocess.CompletedProcess:
     model, data = setup
     args = ["--model", str(model), "--data", str(data), "--no-filter", "--num-pairs", "96", "--eval-pairs", "32",
-            "--train-last-n", "1", "--lr", lr, "--eval-every", "3", "--sample-prompts", "4", "--sample-tokens", "32",
+            "--train-last-n", "1", "--lr", lr, "--eval-every", eval_every, "--sample-prompts", "4", "--sample-tokens", "32",
             "--output-dir", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "SMOLLM_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "dpo.train", *args], cwd=REPO, env=env, capture_output=True,
@@ -48,7 +48,7 @@ def train(setup, out: Path, lr: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_a_collapsing_run_warns_keeps_an_earlier_healthy_best_and_says_it_collapsed(setup, tmp_path):
     out = tmp_path / "collapse"
-    result = train(setup, out, "3e-2")
+    result = train(setup, out, "5e-2", eval_every="2")
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: step")]
     assert warnings and all("log p(chosen) fell" in w and "bound 1.00" in w for w in warnings), result.stderr
@@ -66,6 +66,14 @@ def test_a_collapsing_run_warns_keeps_an_earlier_healthy_best_and_says_it_collap
     assert "(empty)" in (out / "samples.md").read_text() or (out / "samples.jsonl").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("health_kl_policy_reference" in r for r in rows)  # health tracked during training
+    # early stopping on health (--stop-when-unhealthy 1, the default): the run ends at the first
+    # unhealthy evaluation, which is also the final one (not evaluated twice)
+    first_bad = next(e["step"] for e in ev["history"] if not e["healthy"])
+    assert ev["stopped_early"] == {"step": first_bad, "of": 12, "unhealthy_evaluations": 1}
+    assert ev["steps"] == first_bad < 12 and len(rows) == first_bad
+    assert [e["step"] for e in ev["history"]].count(first_bad) == 1
+    assert f"early stop at step {first_bad} of 12" in result.stderr
+    assert "Training stopped early" in result.stdout
 
 
 @pytest.mark.slow
@@ -78,7 +86,7 @@ def test_a_healthy_run_does_not_warn(setup, tmp_path):
     assert ev["collapsed"] is False and ev["problems"] == []
     assert ev["policy_accuracy"] > ev["reference_accuracy"]
     assert "health: within the bounds" in result.stdout and "COLLAPSED" not in result.stdout
-    assert all(e["healthy"] for e in ev["history"])
+    assert all(e["healthy"] for e in ev["history"]) and ev["stopped_early"] is None and ev["steps"] == 12
     assert ev["best"]["step"] > 0 and ev["best"]["policy_accuracy"] > ev["reference_accuracy"]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all({"prompt", "reference", "policy"} <= set(s) for s in samples)
