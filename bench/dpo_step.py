@@ -237,8 +237,9 @@ def _ablate(names: list[str]) -> None:
     import torch
     import torch.nn.functional as F
 
-    import dpo.batch_logps as batch_logps
-    from smollm.model import MLP, Packing, RMSNorm
+    import dpo.engine as engine
+    from smollm.layout import Packing
+    from smollm.model import MLP, RMSNorm
 
     unknown = set(names) - set(ABLATIONS)
     if unknown:
@@ -249,7 +250,7 @@ def _ablate(names: list[str]) -> None:
         def whole_logits(lm_head, h, targets):
             logits = lm_head(h).float()  # [N, V], kept for backward
             return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
-        batch_logps._head_token_logps = whole_logits
+        engine._head_token_logps = whole_logits
     if "textbook-layers" in names:
         def norm(self, x):
             dtype = x.dtype
@@ -314,9 +315,11 @@ def run_ours(spec: dict) -> dict:
                          max_steps=n_steps, device=spec["device"], dtype=spec["dtype"], progress=False,
                          **SETTINGS, **options)
     trainer = DPOTrainer(policy, reference, pairs, config, pad_token_id=spec["pad_token_id"], device=device)
-    if "no-prefix-share" in ablation or "no-pack" in ablation:
-        if trainer.shared_trunk is not None:
-            trainer.shared_trunk.share_prefixes = False
+    if "no-shared-trunk" in ablation:
+        trainer.textbook = True  # today's code: the textbook path (older code: shared_trunk=False was it)
+    engine = getattr(trainer, "engine", None) or getattr(trainer, "shared_trunk", None)  # older code: shared_trunk
+    if ("no-prefix-share" in ablation or "no-pack" in ablation) and engine is not None:
+        engine.share_prefixes = False
     if "foreach-adamw" in ablation:
         trainer.optimizer = torch.optim.AdamW(trainer.trainable, lr=config.lr, weight_decay=config.weight_decay,
                                               foreach=True)

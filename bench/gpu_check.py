@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import random
@@ -119,9 +118,10 @@ def finish(work: Path, stage: str, status: str, summary: str = "", reason: str |
 
 def smoke_config():
     """Tiny, with a frozen trunk (blocks 0-1) and a trainable tail (blocks 2-3) to exercise both."""
-    from smollm import TINY
+    from smollm import SmolLMConfig
 
-    return dataclasses.replace(TINY, num_hidden_layers=4)
+    return SmolLMConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
 def setting(smoke: bool) -> dict:
@@ -360,13 +360,13 @@ def textbook_layers():
 
 
 def cmd_fastpath(args) -> int:
-    """`dpo.batch_logps.SharedTrunk` (trunk once, padding removed, shared prompts, sparse chunked
+    """`dpo.engine.LogProbEngine` (trunk once, padding removed, shared prompts, sparse chunked
     head, hand-written backwards) vs the textbook path (two full padded forwards, full logits,
     autograd layers) on one real HH batch: log-probs, DPO losses, gradients. fp32 and bf16
     autocast; in bf16 each path is also compared with the fp32 textbook result."""
     import torch
 
-    from dpo.batch_logps import SharedTrunk, policy_and_reference_logps
+    from dpo.engine import LogProbEngine, textbook_policy_and_reference_logps
     from dpo.freeze import freeze_all_but_last, frozen_reference
     from dpo.loss import dpo_loss
     from dpo.tokenization import collate_pairs
@@ -385,14 +385,15 @@ def cmd_fastpath(args) -> int:
         for _, p in trainable:
             scale = float(p.std()) if p.ndim == 2 else 0.1
             p.add_(0.5 * scale * torch.randn(p.shape, generator=g).to(device))
-    trunk = SharedTrunk(policy, reference)
+    engine = LogProbEngine(policy, reference)
 
     def run(fast: bool, dtype: str):
         policy.zero_grad(set_to_none=True)
         ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
         with contextlib.nullcontext() if fast else textbook_layers():
             with ctx:
-                pol, ref = policy_and_reference_logps(policy, reference, batch, "mean", trunk if fast else None)
+                pol, ref = (engine(batch, "mean") if fast else
+                            textbook_policy_and_reference_logps(policy, reference, batch, "mean"))
             losses, _, _ = dpo_loss(pol[:B], pol[B:], ref[:B], ref[B:], beta=0.8)
             losses.mean().backward()
         synchronize(device)

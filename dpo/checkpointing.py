@@ -26,8 +26,7 @@ CHECKPOINTS_DIR = "checkpoints"
 TENSORS_NAME = "state.safetensors"
 META_NAME = "state.json"
 # What state.json must hold to resume (see DPOTrainer.state_dict).
-META_KEYS = ("step", "epoch", "cursor", "param_order", "optimizer_param_groups", "scheduler",
-             "python_rng", "config")
+META_KEYS = ("step", "epoch", "cursor", "param_order", "optimizer_param_groups", "scheduler", "config")
 
 
 class CheckpointLoadError(ValueError):

@@ -13,11 +13,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from smollm.config import ConfigError  # one error type for every bad setting, model or training
+from smollm.lora import TARGETS as LORA_TARGETS
+from smollm.lora import LoRAConfig
+
 from .loss import LOSS_TYPES
-
-
-class ConfigError(ValueError):
-    """An impossible or inconsistent setting, caught before any expensive work."""
 
 
 def _f(default, help: str, **kw):
@@ -34,7 +34,52 @@ def chat_template_field():
 
 
 @dataclass
-class TrainConfig:
+class LoRASettings:
+    """LoRA instead of freezing, for dpo.train and dpo.sft: with --lora-r > 0 only low-rank
+    adapters on the chosen layers train (see smollm.lora); --train-last-n and --freeze-head then
+    do not apply."""
+
+    lora_r: int = _f(0, "LoRA rank: > 0 trains low-rank adapters instead of whole blocks (0: no LoRA)")
+    lora_alpha: float | None = _f(None, "LoRA alpha: the update is scaled by alpha / r (default: 2 x r)")
+    lora_dropout: float = _f(0.0, "dropout on the adapters' input")
+    lora_targets: list[str] = _f(list(LORA_TARGETS[:-1]), "modules to adapt, HF names as peft's target_modules",
+                                 nargs="+", choices=list(LORA_TARGETS))
+    lora_layers: int | None = _f(None, "adapt only the last N blocks (default: all blocks)")
+    merge_lora: bool = _f(False, "write final/ (and best/) as merged HuggingFace weights instead of peft's "
+                                 "adapter folder")
+
+    def check_lora(self) -> None:
+        def bad(flag: str, why: str):
+            raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
+
+        if self.lora_r < 0:
+            bad("lora_r", f"must be >= 0, got {self.lora_r}")
+        if self.lora_alpha is not None and not 0 < self.lora_alpha < float("inf"):
+            bad("lora_alpha", f"must be a positive finite number, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            bad("lora_layers", f"must be at least 1, got {self.lora_layers}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown or not self.lora_targets:
+            bad("lora_targets", f"{' '.join(unknown) or '(none)'}: choose among {' '.join(LORA_TARGETS)}")
+        if self.merge_lora and not self.lora_r:
+            bad("merge_lora", "needs --lora-r > 0 (there is nothing to merge)")
+
+    def lora_config(self, num_layers: int) -> LoRAConfig | None:
+        """The adapters to add to a model of `num_layers` blocks (None: no LoRA)."""
+        if not self.lora_r:
+            return None
+        if self.lora_layers is not None and self.lora_layers > num_layers:
+            raise ConfigError(f"--lora-layers {self.lora_layers}: the model has only {num_layers} blocks")
+        layers = None if self.lora_layers is None else list(range(num_layers - self.lora_layers, num_layers))
+        alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
+        return LoRAConfig(r=self.lora_r, alpha=alpha, dropout=self.lora_dropout, targets=list(self.lora_targets),
+                          layers=layers)
+
+
+@dataclass
+class TrainConfig(LoRASettings):
     # --- what to train on
     model: str = _f("HuggingFaceTB/SmolLM2-135M-Instruct",
                     "starting policy: checkpoint directory (config.json + model.safetensors), a .gguf file, "
@@ -89,7 +134,8 @@ class TrainConfig:
     seed: int = _f(0, "random seed (data order, split, sampling)")
     device: str | None = _f(None, "cpu, cuda, cuda:1 ... (default: cuda when present)")
     dtype: str | None = _f(None, "compute dtype: bfloat16 (autocast, fp32 master weights) or float32 "
-                                 "(default: bfloat16 on CUDA, float32 on CPU)", choices=["float32", "bfloat16"])
+                                 "(default: bfloat16 on CUDA and on CPUs with native bf16 "
+                                 "(AVX512-BF16, AMX, Arm BF16), else float32)", choices=["float32", "bfloat16"])
     eval_every: int | None = _f(None, "evaluate accuracy and health on the held-out pairs every N steps "
                                       "(default: about 5 evaluations per run; 0: only before and after)")
     sample_prompts: int = _f(8, "held-out prompts that reference and policy answer at each evaluation "
@@ -161,6 +207,7 @@ class TrainConfig:
             bad("filter_workers", f"must be at least 1, got {self.filter_workers}")
         if not self.data:
             bad("data", "give at least one file, directory or hub name")
+        self.check_lora()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,10 +216,14 @@ class TrainConfig:
     def __str__(self) -> str:
         width = max(len(f.name) for f in dataclasses.fields(self))
         return "\n".join(f"  {f.name:<{width}} = {json.dumps(getattr(self, f.name))}"
-                         for f in dataclasses.fields(self))
+                         for f in ordered_fields(type(self)))
 
 
 # -------------------------------------------------------------------- argparse
+def ordered_fields(cls) -> list[dataclasses.Field]:
+    """The fields in the order a user reads them: the command's own, then the LoRA settings."""
+    lora = {f.name for f in dataclasses.fields(LoRASettings)}
+    return sorted(dataclasses.fields(cls), key=lambda f: f.name in lora)  # stable: order kept within each
 def _base_type(annotation: str):
     """The scalar type of a field annotation like 'int | None' or 'list[str]'."""
     for name, typ in (("int", int), ("float", float), ("str", str), ("bool", bool)):
@@ -183,7 +234,7 @@ def _base_type(annotation: str):
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
     """One flag per field: --field-name; bools become --flag / --no-flag."""
-    for f in dataclasses.fields(cls):
+    for f in ordered_fields(cls):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
@@ -194,7 +245,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
                                 help=help_text)
             continue
         parser.add_argument(flag, dest=f.name, type=typ, default=default,
-                            help=f"{help_text} (default: {default})", **meta)
+                            help=help_text if "(default" in help_text else f"{help_text} (default: {default})", **meta)
 
 
 # The reference assignment's hyperparameters (--preset assignment). On SmolLM2-135M-Instruct they raise

@@ -9,21 +9,21 @@ For each held-out pair we compare sequence log-probs (with the run's reduction):
 * mean margin: the mean of beta * that difference (the implicit reward margin).
 
 A run evaluates the same held-out pairs several times (before, every --eval-every steps, after).
-With the frozen trunk shared (`dpo.batch_logps.SharedTrunk`), most of that work never changes:
+With a frozen trunk shared (`dpo.engine.LogProbEngine`), most of that work never changes:
 the trunk's output for those pairs, and the reference's log-probs. `HeldOutCache` computes them
 once and then runs only the policy's trainable tail, with the same numbers as `evaluate_pairs`.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
 
 from smollm import SmolLM
-from smollm.model import Packing
+from smollm.layout import Packing
 
-from .batch_logps import Batch, SharedTrunk, policy_and_reference_logps
+from .engine import Batch, LogProbEngine
+from .precision import autocast_context
 from .tokenization import TokenizedPair, collate_pairs
 
 
@@ -60,12 +60,14 @@ class EvalResult:
 def evaluate_pairs(policy: SmolLM, reference: SmolLM, pairs: list[TokenizedPair], *, pad_token_id: int,
                    beta: float, reduction: str = "mean", batch_size: int = 8,
                    device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-                   shared_trunk: SharedTrunk | None = None) -> EvalResult:
+                   engine: LogProbEngine | None = None) -> EvalResult:
     """Reference and policy preference accuracy on `pairs` (never trained on), everything
-    computed afresh. `HeldOutCache` gives the same numbers, the unchanging part computed once."""
+    computed afresh by `engine` (default: a `LogProbEngine` of the two models). `HeldOutCache`
+    gives the same numbers, the unchanging part computed once."""
     if not pairs:
         raise ValueError("evaluate_pairs needs at least one pair")
     device = torch.device(device)
+    engine = engine or LogProbEngine(policy, reference, recompute=False)
     was_training = policy.training
     policy.eval()
     logps = []  # (policy [2B], reference [2B]) per batch
@@ -73,7 +75,7 @@ def evaluate_pairs(policy: SmolLM, reference: SmolLM, pairs: list[TokenizedPair]
         chunk = pairs[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id).items()}
         with autocast_context(device, autocast_dtype):
-            pol, ref = policy_and_reference_logps(policy, reference, batch, reduction, shared_trunk)
+            pol, ref = engine(batch, reduction)
         B = len(chunk)
         logps.append(torch.stack([pol[:B], pol[B:], ref[:B], ref[B:]]).float().cpu())  # [4, B]
     policy.train(was_training)
@@ -98,11 +100,6 @@ def _result(logps: torch.Tensor, beta: float) -> EvalResult:
     )
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """torch.autocast(device, dtype), or nothing when dtype is None (fp32)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 def pairs_fingerprint(pairs: list[TokenizedPair]) -> int:
     """A hash of what the held-out numbers depend on: every pair's token ids and response masks."""
     return hash(tuple((tuple(p.chosen_ids), tuple(p.chosen_mask), tuple(p.rejected_ids), tuple(p.rejected_mask))
@@ -112,27 +109,30 @@ def pairs_fingerprint(pairs: list[TokenizedPair]) -> int:
 @dataclass
 class _CachedBatch:
     batch: Batch  # collate_pairs' tensors, on the device
-    packing: Packing | None  # SharedTrunk.packing(batch)
-    trunk: torch.Tensor  # the trunk's output, packed [1, N, C] (or [2B, T, C] when not packed)
+    packing: Packing | None  # LogProbEngine.packing(batch)
+    trunk: torch.Tensor | None  # the trunk's output, packed [1, N, C] ([2B, T, C] when not packed; None: no trunk)
 
-    def trunk_states(self) -> torch.Tensor:
-        """[2B, T, C], as SharedTrunk.trunk_states gave it (packing it again gives `trunk` back exactly)."""
-        return self.packing.unpack(self.trunk) if self.packing is not None else self.trunk
+    def trunk_states(self) -> torch.Tensor | None:
+        """[2B, T, C], as LogProbEngine.trunk_states gave it (packing it again gives `trunk` back exactly)."""
+        if self.trunk is None or self.packing is None:
+            return self.trunk
+        return self.packing.unpack(self.trunk)
 
 
 class HeldOutCache:
     """The part of a held-out evaluation that never changes, computed once.
 
-    Built from a `SharedTrunk` (the embedding and blocks [0, K) frozen and shared by identity
-    with the reference) and the held-out pairs, it runs, batch by batch, the frozen trunk and
-    the reference's tail and head, and keeps the trunk's output and the reference's log-probs.
+    Built from a `LogProbEngine` with a reference and the held-out pairs, it runs, batch by
+    batch, the frozen trunk (the embedding and blocks [0, K) shared by identity with the
+    reference; none when K = 0) and the reference's tail and head, and keeps the trunk's output
+    and the reference's log-probs.
     Each `evaluate` then runs only the policy's blocks [K, L), final norm and head (at response
     positions) from the kept states; and nothing at all while the policy still equals the
-    reference (`SharedTrunk.policy_is_reference`, before the first step), whose log-probs are
+    reference (`LogProbEngine.policy_is_reference`, before the first step), whose log-probs are
     then the policy's. So at step 0 one tail runs, not two, and later evaluations call neither
     the reference nor the trunk.
 
-    Exact: the same batches through the same code as `evaluate_pairs` with the same SharedTrunk
+    Exact: the same batches through the same code as `evaluate_pairs` with the same engine
     (only the trunk's output is kept in between), so the same numbers, in fp32 and under
     autocast (tests/test_evaluate.py).
 
@@ -147,12 +147,14 @@ class HeldOutCache:
     the same settings, and no frozen tensor modified in place since the build.
     """
 
-    def __init__(self, shared_trunk: SharedTrunk, pairs: list[TokenizedPair], *, pad_token_id: int,
+    def __init__(self, engine: LogProbEngine, pairs: list[TokenizedPair], *, pad_token_id: int,
                  reduction: str = "mean", batch_size: int = 8, device: torch.device | str = "cpu",
                  autocast_dtype: torch.dtype | None = None):
         if not pairs:
             raise ValueError("HeldOutCache needs at least one pair")
-        self.shared_trunk, self.pairs = shared_trunk, pairs
+        if engine.reference is None:
+            raise ValueError("HeldOutCache needs an engine with a reference model")
+        self.engine, self.pairs = engine, pairs
         self.settings = dict(pad_token_id=pad_token_id, reduction=reduction, batch_size=batch_size,
                              device=torch.device(device), autocast_dtype=autocast_dtype)
         self.fingerprint = pairs_fingerprint(pairs)
@@ -164,10 +166,10 @@ class HeldOutCache:
                 chunk = pairs[start:start + batch_size]
                 batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id).items()}
                 with autocast_context(device, autocast_dtype):
-                    packing = shared_trunk.packing(batch)
-                    trunk = shared_trunk.trunk_states(batch, packing)  # [2B, T, C]
-                    ref = shared_trunk.tail_logps(shared_trunk.reference, batch, trunk, packing, reduction)
-                kept = packing.pack(trunk) if packing is not None else trunk  # [1, N, C]
+                    packing = engine.packing(batch)
+                    trunk = engine.trunk_states(batch, packing)  # [2B, T, C], or None (no trunk)
+                    ref = engine.tail_logps(engine.reference, batch, trunk, packing, reduction)
+                kept = packing.pack(trunk) if packing is not None and trunk is not None else trunk  # [1, N, C]
                 self.batches.append(_CachedBatch(batch, packing, kept))
                 B = len(chunk)
                 reference.append(torch.stack([ref[:B], ref[B:]]).float().cpu())  # [2, B]
@@ -176,14 +178,14 @@ class HeldOutCache:
 
     def _frozen_versions(self) -> tuple[int, ...]:
         """In-place modification counters of the reference's tensors (the shared trunk among them)."""
-        return tuple(p._version for p in self.shared_trunk.reference.parameters())
+        return tuple(p._version for p in self.engine.reference.parameters())
 
     @property
     def nbytes(self) -> int:
         """Bytes kept on the device: trunk states, the batches' tensors and their packings."""
         total = 0
         for b in self.batches:
-            tensors = [b.trunk, *b.batch.values()]
+            tensors = [*([b.trunk] if b.trunk is not None else []), *b.batch.values()]
             if b.packing is not None:
                 p = b.packing
                 tensors += [p.index, p.position_ids, p.gather, *(s.mask for s in p.segments if s.mask is not None)]
@@ -201,16 +203,16 @@ class HeldOutCache:
     @torch.no_grad()
     def policy_logps(self) -> torch.Tensor:
         """The policy's log-probs [2, N pairs] (chosen, rejected): its tail from the kept states."""
-        trunk = self.shared_trunk
-        if trunk.policy_is_reference():
+        engine = self.engine
+        if engine.policy_is_reference():
             return self.reference_logps
-        policy, device = trunk.policy, self.settings["device"]
+        policy, device = engine.policy, self.settings["device"]
         was_training = policy.training
         policy.eval()
         out = []
         for b in self.batches:
             with autocast_context(device, self.settings["autocast_dtype"]):
-                pol = trunk.tail_logps(policy, b.batch, b.trunk_states(), b.packing, self.settings["reduction"])
+                pol = engine.tail_logps(policy, b.batch, b.trunk_states(), b.packing, self.settings["reduction"])
             B = pol.shape[0] // 2
             out.append(torch.stack([pol[:B], pol[B:]]).float().cpu())  # [2, B]
         policy.train(was_training)

@@ -10,7 +10,7 @@ The assignment freezes the first 25 of SmolLM-135M's 30 blocks. Two choices are 
 
 With the embedding and the first blocks exactly frozen, a policy and its reference compute the
 same hidden states up to the first trainable block, which the trainer exploits (see
-`dpo.batch_logps.SharedTrunk`).
+`dpo.engine.LogProbEngine`).
 """
 from __future__ import annotations
 

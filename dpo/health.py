@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from smollm import SmolLM
 
-from .evaluate import autocast_context
+from .precision import autocast_context
 
 # --------------------------------------------------------------------------- text statistics
 

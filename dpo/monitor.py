@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from smollm import save_pretrained
-
 from .evaluate import EvalResult
 from .health import HealthProbe, HealthThresholds, assess
+from .policy import save_policy
 from .samples import Sample
 
 BEST_DIR = "best"
@@ -61,9 +59,13 @@ class RunMonitor:
     """Evaluates a trainer's policy on held-out pairs and keeps the best healthy one as best/."""
 
     def __init__(self, trainer, tokenizer, eval_pairs: list, config, out_dir: Path,
-                 log: Callable[[str], None] = print, history: list[dict] | None = None):
+                 log: Callable[[str], None] = print, history: list[dict] | None = None,
+                 save: Callable[..., None] | None = None):
         self.trainer, self.tokenizer, self.eval_pairs, self.config = trainer, tokenizer, eval_pairs, config
         self.out, self.log = Path(out_dir), log
+        # how best/ is written: save(directory, extra_files={name: text}); by default the policy as a
+        # HuggingFace folder with the tokenizer (`dpo.policy.save_policy`)
+        self.save = save or (lambda directory, **kw: save_policy(trainer.policy, directory, tokenizer=tokenizer, **kw))
         self.thresholds = HealthThresholds(max_chosen_logp_drop=config.max_chosen_logp_drop,
                                            max_empty_share=config.max_empty_share)
         self.probe = HealthProbe(  # keeps the reference's answers between evaluations
@@ -104,13 +106,8 @@ class RunMonitor:
         return streak
 
     def _save_best(self, evaluation: Evaluation) -> None:
-        tmp = self.out / f".{BEST_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(self.trainer.policy, tmp, tokenizer=self.tokenizer)
-        (tmp / BEST_INFO).write_text(json.dumps({"step": evaluation.step,
-                                                 "policy_accuracy": evaluation.result.policy_accuracy}) + "\n")
-        shutil.rmtree(self.out / BEST_DIR, ignore_errors=True)
-        os.replace(tmp, self.out / BEST_DIR)
+        info = json.dumps({"step": evaluation.step, "policy_accuracy": evaluation.result.policy_accuracy}) + "\n"
+        self.save(self.out / BEST_DIR, extra_files={BEST_INFO: info})  # complete or absent
         self.best = evaluation.record()
 
     def summary(self) -> dict:

@@ -23,7 +23,7 @@ import torch
 from smollm import SmolLM, generate
 from smollm.checkpoint import atomic_path
 
-from .evaluate import autocast_context
+from .precision import autocast_context
 from .health import eval_mode
 
 SAMPLES_MD = "samples.md"

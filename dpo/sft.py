@@ -23,24 +23,26 @@ from pathlib import Path
 
 import torch
 
-from smollm import SmolLM, SmolLMConfig, load_pretrained, load_tokenizer, save_pretrained
+from smollm import SmolLM, SmolLMConfig, load_pretrained, load_tokenizer
 from smollm.checkpoint import resolve_checkpoint_dir, write_json
 
-from .batch_logps import head_logps
-from .config import ConfigError, TrainConfig, _f, build_parser, chat_template_field, config_from_args
+from .config import (ConfigError, LoRASettings, TrainConfig, _f, build_parser, chat_template_field,
+                     config_from_args)
 from .data import DataError, load_preferences_with_report, train_eval_split
-from .freeze import freeze_all_but_last
+from .engine import LogProbEngine
 from .plots import plot_sft_curve
+from .policy import make_trainable, save_policy
 from .tokenization import (TokenizedSequence, TokenizeStats, collate_sequences, length_grouped_order,
                            tokenize_prompt_response)
+from .precision import autocast_dtype_for
 from .train import USER_ERRORS, check_model_and_tokenizer, format_for_model, log
-from .trainer import NonFiniteError, adamw, autocast_dtype_for
+from .trainer import NonFiniteError, adamw
 
 OUTPUTS = ("metrics.jsonl", "eval.json", "curves.png", "final", "sft_config.json")
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(LoRASettings):
     model: str = _f("HuggingFaceTB/SmolLM2-135M-Instruct",
                     "model to fine-tune: checkpoint directory, .gguf file or hub id (HuggingFaceTB/SmolLM2-135M "
                     "is the base model; offline, the default falls back to the GGUF of "
@@ -96,6 +98,7 @@ class SFTConfig:
             bad("max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         if not self.data:
             bad("data", "give at least one file, directory or hub name")
+        self.check_lora()
         return self
 
     to_dict = TrainConfig.to_dict  # the same printing and JSON as the DPO config
@@ -109,8 +112,7 @@ def sft_nll(model: SmolLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     A token counts when response_mask is 1 at position t >= 1; the LM head runs only there.
     The token-level mean NLL is the first divided by the second.
     """
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # [B, T, C]
-    logps = head_logps(model.lm_head, hidden, batch["input_ids"], batch["response_mask"], "sum")  # [B]
+    logps = LogProbEngine(model, recompute=False).policy_logps(batch, "sum")  # [B], by the one engine
     return -logps.sum(), batch["response_mask"][:, 1:].sum()
 
 
@@ -212,7 +214,9 @@ def run(config: SFTConfig) -> dict:
     train, evals = prepare_data(config, tokenizer)
 
     model = load_pretrained(model_dir, device=device)
-    log(str(freeze_all_but_last(model, n_blocks)))
+    torch.manual_seed(config.seed)  # LoRA's initialisation and dropout: the same run for the same seed
+    lora = config.lora_config(model_config.num_hidden_layers)
+    log(str(make_trainable(model, lora, train_last_n=n_blocks, train_head=True)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(trainable, config.lr, config.weight_decay, device)
     warmup = config.warmup_steps
@@ -279,9 +283,11 @@ def run(config: SFTConfig) -> dict:
             f"(perplexity {before['perplexity']:.2f} -> {result['after']['perplexity']:.2f})")
     write_json(out / "eval.json", result)
     plot_sft_curve(metrics, out / "curves.png", result if evals else None)
-    save_pretrained(model, out / "final", tokenizer=tokenizer)
-    print(f"wrote {out}/metrics.jsonl, eval.json, curves.png and final/; "
-          f"continue with: python -m dpo.train --model {out / 'final'}")
+    save_policy(model, out / "final", tokenizer=tokenizer, lora=lora, base_model=config.model,
+                merge=config.merge_lora)
+    follow = (f"continue with: python -m dpo.train --model {out / 'final'}" if lora is None or config.merge_lora
+              else "final/ is peft's adapter folder (--merge-lora writes a model that python -m dpo.train takes)")
+    print(f"wrote {out}/metrics.jsonl, eval.json, curves.png and final/; {follow}")
     return result
 
 

@@ -36,9 +36,8 @@ from pathlib import Path
 
 import torch
 
-from smollm import SmolLMConfig, load_pretrained, load_tokenizer, save_pretrained
+from smollm import SmolLMConfig, load_pretrained, load_tokenizer
 from smollm.checkpoint import CheckpointError, atomic_path, resolve_checkpoint_dir, verify_checkpoint, write_json
-from smollm.config import ConfigError as ModelConfigError
 from smollm.hub import HubError
 from smollm.tokenizer import TokenizerError
 
@@ -46,9 +45,11 @@ from .checkpointing import (CHECKPOINTS_DIR, CheckpointLoadError, list_checkpoin
                             save_checkpoint)
 from .config import ConfigError, TrainConfig, build_parser, config_from_args
 from .data import DataError, load_preferences_with_report, train_eval_split
-from .freeze import freeze_all_but_last, frozen_reference
+from .freeze import count_shared
 from .monitor import BEST_DIR, Evaluation, RunMonitor, evaluation_interval, health_table, verdict
 from .plots import plot_curves
+from .policy import make_reference, make_trainable, save_policy
+from .precision import precision_note
 from .samples import format_sample, write_samples
 from .tokenization import TokenizedPair, tokenize_pairs
 from .trainer import DPOTrainer, NonFiniteError
@@ -152,7 +153,8 @@ def _fingerprint(pairs: list[TokenizedPair]) -> str:
 # ----------------------------------------------------------------------- checks
 def check_model_and_tokenizer(config: TrainConfig, model_config: SmolLMConfig, tokenizer) -> None:
     n = model_config.num_hidden_layers
-    if config.train_last_n > n:
+    config.lora_config(n)  # a bad --lora-layers fails here, before the data work
+    if config.train_last_n > n and not config.lora_r:  # with LoRA, the adapters train instead
         raise ConfigError(f"--train-last-n {config.train_last_n}: the model has only {n} blocks")
     if config.max_length > model_config.max_position_embeddings:
         raise ConfigError(f"--max-length {config.max_length} exceeds the model's max_position_embeddings "
@@ -314,13 +316,24 @@ def run(config: TrainConfig) -> dict:
                                   "(different files, filter or tokenizer)")
 
     policy = load_pretrained(model_dir, device=device)
-    trainable = freeze_all_but_last(policy, config.train_last_n, train_head=not config.freeze_head,
-                                    train_final_norm=not config.freeze_head)
+    torch.manual_seed(config.seed)  # LoRA's initialisation and dropout: the same run for the same seed
+    lora = config.lora_config(model_config.num_hidden_layers)
+    trainable = make_trainable(policy, lora, train_last_n=config.train_last_n, train_head=not config.freeze_head)
     log(str(trainable))
-    reference = frozen_reference(policy)
+    reference = make_reference(policy, lora)
+    if lora is not None:
+        shared = count_shared(policy, reference)
+        log(f"reference: the policy with its adapters off, sharing {shared:,} of its "
+            f"{reference.num_parameters():,} parameters with the policy (nothing copied)")
     trainer = DPOTrainer(policy, reference, train_pairs, config, pad_token_id=tokenizer.pad_token_id, device=device)
+    log(f"compute: {precision_note(config.dtype, trainer.autocast_dtype, device)}")
 
     metrics_path = out / METRICS_NAME
+
+    def save_to(directory: Path, **kw) -> None:  # final/ and best/: a HF folder, or peft's with LoRA
+        save_policy(policy, directory, tokenizer=tokenizer, lora=lora, base_model=config.model,
+                    merge=config.merge_lora, **kw)
+
     if resume_state:
         tensors, meta, ckpt_dir = resume_state
         try:
@@ -331,7 +344,7 @@ def run(config: TrainConfig) -> dict:
         history = _read_metrics(metrics_path, up_to_step=trainer.step)  # drop steps after the checkpoint
         _write_metrics(metrics_path, history)
         evals = [e for e in meta.get("evals", []) if e["step"] <= trainer.step]
-        monitor = RunMonitor(trainer, tokenizer, eval_pairs, config, out, log, history=evals)
+        monitor = RunMonitor(trainer, tokenizer, eval_pairs, config, out, log, history=evals, save=save_to)
     else:
         out.mkdir(parents=True, exist_ok=True)
         if config.overwrite:
@@ -342,7 +355,7 @@ def run(config: TrainConfig) -> dict:
             shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
         write_json(out / CONFIG_NAME, config.to_dict())
         _write_metrics(metrics_path, [])
-        monitor = RunMonitor(trainer, tokenizer, eval_pairs, config, out, log)
+        monitor = RunMonitor(trainer, tokenizer, eval_pairs, config, out, log, save=save_to)
         if eval_pairs:
             before = monitor.evaluate().result
             log(f"before training: reference accuracy {before.reference_accuracy:.1%} on {len(eval_pairs)} held-out pairs")
@@ -437,11 +450,8 @@ def run(config: TrainConfig) -> dict:
         "wall_seconds": round(time.perf_counter() - started, 1),
         "step_seconds": round(step_seconds, 1),
         "steps_per_second": round(trainer.step / step_seconds, 4) if step_seconds else None}
-    final_tmp = out / f".{FINAL_DIR}.tmp"
-    shutil.rmtree(final_tmp, ignore_errors=True)
-    save_pretrained(policy, final_tmp, tokenizer=tokenizer)
-    shutil.rmtree(out / FINAL_DIR, ignore_errors=True)
-    os.replace(final_tmp, out / FINAL_DIR)
+    save_policy(policy, out / FINAL_DIR, tokenizer=tokenizer, lora=lora, base_model=config.model,
+                merge=config.merge_lora)
     write_json(out / EVAL_NAME, result)
     try:
         plot_curves(_read_metrics(metrics_path), out / CURVES_NAME, evals)
@@ -468,7 +478,7 @@ def run(config: TrainConfig) -> dict:
     return result
 
 
-USER_ERRORS = (ConfigError, ModelConfigError, DataError, CheckpointError, CheckpointLoadError, HubError,
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointLoadError, HubError,
                TokenizerError, NonFiniteError)
 
 

@@ -13,7 +13,6 @@ plus JSON, and goes back in with `load_state_dict()` (see dpo.checkpointing).
 from __future__ import annotations
 
 import math
-import random
 import time
 from typing import Any
 
@@ -21,22 +20,16 @@ import torch
 
 from smollm import SmolLM
 
-from .batch_logps import SharedTrunk, policy_and_reference_logps
+from .engine import LogProbEngine, textbook_policy_and_reference_logps
 from .config import TrainConfig
-from .evaluate import EvalResult, HeldOutCache, autocast_context, evaluate_pairs
-from .freeze import first_trainable_layer
+from .evaluate import EvalResult, HeldOutCache
 from .loss import dpo_loss
+from .precision import autocast_context, autocast_dtype_for
 from .tokenization import TokenizedPair, collate_pairs, length_grouped_order
 
 
 class NonFiniteError(FloatingPointError):
     """A loss or gradient that is NaN or infinite; names the step and the pairs."""
-
-
-def autocast_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA unless float32 was asked for; none on CPU unless bfloat16 was."""
-    name = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    return torch.bfloat16 if name == "bfloat16" else None
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
@@ -49,8 +42,12 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
 
 
 class DPOTrainer:
+    """textbook: compute the log-probs by the textbook path (`dpo.engine.plain_logps`) instead of
+    the engine: the oracle the engine is tested against, not a way to train."""
+
     def __init__(self, policy: SmolLM, reference: SmolLM, train_pairs: list[TokenizedPair],
-                 config: TrainConfig, *, pad_token_id: int, device: torch.device | str | None = None):
+                 config: TrainConfig, *, pad_token_id: int, device: torch.device | str | None = None,
+                 textbook: bool = False):
         if not train_pairs:
             raise ValueError("DPOTrainer needs at least one training pair")
         self.policy, self.reference, self.config = policy, reference, config.check()
@@ -61,9 +58,10 @@ class DPOTrainer:
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the policy has no trainable parameters")
-        self.shared_trunk = (SharedTrunk(policy, reference, recompute_tail=config.recompute_tail)
-                             if config.shared_trunk and first_trainable_layer(policy) > 0 else None)
-        self.eval_cache: HeldOutCache | None = None  # made by the first evaluate (shared trunk only)
+        self.engine = LogProbEngine(policy, reference, share_trunk=config.shared_trunk,
+                                    recompute=config.recompute_tail)
+        self.textbook = textbook
+        self.eval_cache: HeldOutCache | None = None  # made by the first evaluate
         self.optimizer = adamw(self.trainable, config.lr, config.weight_decay, self.device)
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -73,7 +71,6 @@ class DPOTrainer:
         self.epoch = 0
         self.cursor = 0
         self.skipped_nonfinite = 0
-        self.rng = random.Random(config.seed)  # reserved for stochastic choices; checkpointed
         self._order_cache: tuple[int, list[list[int]]] | None = None
 
     # ------------------------------------------------------------------ data order
@@ -114,8 +111,11 @@ class DPOTrainer:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in collate_pairs(pairs, self.pad_token_id).items()}
         c = self.config
         with autocast_context(self.device, self.autocast_dtype):
-            policy_logps, reference_logps = policy_and_reference_logps(
-                self.policy, self.reference, batch, c.logp_reduction, self.shared_trunk)
+            if self.textbook:
+                policy_logps, reference_logps = textbook_policy_and_reference_logps(
+                    self.policy, self.reference, batch, c.logp_reduction)
+            else:
+                policy_logps, reference_logps = self.engine(batch, c.logp_reduction)  # [2B] each
         B = len(pairs)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_logps[:B], policy_logps[B:], reference_logps[:B], reference_logps[B:],
@@ -178,7 +178,7 @@ class DPOTrainer:
     def evaluate(self, pairs: list[TokenizedPair], batch_size: int | None = None) -> EvalResult:
         """Reference vs policy preference accuracy on held-out `pairs`.
 
-        With the shared trunk, the first call on a list of pairs keeps the trunk's output and the
+        The first call on a list of pairs keeps the shared trunk's output (if any) and the
         reference's log-probs (`HeldOutCache`, in `eval_cache`), and later calls on the same list
         run only the policy's tail: the same numbers as `evaluate_pairs`. Another list, or the
         same list with other tokens, builds a new cache; `eval_cache = None` frees it.
@@ -186,11 +186,9 @@ class DPOTrainer:
         settings = dict(pad_token_id=self.pad_token_id, reduction=self.config.logp_reduction,
                         batch_size=batch_size or self.config.batch_size, device=self.device,
                         autocast_dtype=self.autocast_dtype)
-        if self.shared_trunk is None:
-            return evaluate_pairs(self.policy, self.reference, pairs, beta=self.config.beta, **settings)
         if self.eval_cache is None or not self.eval_cache.fits(pairs, **settings):
             self.eval_cache = None  # free the old one before building the new one
-            self.eval_cache = HeldOutCache(self.shared_trunk, pairs, **settings)
+            self.eval_cache = HeldOutCache(self.engine, pairs, **settings)
         return self.eval_cache.evaluate(self.config.beta)
 
     # ------------------------------------------------------------------ state
@@ -217,7 +215,6 @@ class DPOTrainer:
             "param_order": param_order,
             "optimizer_param_groups": opt["param_groups"],
             "scheduler": self.scheduler.state_dict(),
-            "python_rng": _rng_to_json(self.rng.getstate()),
             "config": self.config.to_dict(),
         }
         return tensors, meta
@@ -251,18 +248,7 @@ class DPOTrainer:
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step, self.epoch, self.cursor = meta["step"], meta["epoch"], meta["cursor"]
         self.skipped_nonfinite = meta.get("skipped_nonfinite", 0)
-        self.rng.setstate(_rng_from_json(meta["python_rng"]))
         torch.set_rng_state(tensors["rng.torch"])
         cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
-
-
-def _rng_to_json(state) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _rng_from_json(state) -> tuple:
-    version, internal, gauss = state
-    return version, tuple(internal), gauss

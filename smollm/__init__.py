@@ -3,7 +3,7 @@
     from smollm import load_pretrained, load_tokenizer, generate
 """
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
-from .config import PRESETS, SMOLLM2_135M, SMOLLM_135M, SMOLLM_360M, TINY, ConfigError, SmolLMConfig
+from .config import PRESETS, SMOLLM2_135M, SMOLLM_135M, SMOLLM_360M, ConfigError, SmolLMConfig
 from .generation import generate
 from .model import KVCache, SmolLM
 from .tokenizer import SmolTokenizer, TokenizerError, load_tokenizer
@@ -11,5 +11,5 @@ from .tokenizer import SmolTokenizer, TokenizerError, load_tokenizer
 __all__ = [
     "SmolLM", "SmolLMConfig", "KVCache", "load_pretrained", "save_pretrained", "load_tokenizer",
     "SmolTokenizer", "generate", "CheckpointError", "ConfigError", "TokenizerError", "PRESETS",
-    "SMOLLM_135M", "SMOLLM_360M", "SMOLLM2_135M", "TINY",
+    "SMOLLM_135M", "SMOLLM_360M", "SMOLLM2_135M",
 ]

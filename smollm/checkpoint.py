@@ -125,22 +125,11 @@ def read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Pat
 
 
 def checkpoint_shapes(config: SmolLMConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of `config` holds, by HF name, with its shape (no model built)."""
-    c = config
-    C, I, V, H, KV, D = (c.hidden_size, c.intermediate_size, c.vocab_size, c.num_attention_heads,
-                         c.num_key_value_heads, c.head_dim)
-    shapes = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,),
-            p + "self_attn.q_proj.weight": (H * D, C), p + "self_attn.k_proj.weight": (KV * D, C),
-            p + "self_attn.v_proj.weight": (KV * D, C), p + "self_attn.o_proj.weight": (C, H * D),
-            p + "mlp.gate_proj.weight": (I, C), p + "mlp.up_proj.weight": (I, C), p + "mlp.down_proj.weight": (C, I),
-        })
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, C)
-    return shapes
+    """Every tensor a checkpoint of `config` holds, by HF name, with its shape: read off the
+    model itself, built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        model = SmolLM(config, init_weights=False)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}  # a tied head is listed once
 
 
 def verify_checkpoint(name_or_path: str | os.PathLike) -> SmolLMConfig:
@@ -259,6 +248,10 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def export_state_dict(model: SmolLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """HF-named tensors to save: contiguous CPU copies, the tied head left out (HF re-ties it)."""
+    adapters = [n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    if adapters:
+        raise CheckpointError(f"the model has LoRA adapters ({adapters[0]}, ...): write them with "
+                              "smollm.lora.save_peft, or fold them in with smollm.lora.merge_lora first")
     out = {}
     for name, p in model.named_parameters():  # tied: lm_head.weight is not listed separately
         t = p.detach().to("cpu", dtype=dtype or p.dtype).contiguous()
@@ -301,7 +294,7 @@ def save_pretrained(model: SmolLM, out_dir: str | os.PathLike, *, tokenizer=None
         (out / WEIGHTS_NAME).unlink(missing_ok=True)
 
     if tokenizer is not None:
-        _save_tokenizer(tokenizer, out)
+        save_tokenizer(tokenizer, out)
     return out
 
 
@@ -320,7 +313,8 @@ def _split_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int | None)
     return shards
 
 
-def _save_tokenizer(tokenizer, out: Path) -> None:
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """Write a tokenizer (a `SmolTokenizer`, or a path `load_tokenizer` reads) into folder `out`."""
     from .tokenizer import load_tokenizer
 
     if isinstance(tokenizer, (str, os.PathLike)):

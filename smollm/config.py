@@ -16,7 +16,8 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A config.json that this model cannot run faithfully."""
+    """A setting that cannot work, named in the message: a model config.json this model cannot
+    run faithfully, or a training setting (`dpo.config`) caught before any expensive work."""
 
 
 @dataclass
@@ -160,16 +161,10 @@ SMOLLM_360M = SmolLMConfig(
 SMOLLM2_135M = SmolLMConfig(rope_theta=100000.0, max_position_embeddings=8192)
 # SmolLM-135M-Instruct: the same network, chat special tokens as BOS/EOS.
 SMOLLM_135M_INSTRUCT = SmolLMConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
-# A tiny config for tests: every feature (GQA, tied head) at toy size.
-TINY = SmolLMConfig(
-    vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-)
 
 PRESETS: dict[str, SmolLMConfig] = {
     "smollm-135m": SMOLLM_135M,
     "smollm-135m-instruct": SMOLLM_135M_INSTRUCT,
     "smollm-360m": SMOLLM_360M,
     "smollm2-135m": SMOLLM2_135M,
-    "tiny": TINY,
 }

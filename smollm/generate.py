@@ -1,8 +1,12 @@
-"""`python -m smollm.generate`: the generation command line (see smollm.generation.main).
+"""`python -m smollm.generate`: the generation command line, as `python -m smollm` (`smollm.cli`).
 
-The `generate` function itself lives in smollm.generation and is exported as smollm.generate.
+Only for running. Imported, a module of this name would replace the `smollm.generate`
+function on the package, so importing it is refused; the command line is `smollm.cli.main`.
 """
-from smollm.generation import main
+if __name__ != "__main__":
+    raise ImportError("smollm.generate is the generate() function; the command line is smollm.cli "
+                      "(python -m smollm.generate runs it)")
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+from smollm.cli import main  # noqa: E402
+
+raise SystemExit(main())

@@ -7,15 +7,11 @@ Shape legend: B batch, T new positions, S attended positions (cached + new), C h
 H query heads, KV key/value heads, D head dim, V vocabulary, I MLP width, N real (non-padding)
 tokens of a batch.
 
-Two things make training lighter without changing a number (tests/test_batch_logps.py):
-* Padding costs nothing: a padded batch without a KV cache runs as one row of its N real
-  tokens (`Packing`), since every layer but attention treats tokens one by one, and
-  attention runs causally within each sequence. Padding positions come out as zero hidden
-  states. Rows named as sharing a prefix (DPO's chosen and rejected answers to one prompt)
-  run their common leading tokens once.
-* RMSNorm and the SwiGLU MLP have hand-written backwards (`RMSNormFunction`, `SwiGLUDown`)
-  that keep fewer activations for backward than autograd would, and recompute the cheap
-  elementwise rest.
+Two things make it lighter without changing a number, each in its own module:
+* `smollm.layout`: which positions attend to which. A padded batch runs as one row of its
+  real tokens (`Packing`), and rows that share leading tokens run them once.
+* `smollm.autograd`: RMSNorm and the SwiGLU MLP with hand-written backwards that keep fewer
+  activations than autograd would.
 
 Parameter names equal HuggingFace's LlamaForCausalLM (`model.layers.{i}.self_attn.q_proj.weight`,
 ...), so a checkpoint loads by name with no renaming, and `save_pretrained` writes one that
@@ -24,14 +20,14 @@ tables kept in fp32, softmax inside scaled_dot_product_attention.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .autograd import RMSNormFunction, SwiGLUDown, plain_linear
 from .config import SmolLMConfig
+from .layout import Layout, Packing
 
 
 class RMSNorm(nn.Module):
@@ -44,35 +40,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return RMSNormFunction.apply(x, self.weight, self.eps)
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """The norm with a hand-written backward, to keep less for it.
-
-    Autograd would keep x and the normalised x (two [.., C] tensors); this keeps x and the
-    per-row 1/rms [.., 1], and recomputes the normalised x in backward. Forward is the same
-    arithmetic as HF's LlamaRMSNorm, so outputs are bit-identical.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps: float):
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # [.., 1] fp32
-        ctx.save_for_backward(x, weight, rstd)
-        return weight * (x.float() * rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        normed = x.float() * rstd  # [.., C] fp32
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed.to(x.dtype)).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            g = (grad * weight).float()  # d loss / d normed
-            # d normed / d x = rstd * (I - normed normed^T / C)
-            grad_x = (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype)
-        return grad_x, grad_weight, None
 
 
 class RotaryEmbedding(nn.Module):
@@ -147,119 +114,6 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-@dataclass(frozen=True, eq=False)  # eq=False: never compare the mask tensors
-class Segment:
-    """One row's tokens in a packed row: packed positions [start, start + length).
-
-    They attend causally to themselves and, before that, to all of `prefix_length` tokens at
-    [prefix_start, prefix_start + prefix_length): the leading tokens this row shares with
-    another row, computed once there. `mask` [length, prefix_length + length] is the boolean
-    mask of that (None when there is no prefix: plain causal).
-    """
-    start: int
-    length: int
-    prefix_start: int = 0
-    prefix_length: int = 0
-    mask: torch.Tensor | None = None
-
-
-class Packing:
-    """Where the real tokens of a padded batch are, to run them as one row [1, N, ...].
-
-    Each row's real tokens must be one contiguous run (right or left padding); `of` returns
-    None otherwise. Rows are packed one after another, each one a `Segment`.
-
-    Shared prefixes: for a pair of rows (a, b) given to `of`, the tokens b has in common with
-    a from the start (e.g. the prompt both DPO answers continue) are computed once, in a's
-    segment; b's segment holds only its tokens after them and attends to a's copy of the
-    prefix. Exact: a position's hidden state depends only on the tokens up to it, so the
-    prefix's states are the same in both rows. `unpack` gives both rows their prefix states.
-    """
-
-    def __init__(self, index: torch.Tensor, position_ids: torch.Tensor, segments: list[Segment],
-                 gather: torch.Tensor, shape: tuple[int, int]):
-        self.index = index  # [N] flat indices into [B*T] of the packed tokens, in order
-        self.position_ids = position_ids  # [1, N] each packed token's position in its own row
-        self.segments = segments  # one per row with tokens of its own, covering [0, N) in order
-        self.gather = gather  # [B*T] packed position of every (row, position); N for padding
-        self.shape = shape  # (B, T)
-
-    @classmethod
-    def of(cls, attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None,
-           shared_prefixes: list[tuple[int, int]] | None = None) -> "Packing | None":
-        """The packing of a [B, T] mask; None when a row's real tokens are not contiguous.
-
-        shared_prefixes: pairs of rows (a, b), each row in at most one pair, whose common
-        leading tokens (by `input_ids`) are computed once, in row a.
-        """
-        device = attention_mask.device
-        real = attention_mask.bool().cpu()  # [B, T]: index bookkeeping is done on the CPU
-        B, T = real.shape
-        counts = real.sum(-1)  # [B]
-        first = real.long().argmax(-1)  # [B] first real position (0 for an empty row)
-        inside = torch.arange(T)[None, :] - first[:, None]  # [B, T]
-        if not bool((real == ((inside >= 0) & (inside < counts[:, None]))).all()):
-            return None  # a row with a hole in it: keep the padded path
-        counts, first = counts.tolist(), first.tolist()
-        partner: dict[int, int] = {}  # row b -> row a whose prefix it reuses
-        shared = [0] * B  # b's leading tokens equal to a's
-        if shared_prefixes:
-            if input_ids is None:
-                raise ValueError("shared_prefixes needs input_ids, to find the common prefixes")
-            ids = input_ids.cpu()
-            for a, b in shared_prefixes:
-                if not (0 <= a < B and 0 <= b < B) or a == b or {a, b} & (partner.keys() | set(partner.values())):
-                    raise ValueError(f"shared_prefixes: ({a}, {b}) must be two different rows of {B}, "
-                                     "each in at most one pair")
-                n = min(counts[a], counts[b])
-                differs = (ids[a, first[a]:first[a] + n] != ids[b, first[b]:first[b] + n]).nonzero()
-                partner[b], shared[b] = a, int(differs[0]) if len(differs) else n
-        # Layout: first the rows that own all their tokens, then the rest of each row that
-        # reuses a prefix (DPO: the chosen rows, then what each rejected row adds to its prompt).
-        start = [0] * B  # packed position of each owning row's first real token
-        cursor = 0
-        for r in range(B):
-            if r not in partner:
-                start[r], cursor = cursor, cursor + counts[r]
-        own_start = {}  # packed position of the first token after a reusing row's shared prefix
-        for r in sorted(partner):
-            own_start[r], cursor = cursor, cursor + counts[r] - shared[r]
-        # gather: [B, T] -> packed position; a row's j-th real token is at start + j, except the
-        # second row of a pair, whose first `shared` tokens are its partner's.
-        gather = torch.full((B, T), cursor, dtype=torch.long)  # padding -> N (a zero row)
-        index = torch.empty(cursor, dtype=torch.long)
-        positions = torch.empty(cursor, dtype=torch.long)  # positions count a row's real tokens
-        segments = []
-        for r in range(B):
-            j = torch.arange(counts[r])  # [n] real token number
-            if r in partner:
-                a, L = partner[r], shared[r]
-                gather[r, first[r]:first[r] + counts[r]] = torch.where(j < L, start[a] + j, own_start[r] + j - L)
-                index[own_start[r]:own_start[r] + counts[r] - L] = r * T + first[r] + j[L:]
-                positions[own_start[r]:own_start[r] + counts[r] - L] = j[L:]
-                if counts[r] > L:
-                    n = counts[r] - L  # query i (position L + i) sees prefix keys and own keys <= i
-                    mask = torch.ones(n, L + n, dtype=torch.bool).tril(diagonal=L)
-                    segments.append(Segment(own_start[r], n, start[a], L, mask.to(device) if L else None))
-            else:
-                gather[r, first[r]:first[r] + counts[r]] = start[r] + j
-                index[start[r]:start[r] + counts[r]] = r * T + first[r] + j
-                positions[start[r]:start[r] + counts[r]] = j
-                if counts[r]:
-                    segments.append(Segment(start[r], counts[r]))
-        segments.sort(key=lambda seg: seg.start)
-        return cls(index.to(device), positions[None].to(device), segments, gather.flatten().to(device), (B, T))
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, ...] -> [1, N, ...]: the packed positions, segment after segment."""
-        return x.flatten(0, 1)[self.index].unsqueeze(0)
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[1, N, ...] -> [B, T, ...], zeros at padding positions; a shared prefix goes to both rows."""
-        rows = torch.cat([x[0], x.new_zeros((1, *x.shape[2:]))])  # [N + 1, ...]: the last for padding
-        return rows[self.gather].view(*self.shape, *x.shape[2:])
-
-
 class Attention(nn.Module):
     """Causal grouped-query self-attention: H query heads share KV key/value heads."""
 
@@ -271,10 +125,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, layer_idx: int = 0):
-        """mask: None (plain causal), a boolean [B, 1, T, S] tensor, or the `Packing.segments`
-        when x [1, N, C] holds several sequences packed one after another (each attends
-        causally to itself, and to its shared prefix if it has one)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout,
+                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]; `layout` says which positions each one attends to."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
@@ -282,28 +135,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # [B, KV, S, D]
-        # Grouped-query attention: each KV head serves H // KV query heads (enable_gqa: without
-        # copying k and v H // KV times).
-        if mask is None:  # no padding, no cache: the plain causal mask, fastest kernels
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
-        elif isinstance(mask, list):  # packed sequences: each one attends within itself
-            y = torch.cat([self._attend_segment(q, k, v, seg) for seg in mask], dim=2).transpose(1, 2)  # [1, N, H, D]
-        else:  # mask [B, 1, T, S]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+        y = layout.attend(q, k, v).transpose(1, 2)  # [B, T, H, D]
         y = y.reshape(B, T, self.num_heads * self.head_dim)  # [B, T, H*D]
         return self.o_proj(y)
-
-    @staticmethod
-    def _attend_segment(q, k, v, seg: Segment) -> torch.Tensor:
-        """Attention of one packed segment: q [1, H, N, D], k, v [1, KV, N, D] -> [1, H, n, D]."""
-        own = slice(seg.start, seg.start + seg.length)
-        if seg.prefix_length == 0:
-            return F.scaled_dot_product_attention(q[:, :, own], k[:, :, own], v[:, :, own], is_causal=True,
-                                                  enable_gqa=True)
-        prefix = slice(seg.prefix_start, seg.prefix_start + seg.prefix_length)
-        keys = torch.cat([k[:, :, prefix], k[:, :, own]], dim=2)  # [1, KV, L + n, D]
-        values = torch.cat([v[:, :, prefix], v[:, :, own]], dim=2)  # [1, KV, L + n, D]
-        return F.scaled_dot_product_attention(q[:, :, own], keys, values, attn_mask=seg.mask, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -316,42 +150,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
-
-
-class SwiGLUDown(torch.autograd.Function):
-    """down_proj(silu(gate) * up) with a hand-written backward, to keep less for it.
-
-    Autograd would keep gate, silu(gate), up and their product: four [.., I] tensors, the
-    largest activations of a block. This keeps gate and up and recomputes the other two
-    (elementwise, cheap) in backward, with the same kernels, so gradients are bit-identical.
-    Under autocast it computes in the autocast dtype, as F.linear would.
-    """
-
-    @staticmethod
-    def forward(ctx, gate, up, weight):
-        device = gate.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        ctx.save_for_backward(gate, up, weight)
-        ctx.dtype = dtype
-        with torch.autocast(device, enabled=False):
-            return F.linear((F.silu(gate) * up).to(dtype), weight.to(dtype))  # [.., C]
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up, weight = ctx.saved_tensors
-        with torch.autocast(gate.device.type, enabled=False):
-            silu = F.silu(gate)
-            grad = grad.to(ctx.dtype)
-            grad_weight = None
-            if ctx.needs_input_grad[2]:
-                hidden = (silu * up).to(ctx.dtype)  # [.., I], as in forward
-                grad_weight = (grad.reshape(-1, grad.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1]))
-                grad_weight = grad_weight.to(weight.dtype)  # [C, I]
-            grad_hidden = (grad @ weight.to(ctx.dtype)).to(silu.dtype)  # [.., I]
-            grad_up = grad_hidden * silu
-            grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)
-        return grad_gate, grad_up, grad_weight
+        gate, up = self.gate_proj(x), self.up_proj(x)  # [.., I] each
+        if plain_linear(self.down_proj):  # nothing but F.linear: fused, keeping less for backward
+            return SwiGLUDown.apply(gate, up, self.down_proj.weight)
+        return self.down_proj(F.silu(gate) * up)  # an adapter or hooked module runs as itself
 
 
 class Block(nn.Module):
@@ -365,8 +167,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
         self.mlp = MLP(hidden_size, intermediate_size)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, layer_idx: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_idx)
+    def forward(self, x, cos, sin, layout: Layout, kv_cache: KVCache | None = None, layer_idx: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -413,75 +215,67 @@ class SmolLM(nn.Module):
         attention_mask [B, S], 1 for real tokens and 0 for padding, covers the cached positions
         too (S = kv_cache.length + T). Right or left padding both work: positions count from
         each row's first real token, and no real token attends to a padding token.
-        pack: run a padded batch as its real tokens only (see the module docstring);
+        pack: run a padded batch as its real tokens only (`smollm.layout.Packing`);
         pack=False computes every padding position too (the textbook way, same real logits).
         """
         hidden = self.hidden_states(input_ids, attention_mask, kv_cache, pack=pack)
         return self.lm_head(hidden)  # [B, T, V]
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      kv_cache: KVCache | None = None, *, start_layer: int = 0,
-                      end_layer: int | None = None, hidden: torch.Tensor | None = None,
-                      final_norm: bool = True, pack: bool = True, recompute: bool = False,
-                      packing: Packing | None = None) -> torch.Tensor:
-        """The residual stream [B, T, C] after blocks [start_layer, end_layer), then the final norm.
-
-        The defaults run the whole trunk. `start_layer`/`end_layer`/`hidden` run a slice of it
-        (used to share a frozen trunk between policy and reference); `final_norm=False` skips
-        model.norm, e.g. when more blocks follow. `pack`: see `forward`. `recompute`
-        (activation checkpointing): keep only each block's input for backward and run the
-        block again during backward; same gradients, less memory, one more forward of the blocks.
-        `packing`: the batch's `Packing` to run by, e.g. one with shared prefixes, made once
-        for several calls on the same batch (default: made here from `attention_mask` when
-        `pack` and the batch has padding). With shared prefixes and `hidden`, a reusing row's
-        states at its shared positions are not read: its partner's stand for them (equal when
-        both come from the same tokens, as in a shared trunk).
-        """
-        end_layer = self.config.num_hidden_layers if end_layer is None else end_layer
-        past = kv_cache.length if kv_cache is not None else 0
-        x = self.model.embed_tokens(input_ids) if hidden is None else hidden  # [B, T, C]
-        if (packing is None and pack and kv_cache is None and attention_mask is not None
-                and not bool(attention_mask.bool().all())):
+                      kv_cache: KVCache | None = None, *, pack: bool = True) -> torch.Tensor:
+        """The final-normed residual stream [B, T, C] (what the LM head reads); see `forward`."""
+        x = self.model.embed_tokens(input_ids)  # [B, T, C]
+        packing = None
+        if pack and kv_cache is None and attention_mask is not None and not bool(attention_mask.bool().all()):
             packing = Packing.of(attention_mask)  # None if a row has holes: the padded path below
-        if packing is not None:  # run the real tokens only, each shared prefix once
-            if kv_cache is not None or packing.shape != tuple(input_ids.shape):
-                raise ValueError(f"a Packing of shape {packing.shape} cannot run input_ids of shape "
-                                 f"{tuple(input_ids.shape)}{' with a KV cache' if kv_cache is not None else ''}")
-            self._check_positions(past=0, new=input_ids.shape[1])
-            x = packing.pack(x)  # [1, N, C]
-            position_ids, mask = packing.position_ids, packing.segments  # [1, N], a Segment per row
-        else:
-            position_ids, mask = self._positions_and_mask(input_ids, attention_mask, past)
+        if packing is not None:  # the real tokens only, as one row [1, N, C]
+            self.check_positions(past=0, new=input_ids.shape[1])
+            x = self.run_layers(packing.pack(x), packing.position_ids, packing.layout)
+            return packing.unpack(self.model.norm(x))  # [B, T, C], zeros at padding
+        past = kv_cache.length if kv_cache is not None else 0
+        position_ids, layout = self.positions_and_layout(input_ids, attention_mask, past)
+        x = self.run_layers(x, position_ids, layout, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += input_ids.shape[1]
+        return self.model.norm(x)
+
+    def run_layers(self, x: torch.Tensor, position_ids: torch.Tensor, layout: Layout, start: int = 0,
+                   end: int | None = None, *, kv_cache: KVCache | None = None,
+                   recompute: bool = False) -> torch.Tensor:
+        """Blocks [start, end) on the residual stream x [B, T, C] at `position_ids` [B, T].
+
+        Running a slice lets a frozen trunk be computed once and shared (`dpo.engine`).
+        recompute (activation checkpointing): keep only each block's input for backward and
+        run the block again during backward; same gradients, less memory.
+        """
+        end = self.config.num_hidden_layers if end is None else end
         cos, sin = self.rotary(position_ids)  # [B, 1, T, D] each
         recompute = recompute and kv_cache is None and torch.is_grad_enabled()
-        for i in range(start_layer, end_layer):
+        for i in range(start, end):
             if recompute:
-                x = checkpoint(self.model.layers[i], x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(self.model.layers[i], x, cos, sin, layout, use_reentrant=False)
             else:
-                x = self.model.layers[i](x, cos, sin, mask, kv_cache, i)
-        if kv_cache is not None and end_layer == self.config.num_hidden_layers:
-            kv_cache.length += input_ids.shape[1]
-        x = self.model.norm(x) if final_norm else x
-        return packing.unpack(x) if packing is not None else x  # [B, T, C]
+                x = self.model.layers[i](x, cos, sin, layout, kv_cache, i)
+        return x
 
-    def _check_positions(self, past: int, new: int) -> None:
+    def check_positions(self, past: int, new: int) -> None:
         if past + new > self.config.max_position_embeddings:  # positions never exceed S - 1
             raise ValueError(
                 f"{past + new} positions (cached {past} + new {new}) exceed max_position_embeddings="
                 f"{self.config.max_position_embeddings}"
             )
 
-    def _positions_and_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                            past: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Position ids [B, T] and a boolean attention mask [B, 1, T, S] (None: plain causal)."""
+    def positions_and_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                             past: int = 0) -> tuple[torch.Tensor, Layout]:
+        """Position ids [B, T] and the padded layout: causal, or a boolean mask [B, 1, T, S]."""
         B, T = input_ids.shape
         S = past + T
-        self._check_positions(past, T)
+        self.check_positions(past, T)
         device = input_ids.device
         if attention_mask is None:
             position_ids = torch.arange(past, S, device=device).expand(B, T)
             if past == 0:
-                return position_ids, None
+                return position_ids, Layout()
             attention_mask = torch.ones(B, S, dtype=torch.long, device=device)
         if attention_mask.shape != (B, S):
             raise ValueError(
@@ -492,13 +286,13 @@ class SmolLM(nn.Module):
         # Positions count real tokens only, so left padding shifts nothing.
         position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
         if past == 0 and bool(real.all()):
-            return position_ids, None
+            return position_ids, Layout()
         query_pos = torch.arange(past, S, device=device)[:, None]  # [T, 1]
         key_pos = torch.arange(S, device=device)[None, :]  # [1, S]
         causal = key_pos <= query_pos  # [T, S]
         # A padding query would see no key at all (a NaN row); let every query see itself.
         allowed = causal & (real[:, None, :] | (key_pos == query_pos))  # [B, T, S]
-        return position_ids, allowed[:, None]  # [B, 1, T, S]
+        return position_ids, Layout(mask=allowed[:, None])  # [B, 1, T, S]
 
     def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache for `batch_size` sequences of up to `max_length` positions."""

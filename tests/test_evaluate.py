@@ -29,7 +29,7 @@ def make_trainer(seed: int = 0, train_last: int = TRAIN_LAST, **settings) -> DPO
     policy = random_model(small_config(num_hidden_layers=LAYERS), seed=seed)
     freeze_all_but_last(policy, train_last)
     reference = frozen_reference(policy)
-    config = TrainConfig(**{"batch_size": 4, "beta": 0.5, "lr": 3e-3, **settings})
+    config = TrainConfig(**{"batch_size": 4, "beta": 0.5, "lr": 3e-3, "dtype": "float32", **settings})
     return DPOTrainer(policy, reference, held_out_pairs(16, seed=seed + 100), config, pad_token_id=0, device="cpu")
 
 
@@ -37,7 +37,7 @@ def uncached(trainer: DPOTrainer, pairs: list[TokenizedPair]) -> EvalResult:
     """What DPOTrainer.evaluate computed before the cache: everything, every time."""
     return evaluate_pairs(trainer.policy, trainer.reference, pairs, pad_token_id=0, beta=trainer.config.beta,
                           reduction=trainer.config.logp_reduction, batch_size=trainer.config.batch_size,
-                          autocast_dtype=trainer.autocast_dtype, shared_trunk=trainer.shared_trunk)
+                          autocast_dtype=trainer.autocast_dtype, engine=trainer.engine)
 
 
 def assert_same(a: EvalResult, b: EvalResult, tol: float = 1e-6) -> None:
@@ -50,7 +50,7 @@ class CallCounter:
 
     def __init__(self, trainer: DPOTrainer):
         self.calls: Counter[str] = Counter()
-        K, pol, ref = trainer.shared_trunk.split, trainer.policy.model, trainer.reference.model
+        K, pol, ref = trainer.engine.split, trainer.policy.model, trainer.reference.model
         parts = {"trunk": [pol.embed_tokens, *pol.layers[:K], ref.embed_tokens, *ref.layers[:K]],
                  "reference tail": [*ref.layers[K:], ref.norm],
                  "policy tail": [*pol.layers[K:], pol.norm]}
@@ -91,7 +91,7 @@ def test_later_evaluations_run_only_the_policy_tail_and_step_0_runs_one_tail():
     pairs = held_out_pairs(10, seed=4)
     batches, tail = 3, LAYERS - TRAIN_LAST + 1  # blocks K..L-1 and the final norm
     counter = CallCounter(trainer)
-    assert trainer.shared_trunk.policy_is_reference()
+    assert trainer.engine.policy_is_reference()
     _, before = counter.during(lambda: uncached(trainer, pairs))  # today: trunk and two tails
     assert before == {"trunk": batches * (1 + TRAIN_LAST), "reference tail": batches * tail,
                       "policy tail": batches * tail}
@@ -100,7 +100,7 @@ def test_later_evaluations_run_only_the_policy_tail_and_step_0_runs_one_tail():
     _, again = counter.during(lambda: trainer.evaluate(pairs))  # still step 0: nothing to run
     assert again == {}
     trainer.train_step()
-    assert not trainer.shared_trunk.policy_is_reference()
+    assert not trainer.engine.policy_is_reference()
     for _ in range(2):
         _, later = counter.during(lambda: trainer.evaluate(pairs))
         assert later == {"policy tail": batches * tail}
@@ -143,17 +143,22 @@ def test_the_cache_is_rebuilt_when_the_pairs_or_the_settings_change():
     assert trainer.eval_cache is not cache
 
 
-def test_without_a_shared_trunk_the_evaluation_is_uncached():
+def test_without_a_shared_trunk_only_the_reference_is_cached():
+    """--no-shared-trunk, or everything trained (nothing frozen): no trunk to keep, but the
+    reference's log-probs are still computed once, and the numbers are evaluate_pairs'."""
     pairs = held_out_pairs(6, seed=9)
     for trainer in (make_trainer(seed=10, shared_trunk=False), make_trainer(seed=10, train_last=LAYERS)):
-        assert trainer.shared_trunk is None  # --no-shared-trunk; everything trains (nothing frozen)
+        assert trainer.engine.split == 0
         trainer.train_step()
-        result = trainer.evaluate(pairs)
-        assert trainer.eval_cache is None
+        counter = CallCounter(trainer)
+        result, calls = counter.during(lambda: trainer.evaluate(pairs))
+        assert all(b.trunk is None for b in trainer.eval_cache.batches)
         assert_same(result, uncached(trainer, pairs))
         assert result.mean_margin != 0
+        _, later = counter.during(lambda: trainer.evaluate(pairs))
+        assert "reference tail" not in later and later["policy tail"] == calls["policy tail"]
     with pytest.raises(ValueError, match="at least one pair"):
-        HeldOutCache(make_trainer().shared_trunk, [], pad_token_id=0)
+        HeldOutCache(make_trainer().engine, [], pad_token_id=0)
 
 
 def test_bf16_autocast_cached_evaluation_follows_uncached():

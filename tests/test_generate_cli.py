@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from smollm import generate, load_pretrained, load_tokenizer
-from smollm.generation import main
+from smollm.cli import main
 
 from model_utils import save_random_checkpoint, small_config
 
@@ -31,15 +31,17 @@ def checkpoint(tmp_path_factory, tokenizer_json) -> Path:
 @pytest.fixture(scope="module")
 def runs(checkpoint, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     model = ["--model", str(checkpoint), "--device", "cpu", "--prompt", "Hello", "--max-new-tokens", "5"]
-    commands = {
-        "greedy": model,
-        "missing-model": ["--model", str(tmp_path_factory.mktemp("empty") / "no-such-model"), "--prompt", "Hi"],
+    commands = {  # name: (module, arguments)
+        "greedy": ("smollm.generate", model),
+        "greedy-package": ("smollm", model),  # python -m smollm: the same command
+        "missing-model": ("smollm.generate",
+                          ["--model", str(tmp_path_factory.mktemp("empty") / "no-such-model"), "--prompt", "Hi"]),
     }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SMOLLM_OFFLINE": "1"}
     procs = {
-        name: subprocess.Popen([sys.executable, "-m", "smollm.generate", *args], cwd=REPO, env=env,
+        name: subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
-        for name, args in commands.items()
+        for name, (module, args) in commands.items()
     }
     results = {}
     try:
@@ -123,3 +125,16 @@ def test_negative_values_are_usage_errors(checkpoint, capsys, flag, value):
     code, _, err = run_main(capsys, "--model", str(checkpoint), "--prompt", "Hi", flag, value)
     assert code == 2
     assert f"{flag} must be >= 0" in err
+
+
+def test_python_m_smollm_is_the_same_command(runs):
+    assert runs["greedy-package"].returncode == 0, runs["greedy-package"].stderr
+    assert runs["greedy-package"].stdout == runs["greedy"].stdout
+
+
+def test_the_command_module_cannot_shadow_the_generate_function():
+    import smollm
+
+    with pytest.raises(ImportError, match="smollm.cli"):
+        import smollm.generate  # noqa: F401
+    assert callable(smollm.generate) and smollm.generate is generate

@@ -179,3 +179,54 @@ def test_generate_accepts_several_eos_ids():
     assert generate(ScriptedLM(script), ids, 6, eos_token_id=0)[:, 3:].tolist() == [[5, 6, 2, 7, 7, 7],
                                                                                    [8, 0, 0, 0, 0, 0]]
     assert generate(ScriptedLM(script), ids, 6, eos_token_id=[])[:, 3:].tolist() == script
+
+
+class _Scaled(torch.nn.Module):
+    """A stand-in adapter: a Linear whose output is scaled (what a LoRA-wrapped layer looks like
+    to the model: a module, not a weight)."""
+
+    def __init__(self, linear: torch.nn.Linear, scale: float):
+        super().__init__()
+        self.linear, self.scale = linear, scale
+
+    def forward(self, x):
+        return self.linear(x) * self.scale
+
+
+def test_the_mlp_calls_a_down_projection_it_cannot_fuse():
+    """The fused SwiGLU kernel reads down_proj's weight only when down_proj is a plain Linear;
+    a wrapped module or a hook is called as itself (no module's weight read around its forward)."""
+    from smollm.autograd import plain_linear
+
+    torch.manual_seed(0)
+    model = random_model(small_config())
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, model.config.hidden_size)
+    assert plain_linear(mlp.down_proj)
+    plain = mlp(x)
+    torch.testing.assert_close(plain, mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+    mlp.down_proj = _Scaled(mlp.down_proj, 2.0)
+    assert not plain_linear(mlp.down_proj)
+    torch.testing.assert_close(mlp(x), 2 * plain)
+    mlp.down_proj = mlp.down_proj.linear
+    handle = mlp.down_proj.register_forward_hook(lambda module, args, out: out * 3)
+    assert not plain_linear(mlp.down_proj)
+    torch.testing.assert_close(mlp(x), 3 * plain)
+    handle.remove()
+    assert plain_linear(mlp.down_proj)
+
+
+def test_a_layout_is_causal_masked_or_packed():
+    from smollm.layout import Layout, Packing
+
+    with pytest.raises(ValueError, match="not both"):
+        Layout(mask=torch.ones(1, 1, 2, 2, dtype=torch.bool), segments=())
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    packing = Packing.of(mask)
+    assert packing.layout.segments == tuple(packing.segments) and packing.layout.mask is None
+    model = random_model(small_config())
+    ids = torch.randint(5, 100, (2, 4))
+    positions, layout = model.positions_and_layout(ids, torch.ones_like(ids))
+    assert layout.mask is None and layout.segments is None  # no padding: plain causal
+    positions, layout = model.positions_and_layout(ids, mask)
+    assert layout.mask.shape == (2, 1, 4, 4) and positions[1].tolist() == [0, 0, 1, 2]

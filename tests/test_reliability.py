@@ -109,7 +109,7 @@ def test_checkpoints_hold_everything_needed_to_resume(tiny, tmp_path):
         assert {f"optim.{k}.exp_avg", f"optim.{k}.exp_avg_sq", f"optim.{k}.step"} <= tensors.keys()
     assert tensors["rng.torch"].dtype == torch.uint8
     assert meta["step"] == 5 and (meta["epoch"], meta["cursor"]) == (0, 5)  # data-order position
-    assert meta["scheduler"]["last_epoch"] == 5 and len(meta["python_rng"][1]) == 625
+    assert meta["scheduler"]["last_epoch"] == 5 and "python_rng" not in meta  # no unused state
     assert meta["config"] == config.to_dict() and len(meta["data_fingerprint"]) == 16
     # before training, then about 5 per run (every step of these 5); the final one comes after this checkpoint
     assert [e["step"] for e in meta["evals"]] == [0, 1, 2, 3, 4]

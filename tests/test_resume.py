@@ -87,7 +87,8 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    weights = "adapter_model.safetensors" if (a / "final" / "adapter_model.safetensors").is_file() else "model.safetensors"
+    wa, wb = load_file(a / "final" / weights), load_file(b / "final" / weights)
     assert wa.keys() == wb.keys()
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not different, f"final weights differ: {different}"
@@ -95,15 +96,21 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert [r["step"] for r in rb] == list(range(1, MAX_STEPS + 1))
     assert without_timing(ra) == without_timing(rb)
     ea, eb = (json.loads((d / "eval.json").read_text()) for d in (a, b))
+    assert ea.pop("timing") and eb.pop("timing")  # wall times differ, nothing else may
     assert ea == eb  # accuracies, margins, the eval history, data counts
 
 
+LORA = ["--lora-r", "4", "--lora-dropout", "0.1", "--lora-targets", "q_proj", "v_proj", "down_proj"]
+
+
 @pytest.mark.slow
-def test_sigkill_sigint_and_resume_end_bitwise_like_an_uninterrupted_run(tiny, tmp_path):
+@pytest.mark.parametrize("flags", [[], LORA], ids=["last-block", "lora"])
+def test_sigkill_sigint_and_resume_end_bitwise_like_an_uninterrupted_run(tiny, tmp_path, flags):
     plain, broken = tmp_path / "plain", tmp_path / "broken"
-    # The uninterrupted run and the one to be killed run side by side.
-    reference = start(train_args(tiny, plain, "--save-every", "1"))
-    victim = start(train_args(tiny, broken, "--save-every", "1"))
+    # The uninterrupted run and the one to be killed run side by side. With LoRA (dropout
+    # included, so the RNG state must resume too), final/ is peft's adapter folder.
+    reference = start(train_args(tiny, plain, "--save-every", "1", *flags))
+    victim = start(train_args(tiny, broken, "--save-every", "1", *flags))
     wait_until(checkpoint_past(broken, 3), victim, "a checkpoint at step 3")
     victim.send_signal(signal.SIGKILL)
     assert finish(victim)[0] == -signal.SIGKILL  # killed, not finished

@@ -78,6 +78,28 @@ def test_sft_end_to_end_lowers_held_out_nll_and_feeds_dpo(tmp_path, tokenizer_js
     assert (tmp_path / "dpo" / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_sft_with_lora_writes_peft_adapters_or_merged_weights(tmp_path, tokenizer_json):
+    """dpo.sft takes dpo.train's LoRA flags: adapters train, and final/ is peft's folder, or with
+    --merge-lora a HuggingFace model that dpo.train can start from."""
+    from smollm.lora import load_peft
+
+    base = save_random_checkpoint(tmp_path / "base", small_config(), tokenizer=load_tokenizer(tokenizer_json))
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_synthetic_pairs(60))
+    common = ["--model", str(base), "--data", str(data), "--num-pairs", "16", "--eval-pairs", "8", "--batch-size",
+              "8", "--lr", "1e-2", "--max-steps", "3", "--no-progress", "--lora-r", "4", "--lora-layers", "1"]
+    assert sft.main(common + ["--output-dir", str(tmp_path / "peft")]) == 0
+    ev = json.loads((tmp_path / "peft" / "eval.json").read_text())
+    assert ev["after"]["nll"] < ev["before"]["nll"]  # the adapters learn
+    adapted = load_pretrained(base)
+    assert load_peft(adapted, tmp_path / "peft" / "final").layers == [1]
+    assert sft.main(common + ["--output-dir", str(tmp_path / "merged"), "--merge-lora"]) == 0
+    merged = load_pretrained(tmp_path / "merged" / "final")
+    ids = torch.randint(5, 300, (2, 9))
+    with torch.no_grad():  # the same run (same seed), two ways of writing it
+        torch.testing.assert_close(merged(ids), adapted(ids), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--lr", "0", "--lr: must be a positive"),
     ("--batch-size", "0", "--batch-size: must be at least 1"),

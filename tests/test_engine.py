@@ -1,4 +1,5 @@
-"""The fast path (shared frozen trunk, head only at response positions) equals the plain path."""
+"""The log-prob engine (real tokens only, shared frozen trunk, head only at response positions)
+equals the textbook path, in every way of training: log-probs, gradients and trajectories."""
 from __future__ import annotations
 
 import copy
@@ -6,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from dpo.batch_logps import SharedTrunk, head_logps, plain_logps, policy_and_reference_logps
+from dpo.engine import (LogProbEngine, head_logps, plain_logps, run_layers,
+                        textbook_policy_and_reference_logps)
 from dpo.config import TrainConfig
 from dpo.freeze import first_trainable_layer, freeze_all_but_last, frozen_reference
 from dpo.logprobs import sequence_logprobs
@@ -33,44 +35,79 @@ def _policy_and_reference(n_train: int, seed: int = 0):
     return policy, frozen_reference(policy)
 
 
-def _train(n_train: int, seed: int, pairs: list[TokenizedPair], steps: int, **settings):
+def _train(n_train: int, seed: int, pairs: list[TokenizedPair], steps: int, textbook: bool = False, **settings):
     """A fresh policy/reference trained `steps` steps: (trainer, losses, final trainable weights)."""
     policy, reference = _policy_and_reference(n_train, seed=seed)
-    trainer = DPOTrainer(policy, reference, pairs, TrainConfig(**settings), pad_token_id=0, device="cpu")
+    trainer = DPOTrainer(policy, reference, pairs, TrainConfig(**{"dtype": "float32", **settings}), pad_token_id=0,
+                         device="cpu", textbook=textbook)
     losses = [trainer.train_step()["loss"] for _ in range(steps)]
     return trainer, losses, {n: t.clone() for n, t in trainer.trainable_state().items()}
 
 
+# Every way of training, on a 4-block model: (blocks trained, share_trunk, K the shared trunk's depth).
+MODES = {
+    "last-2-blocks": (2, True, 2),
+    "full-fine-tuning": (4, True, 0),  # the embedding trains (tied to the head): nothing is shared
+    "no-shared-trunk": (2, False, 0),  # --no-shared-trunk: each model from its own embedding
+    "head-only": (0, True, 4),
+}
+
+
+def _param_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_shared_trunk_gives_plain_losses_and_gradients(reduction):
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_gives_textbook_logps_and_gradients(mode, reduction):
     """Same log-probs and the same gradients on every trainable parameter (fp32, 1e-5)."""
-    pol_a, ref_a = _policy_and_reference(2)
-    pol_b, ref_b = copy.deepcopy(pol_a), None
+    n_train, share, depth = MODES[mode]
+    pol_a, ref_a = _policy_and_reference(n_train)
+    pol_b = copy.deepcopy(pol_a)
     ref_b = frozen_reference(pol_b)
     batch = collate_pairs(crafted_pairs(4), pad_token_id=0)
-    trunk = SharedTrunk(pol_a, ref_a)
-    assert trunk.split == 2
-    fast_pol, fast_ref = policy_and_reference_logps(pol_a, ref_a, batch, reduction, trunk)
-    plain_pol, plain_ref = policy_and_reference_logps(pol_b, ref_b, batch, reduction, None)
+    engine = LogProbEngine(pol_a, ref_a, share_trunk=share)
+    assert engine.split == depth
+    fast_pol, fast_ref = engine(batch, reduction)
+    plain_pol, plain_ref = textbook_policy_and_reference_logps(pol_b, ref_b, batch, reduction)
     torch.testing.assert_close(fast_pol, plain_pol, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast_ref, plain_ref, atol=1e-5, rtol=0)
     (fast_pol * torch.arange(1.0, 9.0)).sum().backward()
     (plain_pol * torch.arange(1.0, 9.0)).sum().backward()
-    grads_a = {n: p.grad for n, p in pol_a.named_parameters() if p.requires_grad}
-    grads_b = {n: p.grad for n, p in pol_b.named_parameters() if p.requires_grad}
+    grads_a, grads_b = _param_grads(pol_a), _param_grads(pol_b)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=0, msg=name)
 
 
-def test_shared_trunk_training_trajectory_equals_plain():
-    """A few optimizer steps: the same losses and the same final weights."""
+@pytest.mark.parametrize("n_train", [2, 4])
+def test_engine_policy_alone_gives_textbook_logps_and_gradients(n_train):
+    """SFT's use: the policy alone, rows not paired; the frozen leading blocks run as a trunk."""
+    pol_a, _ = _policy_and_reference(n_train)
+    pol_b = copy.deepcopy(pol_a)
+    batch = collate_pairs(crafted_pairs(4), pad_token_id=0)
+    engine = LogProbEngine(pol_a)
+    assert engine.split == (4 - n_train if n_train < 4 else 0)
+    fast = engine.policy_logps(batch, "sum")
+    plain = plain_logps(pol_b, batch, "sum")
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    fast.sum().backward()
+    plain.sum().backward()
+    for name, grad in _param_grads(pol_a).items():
+        torch.testing.assert_close(grad, _param_grads(pol_b)[name], atol=1e-5, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="no reference"):
+        engine(batch)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_training_trajectory_equals_textbook(mode):
+    """Four optimizer steps: the same losses and the same final weights as the textbook path."""
+    n_train, share, _ = MODES[mode]
     pairs = crafted_pairs(24)
     runs = []
-    for shared in (True, False):
-        trainer, losses, weights = _train(1, 4, pairs, 4, batch_size=4, max_steps=4, shared_trunk=shared,
-                                          beta=0.5, logp_reduction="sum")
-        assert (trainer.shared_trunk is not None) == shared
+    for textbook in (False, True):
+        _, losses, weights = _train(n_train, 4, pairs, 4, textbook=textbook, batch_size=4, max_steps=4,
+                                    shared_trunk=share, beta=0.5, logp_reduction="sum")
         runs.append((losses, weights))
     (loss_a, w_a), (loss_b, w_b) = runs
     assert loss_a == pytest.approx(loss_b, abs=1e-5)
@@ -79,11 +116,15 @@ def test_shared_trunk_training_trajectory_equals_plain():
         torch.testing.assert_close(w_a[name], w_b[name], atol=1e-5, rtol=0, msg=name)
 
 
-def test_shared_trunk_refuses_a_reference_that_does_not_share():
-    policy, _ = _policy_and_reference(1)
-    stranger = copy.deepcopy(policy)
-    with pytest.raises(ValueError, match="shares the policy's frozen trunk"):
-        SharedTrunk(policy, stranger)
+def test_a_reference_that_shares_nothing_gets_no_trunk_and_the_same_numbers():
+    policy, reference = _policy_and_reference(1)
+    stranger = copy.deepcopy(reference)  # equal weights, no tensor shared
+    batch = collate_pairs(crafted_pairs(4), pad_token_id=0)
+    shared, alone = LogProbEngine(policy, reference), LogProbEngine(policy, stranger)
+    assert (shared.split, alone.split) == (3, 0)
+    with torch.no_grad():
+        for a, b in zip(shared(batch), alone(batch)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 def test_first_trainable_layer():
@@ -101,8 +142,9 @@ import contextlib
 
 import torch.nn.functional as F
 
-from dpo.batch_logps import HeadLogProbs
-from smollm.model import MLP, Packing, RMSNorm, RMSNormFunction, SwiGLUDown
+from dpo.engine import HeadLogProbs
+from smollm.autograd import RMSNormFunction, SwiGLUDown
+from smollm.layout import Packing
 
 
 
@@ -247,11 +289,12 @@ def test_shared_prefixes_run_once_and_change_nothing(recompute):
     for shared in (packing, None):  # None: the default packing, padding removed only
         model = random_model(small_config(num_hidden_layers=3), seed=6)
         freeze_all_but_last(model, 2)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        shared = shared if shared is not None else Packing.of(mask)  # None: padding removed only
         with torch.no_grad():
-            trunk = model.hidden_states(ids, mask, end_layer=1, final_norm=False, packing=shared)
+            trunk = run_layers(model, model.model.embed_tokens(ids), batch, shared, 0, 1)
         trunk.requires_grad_(True)
-        hidden = model.hidden_states(ids, mask, start_layer=1, hidden=trunk, recompute=recompute,
-                                     packing=shared)
+        hidden = model.model.norm(run_layers(model, trunk, batch, shared, 1, recompute=recompute))
         (hidden * probe).sum().backward()
         outs.append(hidden.detach())
         grads.append([trunk.grad] + [p.grad for n, p in model.named_parameters() if n.startswith("model.")
@@ -273,17 +316,18 @@ def test_shared_prefixes_without_padding_and_bad_pairs():
     ids[2, :4] = ids[0, :4]
     model = random_model(small_config())
     mask = torch.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": mask}
     with torch.no_grad():  # no padding at all: still packed, to share the prefixes
-        shared = model.hidden_states(ids, packing=Packing.of(mask, ids, [(0, 2)]))
-        torch.testing.assert_close(model(ids), model.lm_head(shared), atol=1e-5, rtol=0)
+        shared = run_layers(model, model.model.embed_tokens(ids), batch, Packing.of(mask, ids, [(0, 2)]), 0)
+        torch.testing.assert_close(model(ids), model.lm_head(model.model.norm(shared)), atol=1e-5, rtol=0)
     assert len(Packing.of(mask, ids, [(0, 2), (1, 3)]).index) == 24 - 4 - int(ids[1, 0] == ids[3, 0])
     for bad in ([(0, 2), (2, 3)], [(0, 0)], [(0, 4)]):
         with pytest.raises(ValueError, match="at most one pair"):
             Packing.of(mask, ids, bad)
     with pytest.raises(ValueError, match="needs input_ids"):
         Packing.of(mask, None, [(0, 2)])
-    with pytest.raises(ValueError, match=r"a Packing of shape \(4, 6\) cannot run input_ids of shape \(4, 5\)"):
-        model.hidden_states(ids[:, :5], packing=Packing.of(mask, ids, [(0, 2)]))
+    with pytest.raises(ValueError, match=r"a Packing of shape \(4, 6\) cannot pack a tensor of shape \(4, 5, 64\)"):
+        run_layers(model, model.model.embed_tokens(ids[:, :5]), batch, Packing.of(mask, ids, [(0, 2)]), 0)
 
 
 def test_packed_forward_matches_transformers_with_padding(tmp_path):
@@ -306,18 +350,19 @@ def test_packed_forward_matches_transformers_with_padding(tmp_path):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_optimized_step_equals_textbook_step(reduction):
+@pytest.mark.parametrize("n_train", [2, 4])
+def test_optimized_step_equals_textbook_step(reduction, n_train):
     """Everything on (shared trunk, packing, sparse chunked head, hand-written backwards) against
     everything off (two full padded forwards, full logits, plain autograd): same log-probs and
-    the same gradients on every trainable parameter."""
-    pol_a, ref_a = _policy_and_reference(2)
+    the same gradients on every trainable parameter; last blocks and full fine-tuning."""
+    pol_a, ref_a = _policy_and_reference(n_train)
     pol_b = copy.deepcopy(pol_a)
     ref_b = frozen_reference(pol_b)
     batch = collate_pairs(crafted_pairs(4), pad_token_id=0)
-    fast_pol, fast_ref = policy_and_reference_logps(pol_a, ref_a, batch, reduction, SharedTrunk(pol_a, ref_a))
+    fast_pol, fast_ref = LogProbEngine(pol_a, ref_a)(batch, reduction)
     (fast_pol * torch.arange(1.0, 9.0)).sum().backward()
     with textbook_layers():
-        plain_pol, plain_ref = policy_and_reference_logps(pol_b, ref_b, batch, reduction, None)
+        plain_pol, plain_ref = textbook_policy_and_reference_logps(pol_b, ref_b, batch, reduction)
         (plain_pol * torch.arange(1.0, 9.0)).sum().backward()
     torch.testing.assert_close(fast_pol, plain_pol, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast_ref, plain_ref, atol=1e-5, rtol=0)
@@ -327,14 +372,15 @@ def test_optimized_step_equals_textbook_step(reduction):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=0, msg=name)
 
 
-def test_optimized_training_trajectory_equals_textbook():
+@pytest.mark.parametrize("n_train", [2, 4])
+def test_optimized_training_trajectory_equals_textbook(n_train):
     """Four optimizer steps with everything on vs everything off: same losses, same weights."""
     pairs = crafted_pairs(24)
     runs = []
     for fast in (True, False):
         with contextlib.nullcontext() if fast else textbook_layers():
-            _, losses, weights = _train(2, 5, pairs, 4, batch_size=4, max_steps=4, shared_trunk=fast, beta=0.5,
-                                        logp_reduction="mean")
+            _, losses, weights = _train(n_train, 5, pairs, 4, textbook=not fast, batch_size=4, max_steps=4,
+                                        beta=0.5, logp_reduction="mean")
         runs.append((losses, weights))
     (loss_a, w_a), (loss_b, w_b) = runs
     assert loss_a == pytest.approx(loss_b, abs=1e-5)
@@ -349,12 +395,12 @@ def test_recomputed_tail_gives_the_same_gradients():
     grads, kept = [], []
     for recompute in (True, False):
         policy, reference = _policy_and_reference(2, seed=7)
-        trunk = SharedTrunk(policy, reference, recompute_tail=recompute)
+        engine = LogProbEngine(policy, reference, recompute=recompute)
         sizes = {}
         with torch.autograd.graph.saved_tensors_hooks(
                 lambda t: sizes.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
                 lambda t: t):
-            pol, _ = trunk(batch, "sum")
+            pol, _ = engine(batch, "sum")
         kept.append(sum(sizes.values()))
         (pol * torch.arange(1.0, 9.0)).sum().backward()
         grads.append({n: p.grad for n, p in policy.named_parameters() if p.requires_grad})
@@ -372,18 +418,19 @@ def test_trainer_takes_recompute_tail_from_the_config_and_uses_fused_adamw(recom
     assert config.recompute_tail is recompute
     policy, reference = _policy_and_reference(1)
     trainer = DPOTrainer(policy, reference, crafted_pairs(4), config, pad_token_id=0)
-    assert trainer.shared_trunk.recompute_tail is recompute
+    assert trainer.engine.recompute is recompute
     assert trainer.optimizer.defaults["fused"] is True  # one kernel, no foreach temporaries, on CPU too
     assert trainer.train_step()["loss"] == pytest.approx(0.6931472, abs=1e-6)
 
 
-def test_bf16_autocast_training_follows_fp32():
+@pytest.mark.parametrize("n_train", [2, 4])
+def test_bf16_autocast_training_follows_fp32(n_train):
     """The CUDA default (bf16 autocast, fp32 master weights) through the whole fast path (shared
     trunk, packing with shared prompts, chunked head), run on CPU: the losses follow fp32's."""
     pairs = crafted_pairs(16)
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        trainer, losses[dtype], _ = _train(2, 9, pairs, 4, batch_size=8, epochs=2, beta=0.5, lr=3e-3,
+        trainer, losses[dtype], _ = _train(n_train, 9, pairs, 4, batch_size=8, epochs=2, beta=0.5, lr=3e-3,
                                            logp_reduction="mean", dtype=dtype)
         assert trainer.autocast_dtype == (torch.bfloat16 if dtype == "bfloat16" else None)
         assert all(p.dtype == torch.float32 for p in trainer.trainable)

@@ -1,0 +1,266 @@
+"""One engine from a batch to sequence log-probs, for every way of training and evaluating.
+
+DPO needs, per row of a batch (chosen rows, then rejected rows: [2B, T]), the log-probability
+of its response tokens under the policy (with grad) and under the reference (without); SFT
+needs the policy's alone; an evaluation needs both without grad. `LogProbEngine` computes all
+of them the same way, whatever is trained (the last N blocks, every block, adapters):
+
+* **Only real tokens.** A padded batch runs as one row of its real tokens
+  (`smollm.layout.Packing`), and the prompt a chosen and a rejected row share runs once.
+* **The frozen trunk once.** When the embedding and blocks [0, K) are frozen and are the very
+  same tensors in policy and reference (as `dpo.freeze.frozen_reference` makes them), both
+  compute identical hidden states up to block K: the trunk runs once, under no_grad, then the
+  policy's tail (with grad) and the reference's. With nothing shared (K = 0: full
+  fine-tuning, or `share_trunk=False`), each model runs from its own embedding.
+* **The head only where it is scored.** The LM head runs only at positions that predict a
+  response token, a chunk at a time: the [N, V] logits are never held whole, and backward
+  recomputes them chunk by chunk (`HeadLogProbs`).
+
+The engine calls the model's modules (embedding, blocks, norm, head); the only weight it reads
+directly is a plain Linear head's, which is exactly what calling it computes
+(`smollm.autograd.plain_linear`): an adapter or a hooked head is called as itself.
+
+`plain_logps` is the textbook path, kept as the oracle the engine is tested against
+(tests/test_engine.py): `model(input_ids)` gives logits at every position, padding included,
+and `dpo.logprobs.sequence_logprobs` sums the response tokens. What each piece of the engine
+buys is measured in docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from smollm import SmolLM
+from smollm.autograd import plain_linear
+from smollm.layout import Packing
+
+from .logprobs import sequence_logprobs
+
+Batch = dict[str, torch.Tensor]
+
+
+HEAD_CHUNK = 256  # positions per chunk of logits in HeadLogProbs: 256 x 49,152 fp32 = 50 MB
+
+
+class HeadLogProbs(torch.autograd.Function):
+    """log_softmax(h @ W^T)[target] for N positions, HEAD_CHUNK positions at a time.
+
+    h [N, C], weight [V, C], targets [N] -> log-probs [N] fp32. The same numbers as
+    `F.linear(h, weight).float().log_softmax(-1).gather(...)`, without holding [N, V]:
+    forward keeps only h, the targets and each position's logsumexp [N]; backward recomputes
+    a chunk's logits, turns them into d log p / d logits = onehot(target) - softmax, and
+    accumulates the gradients of h and weight. Costs one extra [chunk, C] x [C, V] matmul per
+    chunk; saves the [N, V] fp32 logits (and their gradient) that autograd would keep.
+    Under autocast, call it with h and weight already cast (see `head_logps`).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int = HEAD_CHUNK):
+        N = h.shape[0]
+        out = torch.empty(N, device=h.device, dtype=torch.float32)
+        lse = torch.empty(N, device=h.device, dtype=torch.float32)
+        for s in range(0, N, chunk):
+            logits = (h[s:s + chunk] @ weight.T).float()  # [n, V]
+            lse[s:s + chunk] = logits.logsumexp(-1)
+            out[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, targets, lse = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_w else None
+        for s in range(0, h.shape[0], ctx.chunk):
+            hc, g = h[s:s + ctx.chunk], grad_out[s:s + ctx.chunk].float()  # [n, C], [n]
+            # d out / d logits = onehot(target) - softmax(logits), times the incoming gradient
+            grad_logits = (hc @ weight.T).float().sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])
+            grad_logits.scatter_add_(-1, targets[s:s + ctx.chunk, None], g[:, None])  # [n, V]
+            grad_logits = grad_logits.to(h.dtype)
+            if want_h:
+                grad_h[s:s + ctx.chunk] = grad_logits @ weight  # [n, C]
+            if want_w and grad_logits.dtype == torch.float32:
+                grad_w.addmm_(grad_logits.T, hc)  # [V, C], accumulated in place
+            elif want_w:
+                grad_w += (grad_logits.T @ hc).float()  # [V, C], low-precision matmul, fp32 sum
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None
+
+
+def _head_token_logps(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) [N] fp32 at hidden states h [N, C], autocast-aware.
+
+    A plain bias-free Linear head runs through HeadLogProbs (its weight read directly, which is
+    exactly what calling it computes). Any other head (an adapter, a hooked or biased Linear) is
+    called as a module, HEAD_CHUNK positions at a time.
+    """
+    if not plain_linear(lm_head):
+        parts = []
+        for s in range(0, h.shape[0], HEAD_CHUNK):
+            logits = lm_head(h[s:s + HEAD_CHUNK]).float()  # [n, V]
+            parts.append(logits.gather(-1, targets[s:s + HEAD_CHUNK, None]).squeeze(-1) - logits.logsumexp(-1))
+        return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+    weight = lm_head.weight
+    if torch.is_autocast_enabled(h.device.type):  # do what F.linear does under autocast: cast both
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    else:
+        h = h.to(weight.dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        return HeadLogProbs.apply(h, weight, targets)
+
+
+def head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+               response_mask: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Sequence log-probs [R] from final hidden states [R, T, C], the head applied sparsely.
+
+    Equal to `sequence_logprobs(lm_head(hidden), input_ids, response_mask, reduction)`, but
+    only the N positions t-1 whose next token t is a response token go through the head,
+    a chunk at a time (`HeadLogProbs`).
+    """
+    R = input_ids.shape[0]
+    counted = response_mask[:, 1:].bool()  # [R, T-1]: token t+1 is a response token
+    h = hidden[:, :-1][counted]  # [N, C]: the positions that predict them
+    targets = input_ids[:, 1:][counted]  # [N]
+    rows = torch.arange(R, device=input_ids.device)[:, None].expand_as(counted)[counted]  # [N]
+    token_logps = _head_token_logps(lm_head, h, targets)  # [N]
+    sums = torch.zeros(R, device=hidden.device, dtype=torch.float32).index_add(0, rows, token_logps)
+    if reduction == "sum":
+        return sums
+    if reduction == "mean":
+        counts = counted.sum(-1)
+        if bool((counts == 0).any()):
+            raise ValueError(f"row {int((counts == 0).nonzero()[0])} has no response tokens to average")
+        return sums / counts
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def run_layers(model: SmolLM, x: torch.Tensor, batch: Batch, packing: Packing | None, start: int,
+               end: int | None = None, recompute: bool = False) -> torch.Tensor:
+    """Blocks [start, end) of `model` on the residual stream x [R, T, C] of a batch's rows.
+
+    With a `Packing`, only its packed tokens run (each shared prefix once, in its first row:
+    a reusing row's states at its shared positions are not read, its partner's stand for
+    them) and the result comes back as [R, T, C], zeros at padding; without one, the padded
+    rows run with their attention mask.
+    """
+    if packing is None:
+        positions, layout = model.positions_and_layout(batch["input_ids"], batch["attention_mask"])
+        return model.run_layers(x, positions, layout, start, end, recompute=recompute)
+    model.check_positions(past=0, new=x.shape[1])
+    x = model.run_layers(packing.pack(x), packing.position_ids, packing.layout, start, end,
+                         recompute=recompute)  # [1, N, C]
+    return packing.unpack(x)
+
+
+def shared_trunk_depth(policy: SmolLM, reference: SmolLM | None) -> int:
+    """K: how many leading blocks policy and reference share, frozen, as the very same tensors,
+    on a shared frozen embedding (0 when the embedding is not shared). Without a reference: how
+    many leading blocks of the policy are frozen, on a frozen embedding."""
+    pol = policy.model
+    ref = (reference if reference is not None else policy).model
+    if pol.embed_tokens.weight is not ref.embed_tokens.weight or pol.embed_tokens.weight.requires_grad:
+        return 0
+    depth = 0
+    for a, b in zip(pol.layers, ref.layers):
+        pa, pb = list(a.parameters()), list(b.parameters())
+        if len(pa) != len(pb) or not all(p is q and not p.requires_grad for p, q in zip(pa, pb)):
+            break
+        depth += 1
+    return min(depth, policy.config.num_hidden_layers)
+
+
+class LogProbEngine:
+    """Sequence log-probs of a batch for a policy and, optionally, its reference.
+
+    reference: None for the policy alone (SFT, a reference-free loss): its frozen leading blocks
+        then run without grad, as the trunk.
+    share_trunk: run the frozen blocks both models share once (see the module docstring);
+        False runs each model from its own embedding (same numbers, more work).
+    recompute: the policy's trainable blocks keep only their inputs for backward and run again
+        during backward (activation checkpointing): the same gradients for ~90% less
+        activation memory, at the price of one more forward of those blocks.
+    share_prefixes: in a paired batch, row i (chosen) and row B + i (rejected) run their common
+        leading tokens, the prompt and any first response tokens they agree on, once (in row i).
+    """
+
+    def __init__(self, policy: SmolLM, reference: SmolLM | None = None, *, share_trunk: bool = True,
+                 recompute: bool = True, share_prefixes: bool = True):
+        self.policy, self.reference = policy, reference
+        self.recompute, self.share_prefixes = recompute, share_prefixes
+        self.split = shared_trunk_depth(policy, reference) if share_trunk else 0  # K
+
+    def packing(self, batch: Batch, paired: bool = True) -> Packing | None:
+        """The batch's `Packing`, made once for the trunk and both tails: padding removed and, for
+        a paired batch, each pair's common prefix run once. A batch with neither padding nor
+        shared prompts runs unpacked (None: one batched attention call is faster than one per row)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        B = ids.shape[0] // 2
+        pairs = [(i, B + i) for i in range(B)] if paired and self.share_prefixes else None  # chosen, rejected
+        return Packing.of(mask, ids, pairs) if pairs or not bool(mask.bool().all()) else None
+
+    @torch.no_grad()
+    def trunk_states(self, batch: Batch, packing: Packing | None) -> torch.Tensor | None:
+        """The shared trunk's output [R, T, C], the residual stream entering block K (None when K = 0)."""
+        if self.split == 0:
+            return None
+        x = self.policy.model.embed_tokens(batch["input_ids"])  # [R, T, C]
+        return run_layers(self.policy, x, batch, packing, 0, self.split)
+
+    def tail_logps(self, model: SmolLM, batch: Batch, trunk: torch.Tensor | None, packing: Packing | None,
+                   reduction: str = "sum", recompute: bool = False) -> torch.Tensor:
+        """Log-probs [R] of `model` (the policy or the reference) from the trunk's output [R, T, C]
+        (or from its own embedding when there is no trunk): its blocks [K, L), final norm and
+        head, the head at response positions only."""
+        ids = batch["input_ids"]
+        x = trunk if trunk is not None else model.model.embed_tokens(ids)  # [R, T, C]
+        x = run_layers(model, x, batch, packing, self.split, recompute=recompute)  # [R, T, C]
+        return head_logps(model.lm_head, model.model.norm(x), ids, batch["response_mask"], reduction)
+
+    @torch.no_grad()
+    def policy_is_reference(self) -> bool:
+        """Whether the policy's blocks [K, L), final norm and head (and embedding, when K = 0)
+        still equal the reference's, e.g. before the first step: then their log-probs are equal."""
+        if self.reference is None:
+            return False
+
+        def tail(model: SmolLM) -> list[torch.Tensor]:
+            first = [] if self.split else list(model.model.embed_tokens.parameters())
+            return [*first, *model.model.layers[self.split:].parameters(), *model.model.norm.parameters(),
+                    *model.lm_head.parameters()]
+
+        pol, ref = tail(self.policy), tail(self.reference)
+        return len(pol) == len(ref) and all(p is q or torch.equal(p, q) for p, q in zip(pol, ref))
+
+    def __call__(self, batch: Batch, reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+        """(policy log-probs [2B] with grad, reference log-probs [2B] without) of a paired batch."""
+        if self.reference is None:
+            raise ValueError("this engine has no reference model; use policy_logps")
+        packing = self.packing(batch)
+        with torch.no_grad():
+            trunk = self.trunk_states(batch, packing)  # [2B, T, C], or None
+            reference = self.tail_logps(self.reference, batch, trunk, packing, reduction)
+        policy = self.tail_logps(self.policy, batch, trunk, packing, reduction, recompute=self.recompute)
+        return policy, reference
+
+    def policy_logps(self, batch: Batch, reduction: str = "sum", paired: bool = False) -> torch.Tensor:
+        """The policy's log-probs [R] alone (with grad when enabled), e.g. SFT's rows (not paired)."""
+        packing = self.packing(batch, paired=paired)
+        with torch.no_grad():
+            trunk = self.trunk_states(batch, packing)
+        return self.tail_logps(self.policy, batch, trunk, packing, reduction,
+                               recompute=self.recompute and torch.is_grad_enabled())
+
+
+def plain_logps(model: SmolLM, batch: Batch, reduction: str = "sum") -> torch.Tensor:
+    """Log-probs [2B] by a full forward of `model` over every position, padding included."""
+    logits = model(batch["input_ids"], batch["attention_mask"], pack=False)  # [2B, T, V]
+    return sequence_logprobs(logits, batch["input_ids"], batch["response_mask"], reduction=reduction)
+
+
+def textbook_policy_and_reference_logps(policy: SmolLM, reference: SmolLM, batch: Batch,
+                                        reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+    """(policy [2B] with grad, reference [2B] without) by the textbook path: the engine's oracle."""
+    with torch.no_grad():
+        ref = plain_logps(reference, batch, reduction)
+    return plain_logps(policy, batch, reduction), ref

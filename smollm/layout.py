@@ -1,0 +1,185 @@
+"""How the positions of one forward pass attend to each other: `Layout`, and `Packing`.
+
+Attention needs to know, for each query position, which key positions it may see. Three
+layouts cover every use of the model:
+
+* **causal**: no padding and no cache: each row attends causally to itself, the fastest kernels;
+* **masked**: a boolean mask [B, 1, T, S]: padded rows, or new positions after a KV cache;
+* **packed**: the real tokens of several sequences laid one after another in a single row
+  [1, N, C] (no padding computed at all), each sequence a `Segment` that attends causally to
+  itself, and first to a prefix it shares with an earlier sequence when it has one.
+
+`Packing` turns a padded batch [B, T] into the packed row and back. Every layer except
+attention treats tokens one by one, so running only the real tokens changes no number; and a
+position's hidden state depends only on the tokens up to it, so the leading tokens two rows
+have in common (a prompt that two answers continue) can be computed once for both.
+
+Shape legend: B rows, T padded length, S attended positions, N packed tokens, C hidden size,
+H query heads, KV key/value heads, D head dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: never compare the mask tensors
+class Layout:
+    """Which key positions each query position attends to (see the module docstring).
+
+    causal: `Layout()`. masked: `Layout(mask=...)`, a boolean [B, 1, T, S] (True: may
+    attend). packed: `Layout(segments=...)`, x being [1, N, C].
+    """
+    mask: torch.Tensor | None = None
+    segments: tuple["Segment", ...] | None = None
+
+    def __post_init__(self):
+        if self.mask is not None and self.segments is not None:
+            raise ValueError("a Layout is masked or packed, not both")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax attention q [B, H, T, D] over k, v [B, KV, S, D] -> [B, H, T, D].
+
+        Grouped-query attention: each KV head serves H // KV query heads (enable_gqa: without
+        copying k and v H // KV times).
+        """
+        if self.segments is not None:
+            return torch.cat([_attend_segment(q, k, v, seg) for seg in self.segments], dim=2)
+        if self.mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+
+
+def _attend_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: "Segment") -> torch.Tensor:
+    """Attention of one packed segment: q [1, H, N, D], k, v [1, KV, N, D] -> [1, H, n, D]."""
+    own = slice(seg.start, seg.start + seg.length)
+    if seg.prefix_length == 0:
+        return F.scaled_dot_product_attention(q[:, :, own], k[:, :, own], v[:, :, own], is_causal=True,
+                                              enable_gqa=True)
+    prefix = slice(seg.prefix_start, seg.prefix_start + seg.prefix_length)
+    keys = torch.cat([k[:, :, prefix], k[:, :, own]], dim=2)  # [1, KV, L + n, D]
+    values = torch.cat([v[:, :, prefix], v[:, :, own]], dim=2)  # [1, KV, L + n, D]
+    return F.scaled_dot_product_attention(q[:, :, own], keys, values, attn_mask=seg.mask, enable_gqa=True)
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: never compare the mask tensors
+class Segment:
+    """One row's tokens in a packed row: packed positions [start, start + length).
+
+    They attend causally to themselves and, before that, to all of `prefix_length` tokens at
+    [prefix_start, prefix_start + prefix_length): the leading tokens this row shares with
+    another row, computed once there. `mask` [length, prefix_length + length] is the boolean
+    mask of that (None when there is no prefix: plain causal).
+    """
+    start: int
+    length: int
+    prefix_start: int = 0
+    prefix_length: int = 0
+    mask: torch.Tensor | None = None
+
+
+class Packing:
+    """Where the real tokens of a padded batch are, to run them as one row [1, N, ...].
+
+    Each row's real tokens must be one contiguous run (right or left padding); `of` returns
+    None otherwise. Rows are packed one after another, each one a `Segment`.
+
+    Shared prefixes: for a pair of rows (a, b) given to `of`, the tokens b has in common with
+    a from the start (e.g. a prompt that two answers continue) are computed once, in a's
+    segment; b's segment holds only its tokens after them and attends to a's copy of the
+    prefix. Exact: a position's hidden state depends only on the tokens up to it, so the
+    prefix's states are the same in both rows. `unpack` gives both rows their prefix states.
+    """
+
+    def __init__(self, index: torch.Tensor, position_ids: torch.Tensor, segments: list[Segment],
+                 gather: torch.Tensor, shape: tuple[int, int]):
+        self.index = index  # [N] flat indices into [B*T] of the packed tokens, in order
+        self.position_ids = position_ids  # [1, N] each packed token's position in its own row
+        self.segments = segments  # one per row with tokens of its own, covering [0, N) in order
+        self.gather = gather  # [B*T] packed position of every (row, position); N for padding
+        self.shape = shape  # (B, T)
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None,
+           shared_prefixes: list[tuple[int, int]] | None = None) -> "Packing | None":
+        """The packing of a [B, T] mask; None when a row's real tokens are not contiguous.
+
+        shared_prefixes: pairs of rows (a, b), each row in at most one pair, whose common
+        leading tokens (by `input_ids`) are computed once, in row a.
+        """
+        device = attention_mask.device
+        real = attention_mask.bool().cpu()  # [B, T]: index bookkeeping is done on the CPU
+        B, T = real.shape
+        counts = real.sum(-1)  # [B]
+        first = real.long().argmax(-1)  # [B] first real position (0 for an empty row)
+        inside = torch.arange(T)[None, :] - first[:, None]  # [B, T]
+        if not bool((real == ((inside >= 0) & (inside < counts[:, None]))).all()):
+            return None  # a row with a hole in it: keep the padded path
+        counts, first = counts.tolist(), first.tolist()
+        partner: dict[int, int] = {}  # row b -> row a whose prefix it reuses
+        shared = [0] * B  # b's leading tokens equal to a's
+        if shared_prefixes:
+            if input_ids is None:
+                raise ValueError("shared_prefixes needs input_ids, to find the common prefixes")
+            ids = input_ids.cpu()
+            for a, b in shared_prefixes:
+                if not (0 <= a < B and 0 <= b < B) or a == b or {a, b} & (partner.keys() | set(partner.values())):
+                    raise ValueError(f"shared_prefixes: ({a}, {b}) must be two different rows of {B}, "
+                                     "each in at most one pair")
+                n = min(counts[a], counts[b])
+                differs = (ids[a, first[a]:first[a] + n] != ids[b, first[b]:first[b] + n]).nonzero()
+                partner[b], shared[b] = a, int(differs[0]) if len(differs) else n
+        # Order: first the rows that own all their tokens, then the rest of each row that
+        # reuses a prefix (e.g. each first answer to a prompt whole, then what each second
+        # answer adds to the prompt).
+        start = [0] * B  # packed position of each owning row's first real token
+        cursor = 0
+        for r in range(B):
+            if r not in partner:
+                start[r], cursor = cursor, cursor + counts[r]
+        own_start = {}  # packed position of the first token after a reusing row's shared prefix
+        for r in sorted(partner):
+            own_start[r], cursor = cursor, cursor + counts[r] - shared[r]
+        # gather: [B, T] -> packed position; a row's j-th real token is at start + j, except the
+        # second row of a pair, whose first `shared` tokens are its partner's.
+        gather = torch.full((B, T), cursor, dtype=torch.long)  # padding -> N (a zero row)
+        index = torch.empty(cursor, dtype=torch.long)
+        positions = torch.empty(cursor, dtype=torch.long)  # positions count a row's real tokens
+        segments = []
+        for r in range(B):
+            j = torch.arange(counts[r])  # [n] real token number
+            if r in partner:
+                a, L = partner[r], shared[r]
+                gather[r, first[r]:first[r] + counts[r]] = torch.where(j < L, start[a] + j, own_start[r] + j - L)
+                index[own_start[r]:own_start[r] + counts[r] - L] = r * T + first[r] + j[L:]
+                positions[own_start[r]:own_start[r] + counts[r] - L] = j[L:]
+                if counts[r] > L:
+                    n = counts[r] - L  # query i (position L + i) sees prefix keys and own keys <= i
+                    mask = torch.ones(n, L + n, dtype=torch.bool).tril(diagonal=L)
+                    segments.append(Segment(own_start[r], n, start[a], L, mask.to(device) if L else None))
+            else:
+                gather[r, first[r]:first[r] + counts[r]] = start[r] + j
+                index[start[r]:start[r] + counts[r]] = r * T + first[r] + j
+                positions[start[r]:start[r] + counts[r]] = j
+                if counts[r]:
+                    segments.append(Segment(start[r], counts[r]))
+        segments.sort(key=lambda seg: seg.start)
+        return cls(index.to(device), positions[None].to(device), segments, gather.flatten().to(device), (B, T))
+
+    @property
+    def layout(self) -> "Layout":
+        """The attention layout of the packed row."""
+        return Layout(segments=tuple(self.segments))
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [1, N, ...]: the packed positions, segment after segment."""
+        if tuple(x.shape[:2]) != self.shape:
+            raise ValueError(f"a Packing of shape {self.shape} cannot pack a tensor of shape {tuple(x.shape)}")
+        return x.flatten(0, 1)[self.index].unsqueeze(0)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, N, ...] -> [B, T, ...], zeros at padding positions; a shared prefix goes to both rows."""
+        rows = torch.cat([x[0], x.new_zeros((1, *x.shape[2:]))])  # [N + 1, ...]: the last for padding
+        return rows[self.gather].view(*self.shape, *x.shape[2:])
