@@ -14,7 +14,9 @@ empty share, distinct-2), the reference's NLL of them, and KL(policy || referenc
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -49,10 +51,11 @@ class Evaluation:
 
 
 def evaluation_interval(eval_every: int | None, total_steps: int) -> int:
-    """Steps between evaluations: --eval-every, or about 5 per run by default (0: none in between)."""
+    """Steps between evaluations: --eval-every, or by default 5 per run, the start and the end
+    included (3 in between: 75 steps -> 0, 19, 38, 57, 75); 0: none in between (short runs)."""
     if eval_every is not None:
         return eval_every
-    return max(1, round(total_steps / 5)) if total_steps >= 5 else 0
+    return math.ceil(total_steps / 4) if total_steps >= 5 else 0
 
 
 class RunMonitor:
@@ -73,13 +76,15 @@ class RunMonitor:
             max_new_tokens=config.sample_tokens, device=trainer.device, autocast_dtype=trainer.autocast_dtype,
             batch_size=config.batch_size, logp_reduction=config.logp_reduction,
         ) if config.sample_prompts and eval_pairs else None
-        self.history: list[dict] = list(history or [])  # records of the evaluations so far
+        self.history: list[dict] = list(history or [])
+        self.seconds: list[list] = []  # [step, seconds] of each evaluation of this session  # records of the evaluations so far
         healthy = [e for e in self.history if e.get("healthy", True)]
         self.best: dict | None = max(healthy, key=lambda e: e["policy_accuracy"], default=None)
 
     def evaluate(self) -> Evaluation:
         """Accuracy and health of the policy now; warns about each problem and updates best/."""
         t, c = self.trainer, self.config
+        started = time.perf_counter()
         result = t.evaluate(self.eval_pairs)
         if self.probe is not None:
             health, samples = self.probe.report(t.policy, result)
@@ -88,6 +93,7 @@ class RunMonitor:
                 k: getattr(result, k) for k in ("policy_chosen_logp", "policy_rejected_logp",
                                                 "reference_chosen_logp", "reference_rejected_logp")}}, []
         evaluation = Evaluation(t.step, result, health, assess(health, self.thresholds), samples)
+        self.seconds.append([t.step, round(time.perf_counter() - started, 1)])  # not in the record: not exact
         self.history.append(evaluation.record())
         for problem in evaluation.problems:
             self.log(f"warning: step {t.step}: the policy looks unhealthy: {problem}")

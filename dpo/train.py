@@ -449,7 +449,8 @@ def run(config: TrainConfig) -> dict:
     result["timing"] = {  # wall: this session's, loading and evaluations included; steps/s: training steps only
         "wall_seconds": round(time.perf_counter() - started, 1),
         "step_seconds": round(step_seconds, 1),
-        "steps_per_second": round(trainer.step / step_seconds, 4) if step_seconds else None}
+        "steps_per_second": round(trainer.step / step_seconds, 4) if step_seconds else None,
+        "evaluation_seconds": monitor.seconds}  # [step, seconds] of each evaluation
     save_policy(policy, out / FINAL_DIR, tokenizer=tokenizer, lora=lora, base_model=config.model,
                 merge=config.merge_lora)
     write_json(out / EVAL_NAME, result)
@@ -469,8 +470,10 @@ def run(config: TrainConfig) -> dict:
             print(f"Training stopped early at step {stopped_early['step']} of {stopped_early['of']}: the policy "
                   "left the health bounds (--stop-when-unhealthy 0 trains to the end).")
     timing = result["timing"]
-    print(f"time: {timing['wall_seconds'] / 60:.1f} min wall (loading and evaluations included); "
-          f"{trainer.step} steps at {timing['steps_per_second'] or 0:.3f} steps/s of training")
+    evals_s = sum(sec for _, sec in monitor.seconds)
+    print(f"time: {timing['wall_seconds'] / 60:.1f} min wall: {timing['step_seconds'] / 60:.1f} min for {trainer.step} "
+          f"steps ({timing['steps_per_second'] or 0:.3f} steps/s), {evals_s / 60:.1f} min for "
+          f"{len(monitor.seconds)} evaluations, the rest loading and writing")
     written = [METRICS_NAME, EVAL_NAME, CURVES_NAME] + (
         ["samples.md", "samples.jsonl"] if final_eval is not None and final_eval.samples else [])
     print(f"wrote {', '.join(str(out / n) for n in written)} and {out / FINAL_DIR}/"
