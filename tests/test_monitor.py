@@ -38,7 +38,7 @@ def setup(tmp_path_factory, tokenizer_json) -> tuple[Path, Path]:
 def train(setup, out: Path, lr: str, eval_every: str = "3") -> subprocess.CompletedProcess:
     model, data = setup
     args = ["--model", str(model), "--data", str(data), "--no-filter", "--num-pairs", "96", "--eval-pairs", "32",
-            "--train-last-n", "1", "--lr", lr, "--eval-every", eval_every, "--sample-prompts", "4", "--sample-tokens", "32",
+            "--train-last-n", "1", "--no-freeze-head", "--beta", "0.8", "--lr", lr, "--eval-every", eval_every, "--sample-prompts", "4", "--sample-tokens", "32",
             "--output-dir", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "SMOLLM_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "dpo.train", *args], cwd=REPO, env=env, capture_output=True,
@@ -118,3 +118,9 @@ def test_preset_assignment_gives_the_assignments_settings_and_explicit_flags_win
     assert all(getattr(config, k) == v for k, v in PRESETS["assignment"].items())
     mine = config_from_args(build_parser().parse_args(["--preset", "assignment", "--beta", "0.5"]))
     assert mine.beta == 0.5 and mine.lr == 1e-4
+    # a flag given wins even when it equals the default (--freeze-head is the default, not the preset's)
+    frozen = config_from_args(build_parser().parse_args(["--preset", "assignment", "--freeze-head"]))
+    assert frozen.freeze_head is True and frozen.beta == 0.8
+    default = config_from_args(build_parser().parse_args([]))
+    assert (default.lr, default.beta, default.freeze_head, default.num_pairs, default.stop_when_unhealthy) == (
+        1e-4, 2.0, True, 600, 1)  # the grid's best healthy setting (docs/results.md)

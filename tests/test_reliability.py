@@ -59,7 +59,7 @@ def write_rows(path: Path, rows: list, raw_lines: dict[int, bytes] | None = None
 
 def small_run(tiny: Path, out: Path, **overrides) -> TrainConfig:
     kw = dict(model=str(tiny / "model"), data=[str(tiny / "pairs.jsonl")], output_dir=str(out), filter=False,
-              train_last_n=1, batch_size=2, num_pairs=12, eval_pairs=2, max_steps=4, progress=False)
+              train_last_n=1, freeze_head=False, batch_size=2, num_pairs=12, eval_pairs=2, max_steps=4, progress=False)
     kw.update(overrides)
     return TrainConfig(**kw)
 
@@ -111,8 +111,8 @@ def test_checkpoints_hold_everything_needed_to_resume(tiny, tmp_path):
     assert meta["step"] == 5 and (meta["epoch"], meta["cursor"]) == (0, 5)  # data-order position
     assert meta["scheduler"]["last_epoch"] == 5 and "python_rng" not in meta  # no unused state
     assert meta["config"] == config.to_dict() and len(meta["data_fingerprint"]) == 16
-    # before training, then about 5 per run (every step of these 5); the final one comes after this checkpoint
-    assert [e["step"] for e in meta["evals"]] == [0, 1, 2, 3, 4]
+    # before training, then every ceil(5 / 4) = 2 steps; the final one comes after this checkpoint
+    assert [e["step"] for e in meta["evals"]] == [0, 2, 4]
     assert all("health" in e and "healthy" in e for e in meta["evals"])
 
     # A checkpoint directory itself can be resumed too; from step 4 the run ends where it ended.
@@ -122,7 +122,7 @@ def test_checkpoints_hold_everything_needed_to_resume(tiny, tmp_path):
     after = load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4, 5]
-    assert [e["step"] for e in json.loads((out / "eval.json").read_text())["history"]] == [0, 1, 2, 3, 4, 5]
+    assert [e["step"] for e in json.loads((out / "eval.json").read_text())["history"]] == [0, 2, 4, 5]
 
 
 def _fake_state(step: int) -> tuple[dict, dict]:
@@ -255,8 +255,8 @@ def _poison(monkeypatch, at_step: int, *, grad_only: bool = False) -> list[list[
         if self.step + 1 == at_step:
             seen.append([p.source for p in pairs])
             if grad_only:
-                head = self.policy.lm_head.weight
-                handle = head.register_hook(lambda g: (handle.remove(), torch.full_like(g, float("nan")))[1])
+                weight = self.policy.model.layers[-1].mlp.down_proj.weight  # trainable in every setting
+                handle = weight.register_hook(lambda g: (handle.remove(), torch.full_like(g, float("nan")))[1])
             else:
                 losses = losses * float("nan")
         return losses, stats
