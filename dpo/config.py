@@ -143,7 +143,7 @@ class TrainConfig(LoRASettings):
                                  "(default: bfloat16 on CUDA and on CPUs with native bf16 "
                                  "(AVX512-BF16, AMX, Arm BF16), else float32)", choices=["float32", "bfloat16"])
     eval_every: int | None = _f(None, "evaluate accuracy and health on the held-out pairs every N steps "
-                                      "(default: 5 evaluations per run, before and after included; 0: only before and after)")
+                                      "(default: 4 evaluations per run, before and after included; 0: only before and after)")
     sample_prompts: int = _f(8, "held-out prompts that reference and policy answer at each evaluation "
                                 "(greedy; written to samples.md and samples.jsonl at the end)")
     sample_tokens: int = _f(128, "longest answer generated for those prompts, in tokens")

@@ -216,17 +216,28 @@ def kl_on_samples(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence[Sequen
     actually goes. 0 for identical models; empty answers contribute nothing; nan when all
     answers are empty.
     """
+    return kl_and_reference_nll(policy, reference, prompt_ids, answer_ids, batch_size=batch_size, device=device,
+                                autocast_dtype=autocast_dtype)[0]
+
+
+def kl_and_reference_nll(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence[Sequence[int]],
+                         answer_ids: Sequence[Sequence[int]], *, batch_size: int = 8,
+                         device: torch.device | str = "cpu",
+                         autocast_dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """(`kl_on_samples`, `reference_nll`) of the same answers from one forward of each model:
+    the reference's log-probs that the KL needs also give its NLL of the answer tokens."""
     _check_inputs(prompt_ids, answer_ids)
     device = torch.device(device)
-    total, count = 0.0, 0
+    kl, nll, count = 0.0, 0.0, 0
     with eval_mode(policy, reference), autocast_context(device, autocast_dtype):
         for ids, mask, rows, cols, targets in _answer_batches(prompt_ids, answer_ids, batch_size, device):
             h_pol, h_ref = policy.hidden_states(ids, mask), reference.hidden_states(ids, mask)  # [B, T, C] each
-            for (_, logp), (_, logq) in zip(_answer_log_probs(h_pol, policy, rows, cols),
-                                            _answer_log_probs(h_ref, reference, rows, cols)):  # [n, V] each
-                total += (logp.exp() * (logp - logq)).sum().item()  # KL summed over v, then positions
+            for (part, logp), (_, logq) in zip(_answer_log_probs(h_pol, policy, rows, cols),
+                                               _answer_log_probs(h_ref, reference, rows, cols)):  # [n, V] each
+                kl += (logp.exp() * (logp - logq)).sum().item()  # KL summed over v, then positions
+                nll -= logq.gather(-1, targets[part, None]).sum().item()
             count += len(targets)
-    return total / count if count else math.nan
+    return (kl / count, nll / count) if count else (math.nan, math.nan)
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -375,18 +386,24 @@ class HealthProbe:
                         "reference_rejected_logp"):
                 health[key] = getattr(eval_result, key)
         ref_stats = cached[1]
-        pol_stats = dict(ref_stats) if same else self._side_stats(samples, "policy")
+        if same:
+            pol_stats, kl = dict(ref_stats), 0.0
+        else:  # one reference forward gives its NLL of the policy's answers and the KL
+            pol_stats = self._side_stats(samples, "policy")
+            kl, pol_stats["reference_nll"] = kl_and_reference_nll(
+                policy, self.reference, self.prompts, [s.policy_ids for s in samples], **self.kwargs)
         health.update({f"policy_sample_{k}": v for k, v in pol_stats.items()})
         health.update({f"reference_sample_{k}": v for k, v in ref_stats.items()})
-        health["kl_policy_reference"] = 0.0 if same else kl_on_samples(
-            policy, self.reference, self.prompts, [s.policy_ids for s in samples], **self.kwargs)
+        health["kl_policy_reference"] = kl
         return health, samples
 
     def _side_stats(self, samples: list, side: str) -> dict[str, float]:
+        """Text statistics of one side's answers (and, for the reference's, its NLL of them)."""
         ids = [getattr(s, f"{side}_ids") for s in samples]
         stats = text_stats(ids, [getattr(s, side) for s in samples])
         stats["stopped_share"] = sum(getattr(s, f"{side}_stopped") for s in samples) / len(samples)
-        stats["reference_nll"] = reference_nll(self.reference, self.prompts, ids, **self.kwargs)
+        if side == "reference":
+            stats["reference_nll"] = reference_nll(self.reference, self.prompts, ids, **self.kwargs)
         return stats
 
 

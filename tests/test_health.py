@@ -296,3 +296,11 @@ def test_probe_recomputes_the_reference_after_an_in_place_change(models, tokeniz
     health_now, samples = probe.report(other)  # the reference now equals the policy
     assert health_now["kl_policy_reference"] == 0.0
     assert all(s.policy_ids == s.reference_ids for s in samples)
+
+
+def test_kl_and_reference_nll_in_one_pass_equal_the_two_functions(models):
+    model, other = models
+    kl, nll = health.kl_and_reference_nll(other, model, PROMPTS, ANSWERS, batch_size=2)
+    assert kl == pytest.approx(kl_on_samples(other, model, PROMPTS, ANSWERS, batch_size=3), abs=1e-6)
+    assert nll == pytest.approx(reference_nll(model, PROMPTS, ANSWERS, batch_size=3), abs=1e-6)
+    assert all(math.isnan(x) for x in health.kl_and_reference_nll(other, model, PROMPTS, [[]] * len(PROMPTS)))

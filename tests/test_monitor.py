@@ -93,8 +93,8 @@ def test_a_healthy_run_does_not_warn(setup, tmp_path):
 
 
 def test_evaluation_interval():
-    assert evaluation_interval(None, 125) == 32  # 5 evaluations: 0, 32, 64, 96 and the end
-    assert evaluation_interval(None, 75) == 19
+    assert evaluation_interval(None, 125) == 42  # 4 evaluations: 0, 42, 84 and the end
+    assert evaluation_interval(None, 75) == 25  # the default run: 0, 25, 50, 75
     assert evaluation_interval(None, 3) == 0  # too short: before and after only
     assert evaluation_interval(0, 125) == 0 and evaluation_interval(7, 125) == 7
 

@@ -111,7 +111,7 @@ def test_checkpoints_hold_everything_needed_to_resume(tiny, tmp_path):
     assert meta["step"] == 5 and (meta["epoch"], meta["cursor"]) == (0, 5)  # data-order position
     assert meta["scheduler"]["last_epoch"] == 5 and "python_rng" not in meta  # no unused state
     assert meta["config"] == config.to_dict() and len(meta["data_fingerprint"]) == 16
-    # before training, then every ceil(5 / 4) = 2 steps; the final one comes after this checkpoint
+    # before training, then every ceil(5 / 3) = 2 steps; the final one comes after this checkpoint
     assert [e["step"] for e in meta["evals"]] == [0, 2, 4]
     assert all("health" in e and "healthy" in e for e in meta["evals"])
 
