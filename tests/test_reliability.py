@@ -226,6 +226,7 @@ def test_sigterm_or_ctrl_c_before_training_exits_cleanly_and_writes_nothing(tiny
 
 def test_second_ctrl_c_stops_at_once_and_names_the_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     real = DPOTrainer.compute_loss
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a background job
 
     def impatient(self, pairs):
         if self.step + 1 == 2:
@@ -242,7 +243,7 @@ def test_second_ctrl_c_stops_at_once_and_names_the_last_checkpoint(tiny, tmp_pat
     assert err.strip().endswith(f"interrupted (SIGINT); the latest checkpoint is {latest}; "
                                 f"continue with: python -m dpo.train --resume {out}")
     assert [p.name for p in list_checkpoints(out)] == ["step-000001"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the run put the handler back
 
 
 # ====================================================================== 4. non-finite steps
