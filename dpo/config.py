@@ -54,17 +54,12 @@ class LoRASettings:
 
         if self.lora_r < 0:
             bad("lora_r", f"must be >= 0, got {self.lora_r}")
-        if self.lora_alpha is not None and not 0 < self.lora_alpha < float("inf"):
-            bad("lora_alpha", f"must be a positive finite number, got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if self.lora_layers is not None and self.lora_layers < 1:
             bad("lora_layers", f"must be at least 1, got {self.lora_layers}")
-        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
-        if unknown or not self.lora_targets:
-            bad("lora_targets", f"{' '.join(unknown) or '(none)'}: choose among {' '.join(LORA_TARGETS)}")
         if self.merge_lora and not self.lora_r:
             bad("merge_lora", "needs --lora-r > 0 (there is nothing to merge)")
+        if self.lora_r:
+            self._lora(layers=None).check()  # rank, alpha, dropout and targets: smollm.lora's checks
 
     def lora_config(self, num_layers: int) -> LoRAConfig | None:
         """The adapters to add to a model of `num_layers` blocks (None: no LoRA)."""
@@ -73,6 +68,9 @@ class LoRASettings:
         if self.lora_layers is not None and self.lora_layers > num_layers:
             raise ConfigError(f"--lora-layers {self.lora_layers}: the model has only {num_layers} blocks")
         layers = None if self.lora_layers is None else list(range(num_layers - self.lora_layers, num_layers))
+        return self._lora(layers).check(num_layers)
+
+    def _lora(self, layers: list[int] | None) -> LoRAConfig:
         alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
         return LoRAConfig(r=self.lora_r, alpha=alpha, dropout=self.lora_dropout, targets=list(self.lora_targets),
                           layers=layers)

@@ -77,8 +77,8 @@ class RunMonitor:
             max_new_tokens=config.sample_tokens, device=trainer.device, autocast_dtype=trainer.autocast_dtype,
             batch_size=config.batch_size, logp_reduction=config.logp_reduction,
         ) if config.sample_prompts and eval_pairs else None
-        self.history: list[dict] = list(history or [])
-        self.seconds: list[list] = []  # [step, seconds] of each evaluation of this session  # records of the evaluations so far
+        self.history: list[dict] = list(history or [])  # records of the evaluations so far
+        self.seconds: list[list] = []  # [step, seconds] of each evaluation of this session
         healthy = [e for e in self.history if e.get("healthy", True)]
         self.best: dict | None = max(healthy, key=lambda e: e["policy_accuracy"], default=None)
 

@@ -36,9 +36,7 @@ def make_trainable(policy: SmolLM, lora: LoRAConfig | None, *, train_last_n: int
     if lora is None:
         return freeze_all_but_last(policy, train_last_n, train_head=train_head, train_final_norm=train_head)
     adapted = add_lora(policy, lora)
-    blocks = sorted({int(n.split(".")[2]) for n in adapted if n.startswith("model.layers.")})
-    where = (f"blocks {blocks[0]}-{blocks[-1]}" if blocks and blocks == list(range(blocks[0], blocks[-1] + 1))
-             else f"blocks {blocks}") if blocks else "no block"
+    where = "all blocks" if lora.layers is None else "blocks " + ", ".join(map(str, sorted(lora.layers)))
     groups = [f"LoRA r={lora.r} alpha={lora.alpha:g} on {' '.join(lora.targets)} in {where} "
               f"({len(adapted)} layers)"]
     return TrainableReport(policy.num_parameters(trainable_only=True), policy.num_parameters(), groups)

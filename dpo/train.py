@@ -451,8 +451,7 @@ def run(config: TrainConfig) -> dict:
         "step_seconds": round(step_seconds, 1),
         "steps_per_second": round(trainer.step / step_seconds, 4) if step_seconds else None,
         "evaluation_seconds": monitor.seconds}  # [step, seconds] of each evaluation
-    save_policy(policy, out / FINAL_DIR, tokenizer=tokenizer, lora=lora, base_model=config.model,
-                merge=config.merge_lora)
+    save_to(out / FINAL_DIR)
     write_json(out / EVAL_NAME, result)
     try:
         plot_curves(_read_metrics(metrics_path), out / CURVES_NAME, evals)

@@ -58,7 +58,8 @@ class LoRAConfig:
     def scaling(self) -> float:
         return self.alpha / self.r
 
-    def check(self, num_layers: int) -> "LoRAConfig":
+    def check(self, num_layers: int | None = None) -> "LoRAConfig":
+        """Refuse an impossible setting, naming its flag (block indices: when num_layers is given)."""
         if self.r < 1:
             raise ConfigError(f"--lora-r: must be at least 1, got {self.r}")
         if not 0 < self.alpha < float("inf"):
@@ -69,7 +70,7 @@ class LoRAConfig:
         if unknown or not self.targets:
             raise ConfigError(f"--lora-targets: {' '.join(unknown) or '(none)'} is not a module of this model; "
                               f"choose among {' '.join(TARGETS)}")
-        if self.layers is not None and not all(0 <= i < num_layers for i in self.layers):
+        if num_layers is not None and self.layers is not None and not all(0 <= i < num_layers for i in self.layers):
             raise ConfigError(f"--lora-layers: block indices must be in [0, {num_layers}), got {self.layers}")
         return self
 
