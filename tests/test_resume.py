@@ -1,4 +1,5 @@
-"""Killed, interrupted and resumed runs of `python -m dpo.train`, as real subprocesses.
+"""Killed, interrupted and resumed runs of `python -m dpo.train` (and `python -m dpo.sft`, the same
+trainer and loop), as real subprocesses.
 
 The guarantee: a run killed with SIGKILL at any moment and continued with `--resume RUN_DIR`
 ends with the same final weights and the same metrics, bit for bit on CPU, as a run that was
@@ -50,9 +51,9 @@ def train_args(tiny: Path, out: Path, *extra: str) -> list[str]:
             "--eval-pairs", "8", "--max-steps", str(MAX_STEPS), "--no-progress", *extra]
 
 
-def start(args: list[str]) -> subprocess.Popen:
+def start(args: list[str], command: str = "dpo.train") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dpo.train", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", command, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -104,13 +105,14 @@ LORA = ["--lora-r", "4", "--lora-dropout", "0.1", "--lora-targets", "q_proj", "v
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [[], LORA], ids=["last-block", "lora"])
-def test_sigkill_sigint_and_resume_end_bitwise_like_an_uninterrupted_run(tiny, tmp_path, flags):
+@pytest.mark.parametrize("command, flags", [("dpo.train", []), ("dpo.train", LORA), ("dpo.sft", [])],
+                         ids=["last-block", "lora", "sft"])
+def test_sigkill_sigint_and_resume_end_bitwise_like_an_uninterrupted_run(tiny, tmp_path, command, flags):
     plain, broken = tmp_path / "plain", tmp_path / "broken"
     # The uninterrupted run and the one to be killed run side by side. With LoRA (dropout
     # included, so the RNG state must resume too), final/ is peft's adapter folder.
-    reference = start(train_args(tiny, plain, "--save-every", "1", *flags))
-    victim = start(train_args(tiny, broken, "--save-every", "1", *flags))
+    reference = start(train_args(tiny, plain, "--save-every", "1", *flags), command)
+    victim = start(train_args(tiny, broken, "--save-every", "1", *flags), command)
     wait_until(checkpoint_past(broken, 3), victim, "a checkpoint at step 3")
     victim.send_signal(signal.SIGKILL)
     assert finish(victim)[0] == -signal.SIGKILL  # killed, not finished
@@ -121,16 +123,16 @@ def test_sigkill_sigint_and_resume_end_bitwise_like_an_uninterrupted_run(tiny, t
         f.write(json.dumps({"step": int(saved.name[5:]) + 1, "loss": 123.0}) + "\n" + '{"step": 9, "lo')
 
     # Resume; stop that session with Ctrl-C after two more steps ...
-    resumed = start(["--resume", str(broken), "--no-progress"])
+    resumed = start(["--resume", str(broken), "--no-progress"], command)
     wait_until(checkpoint_past(broken, int(saved.name[5:]) + 2), resumed, "two more steps")
     resumed.send_signal(signal.SIGINT)
     code, _, err = finish(resumed)
     assert code == 130, err[-3000:]
     assert "Traceback" not in err and f"resuming from {saved}" in err
-    assert "checkpoint saved to" in err and f"--resume {broken}" in err
+    assert "checkpoint saved to" in err and f"python -m {command} --resume {broken}" in err
 
     # ... and resume again, to the end.
-    code, _, err = finish(start(["--resume", str(broken), "--no-progress"]))
+    code, _, err = finish(start(["--resume", str(broken), "--no-progress"], command))
     assert code == 0, err[-3000:]
     code, _, err = finish(reference)
     assert code == 0, err[-3000:]
