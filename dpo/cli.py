@@ -256,6 +256,18 @@ def run_dir(config: RunConfig) -> Path:
     return Path(config.output_dir)
 
 
+def peak_memory(device: torch.device) -> dict:
+    """The process's peak resident memory (MB; everything it ever held: models, optimizer, data)
+    and, on CUDA, torch's peak allocated device memory (MB)."""
+    import resource
+
+    unit = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss: bytes on macOS, KiB on Linux
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, 1)}
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
 # ----------------------------------------------------------------------- metrics.jsonl
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
     if not path.is_file():

@@ -21,7 +21,8 @@ from smollm.config import ConfigError  # one error type for every bad setting, m
 from smollm.lora import TARGETS as LORA_TARGETS
 from smollm.lora import LoRAConfig
 
-from .loss import LOSS_TYPES
+from .loss import FLAGS as LOSS_FLAGS
+from .loss import LOSS_TYPES, LossParamError, check_combination, needs_reference
 
 
 def _f(default, help: str, **kw):
@@ -211,10 +212,22 @@ class TrainConfig(RunConfig):
                                   "lr 1e-4, beta 0.8, last 5 blocks + head, batch 8, mean log-probs, one epoch, "
                                   "no early stopping), which collapse this model after ~50 steps "
                                   "(see docs/results.md)", choices=["assignment"])
-    # --- the DPO objective
+    # --- the preference objective (dpo.loss; docs/losses.md has every loss's formula)
     beta: float = _f(2.0, "DPO beta: higher keeps the policy closer to the reference (the assignment: 0.8)")
-    loss_type: str = _f("sigmoid", "DPO loss variant", choices=list(LOSS_TYPES))
-    label_smoothing: float = _f(0.0, "assumed label noise for conservative (sigmoid) and robust DPO, in [0, 0.5)")
+    loss_type: list[str] = _f(["sigmoid"], "preference loss (docs/losses.md), or several to add up with "
+                                           "--loss-weights ('sigmoid sft' is RPO). simpo, orpo and sft need no "
+                                           "reference model, and then none is built or run",
+                                  nargs="+", choices=list(LOSS_TYPES))
+    loss_weights: list[float] | None = _f(None, "one weight per --loss-type (default: 1 each), e.g. 1.0 0.2",
+                                          nargs="+")
+    label_smoothing: float | None = _f(None, "assumed label noise: sigmoid (cDPO) in [0, 0.5], robust in [0, 0.5), "
+                                             "exo_pair's epsilon in (0, 0.5) (default: the loss's own, 0 or 1e-3)")
+    simpo_gamma: float | None = _f(None, "SimPO's target margin gamma, in -log sigmoid(beta (mean_w - mean_l) - gamma) "
+                                         "(default 1.0: gamma/beta = 0.5 at beta 2)")
+    orpo_lambda: float | None = _f(None, "ORPO's weight of the odds-ratio term beside the chosen NLL (default 0.1)")
+    dpop_lambda: float | None = _f(None, "DPO-Positive's penalty weight on log p(chosen) falling below the "
+                                         "reference's (default 50)")
+    bco_delta: float | None = _f(None, "bco_pair's reward shift delta (default 0)")
     logp_reduction: str = _f("mean", "sequence log-prob over response tokens: 'mean' (the assignment) or "
                                      "'sum' (the DPO paper)", choices=["mean", "sum"])
     shared_trunk: bool = _f(True, "run the frozen trunk once for policy and reference (exact; "
@@ -238,12 +251,14 @@ class TrainConfig(RunConfig):
             raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
 
         super().check()
-        if not self.beta > 0 or self.beta != self.beta or self.beta == float("inf"):
-            bad("beta", f"must be a positive finite number, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
-            bad("label_smoothing", f"has no meaning for loss type {self.loss_type!r}")
+        if isinstance(self.loss_type, str):  # a notebook's loss_type="ipo", or a config saved before lists
+            self.loss_type = [self.loss_type]
+        if self.loss_type == ["sigmoid"] and self.label_smoothing == 0.0:
+            self.label_smoothing = None  # configs saved before None meant "the loss's default"
+        try:  # beta and every loss parameter: dpo.loss's one check, with the flag's name
+            check_combination(self.loss_type, self.loss_weights, self.beta, self.loss_params())
+        except LossParamError as e:
+            raise ConfigError(f"{LOSS_FLAGS.get(e.param, e.param)}: {e}") from None
         for name in ("sample_prompts", "stop_when_unhealthy"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
@@ -255,10 +270,19 @@ class TrainConfig(RunConfig):
             bad("max_chosen_logp_drop", f"must be a positive finite number, got {self.max_chosen_logp_drop}")
         if not 0 <= self.max_empty_share <= 1:
             bad("max_empty_share", f"must be in [0, 1], got {self.max_empty_share}")
-        for name, choices in (("loss_type", LOSS_TYPES), ("logp_reduction", ("mean", "sum"))):
-            if getattr(self, name) not in choices:
-                bad(name, f"must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
+        if self.logp_reduction not in ("mean", "sum"):
+            bad("logp_reduction", f"must be one of mean, sum, got {self.logp_reduction!r}")
         return self
+
+    def loss_params(self) -> dict[str, float | None]:
+        """The loss parameters by dpo.loss's names (None: the loss's default)."""
+        return {"label_smoothing": self.label_smoothing, "gamma": self.simpo_gamma, "lambda_": self.orpo_lambda,
+                "dpop_lambda": self.dpop_lambda, "delta": self.bco_delta}
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss reads a reference model (a reference-free run builds none)."""
+        return needs_reference(self.loss_type)
 
 
 @dataclass
@@ -324,7 +348,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
 PRESETS: dict[str, dict[str, Any]] = {
     "assignment": dict(lr=1e-4, beta=0.8, weight_decay=1e-2, batch_size=8, grad_accum=1, max_length=512,
                        num_pairs=1000, eval_pairs=200, epochs=1, train_last_n=5, freeze_head=False,
-                       loss_type="sigmoid", label_smoothing=0.0, logp_reduction="mean", warmup_steps=0,
+                       loss_type=["sigmoid"], label_smoothing=None, logp_reduction="mean", warmup_steps=0,
                        max_grad_norm=0.0, stop_when_unhealthy=0),
 }
 

@@ -145,16 +145,24 @@ class HeldOutCache:
 
     `fits` says whether the cache still applies: the same list object with the same tokens,
     the same settings, and no frozen tensor modified in place since the build.
+
+    Without a reference (a reference-free loss: no reference model exists), the "reference"
+    columns are the STARTING model's, measured once here: by `start_model` when given (e.g. the
+    starting weights loaded again to resume a run, then dropped), else by the policy itself,
+    which must then not have trained yet (the trainer checks it).
     """
 
     def __init__(self, engine: LogProbEngine, pairs: list[TokenizedPair], *, pad_token_id: int,
                  reduction: str = "mean", batch_size: int = 8, device: torch.device | str = "cpu",
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, start_model: SmolLM | None = None):
         if not pairs:
             raise ValueError("HeldOutCache needs at least one pair")
-        if engine.reference is None:
-            raise ValueError("HeldOutCache needs an engine with a reference model")
+        if engine.reference is not None and start_model is not None:
+            raise ValueError("start_model is for an engine without a reference; this one has one")
+        # whose log-probs are the "reference" column
+        start_side = next(m for m in (engine.reference, start_model, engine.policy) if m is not None)
         self.engine, self.pairs = engine, pairs
+
         self.settings = dict(pad_token_id=pad_token_id, reduction=reduction, batch_size=batch_size,
                              device=torch.device(device), autocast_dtype=autocast_dtype)
         self.fingerprint = pairs_fingerprint(pairs)
@@ -168,7 +176,7 @@ class HeldOutCache:
                 with autocast_context(device, autocast_dtype):
                     packing = engine.packing(batch)
                     trunk = engine.trunk_states(batch, packing)  # [2B, T, C], or None (no trunk)
-                    ref = engine.tail_logps(engine.reference, batch, trunk, packing, reduction)
+                    ref = engine.tail_logps(start_side, batch, trunk, packing, reduction)
                 kept = packing.pack(trunk) if packing is not None and trunk is not None else trunk  # [1, N, C]
                 self.batches.append(_CachedBatch(batch, packing, kept))
                 B = len(chunk)
@@ -177,8 +185,17 @@ class HeldOutCache:
         self._versions = self._frozen_versions()
 
     def _frozen_versions(self) -> tuple[int, ...]:
-        """In-place modification counters of the reference's tensors (the shared trunk among them)."""
-        return tuple(p._version for p in self.engine.reference.parameters())
+        """In-place modification counters of the frozen tensors: the reference's (the shared trunk
+        among them), or without a reference the policy's frozen ones."""
+        model = self.engine.reference if self.engine.reference is not None else self.engine.policy
+        return tuple(p._version for p in model.parameters() if not p.requires_grad)
+
+    def _policy_is_start(self) -> bool:
+        """Whether the policy's log-probs are the cached reference column's. Without a reference
+        this is not checked (an in-place fused optimizer step need not bump a tensor's version,
+        and a copy to compare with would cost memory): the policy's tail runs, once more than
+        needed at step 0."""
+        return self.engine.reference is not None and self.engine.policy_is_reference()
 
     @property
     def nbytes(self) -> int:
@@ -204,7 +221,7 @@ class HeldOutCache:
     def policy_logps(self) -> torch.Tensor:
         """The policy's log-probs [2, N pairs] (chosen, rejected): its tail from the kept states."""
         engine = self.engine
-        if engine.policy_is_reference():
+        if self._policy_is_start():
             return self.reference_logps
         policy, device = engine.policy, self.settings["device"]
         was_training = policy.training

@@ -343,7 +343,7 @@ class HealthProbe:
     its KL is 0: nothing is generated twice. The numbers are those of `health_report`.
     """
 
-    def __init__(self, reference: SmolLM, tokenizer, eval_pairs, *, n_prompts: int = 16,
+    def __init__(self, reference: SmolLM | None, tokenizer, eval_pairs, *, n_prompts: int = 16,
                  max_new_tokens: int = 128, device: torch.device | str = "cpu",
                  autocast_dtype: torch.dtype | None = None, batch_size: int = 8,
                  logp_reduction: str = "mean", stop_ids: Sequence[int] | None = None):
@@ -361,22 +361,32 @@ class HealthProbe:
         self._reference_side: tuple | None = None  # (answers, stats, tensor versions when computed)
 
     def _versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.reference.parameters())
+        return () if self.reference is None else tuple(p._version for p in self.reference.parameters())
 
-    def report(self, policy: SmolLM, eval_result=None) -> tuple[dict[str, Any], list]:
-        """(health, samples) of `policy` now; see `health_report`."""
+    def report(self, policy: SmolLM, eval_result=None, start_model: SmolLM | None = None
+               ) -> tuple[dict[str, Any], list]:
+        """(health, samples) of `policy` now; see `health_report`.
+
+        Without a reference model (a reference-free loss), the reference side is the starting
+        model's, computed at the first report: by the policy itself, which must not have trained
+        yet, or by `start_model` (the starting weights loaded again, e.g. to resume). Then the
+        KL and the reference's NLL of the policy's answers need a reference forward that such a
+        run never makes: they are None (not judged).
+        """
         from .samples import generate_samples  # samples imports this module's eval_mode
 
         cached = self._reference_side
         if cached is not None and cached[2] != self._versions():
             cached = None
-        same = same_weights(policy, self.reference)
-        samples = generate_samples(policy, self.reference, self.tokenizer, self.prompts,
+        start = self.reference if self.reference is not None else (
+            start_model if start_model is not None else policy if cached is None else None)
+        same = start is not None and same_weights(policy, start)
+        samples = generate_samples(policy, start if start is not None else policy, self.tokenizer, self.prompts,
                                    max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                                    reference_answers=None if cached is None else cached[0],
                                    same_weights=same, **self.kwargs)
         if cached is None:
-            stats = self._side_stats(samples, "reference")
+            stats = self._side_stats(samples, "reference", start)
             cached = self._reference_side = (
                 [(s.reference_ids, s.reference_stopped) for s in samples], stats, self._versions())
         health: dict[str, Any] = {"n_samples": len(samples), "max_new_tokens": self.max_new_tokens,
@@ -388,6 +398,9 @@ class HealthProbe:
         ref_stats = cached[1]
         if same:
             pol_stats, kl = dict(ref_stats), 0.0
+        elif self.reference is None:  # no reference model to ask
+            pol_stats, kl = self._side_stats(samples, "policy"), None
+            pol_stats["reference_nll"] = None
         else:  # one reference forward gives its NLL of the policy's answers and the KL
             pol_stats = self._side_stats(samples, "policy")
             kl, pol_stats["reference_nll"] = kl_and_reference_nll(
@@ -397,13 +410,24 @@ class HealthProbe:
         health["kl_policy_reference"] = kl
         return health, samples
 
-    def _side_stats(self, samples: list, side: str) -> dict[str, float]:
+    def prime(self, start_model: SmolLM) -> None:
+        """Compute the reference side now, with `start_model` as the reference (a reference-free
+        run resumed after its first step: the starting weights, loaded again and then dropped)."""
+        from .samples import generate_samples
+
+        samples = generate_samples(start_model, start_model, self.tokenizer, self.prompts,
+                                   max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
+                                   same_weights=True, **self.kwargs)
+        self._reference_side = ([(s.reference_ids, s.reference_stopped) for s in samples],
+                                self._side_stats(samples, "reference", start_model), self._versions())
+
+    def _side_stats(self, samples: list, side: str, reference: SmolLM | None = None) -> dict[str, float]:
         """Text statistics of one side's answers (and, for the reference's, its NLL of them)."""
         ids = [getattr(s, f"{side}_ids") for s in samples]
         stats = text_stats(ids, [getattr(s, side) for s in samples])
         stats["stopped_share"] = sum(getattr(s, f"{side}_stopped") for s in samples) / len(samples)
         if side == "reference":
-            stats["reference_nll"] = reference_nll(self.reference, self.prompts, ids, **self.kwargs)
+            stats["reference_nll"] = reference_nll(reference, self.prompts, ids, **self.kwargs)
         return stats
 
 

@@ -82,6 +82,15 @@ class RunMonitor:
         healthy = [e for e in self.history if e.get("healthy", True)]
         self.best: dict | None = max(healthy, key=lambda e: e["policy_accuracy"], default=None)
 
+    def measure_start(self, start_model) -> None:
+        """A reference-free run resumed after its first step: measure the starting model's side of
+        the evaluation (held-out log-probs, sample answers) with the starting weights, loaded
+        again by the caller and dropped afterwards. (Before the first step the policy is them.)"""
+        if self.eval_pairs:
+            self.trainer.evaluate(self.eval_pairs, start_model=start_model)
+        if self.probe is not None:
+            self.probe.prime(start_model)
+
     def evaluate(self) -> Evaluation:
         """Accuracy and health of the policy now; warns about each problem and updates best/."""
         t, c = self.trainer, self.config

@@ -23,14 +23,19 @@ from typing import Any
 import torch
 
 from .engine import LogProbEngine, textbook_policy_and_reference_logps
-from .loss import dpo_loss
+from .loss import combined_loss, needs_token_counts
 from .tokenization import TokenizedPair, TokenizedSequence, collate_pairs, collate_sequences
 
 Stats = dict[str, torch.Tensor]
 
 
 class PreferenceObjective:
-    """The DPO loss of a micro-batch of pairs, averaged over pairs.
+    """The preference loss (`config.loss_type`, dpo.loss) of a micro-batch of pairs, averaged over pairs.
+
+    The engine gives summed response log-probs; with `--logp-reduction mean` they are divided by
+    the response token counts here (and the losses that normalise by length then get counts of
+    1, so nothing is divided twice). A reference-free loss (SimPO, ORPO, SFT) gets no reference:
+    the engine runs the policy alone.
 
     textbook: compute the log-probs by the textbook path (`dpo.engine.plain_logps`) instead of the
     engine: the oracle the engine is tested against, not a way to train.
@@ -52,17 +57,32 @@ class PreferenceObjective:
     def collate(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
         return collate_pairs(pairs, self.pad_token_id)
 
+    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(policy [2B], reference [2B] or None, response token counts [2B]), reduced as configured."""
+        c = self.config
+        if self.engine.reference is None:
+            policy, reference = self.engine.policy_logps(batch, "sum", paired=True), None
+        elif self.textbook:
+            policy, reference = textbook_policy_and_reference_logps(
+                self.engine.policy, self.engine.reference, batch, "sum")
+        else:
+            policy, reference = self.engine(batch, "sum")  # [2B] each
+        tokens = batch["response_mask"][:, 1:].sum(-1).to(policy.dtype)  # [2B], scored positions t >= 1
+        if c.logp_reduction == "mean":
+            policy = policy / tokens
+            reference = None if reference is None else reference / tokens
+            tokens = torch.ones_like(tokens)
+        return policy, reference, tokens
+
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
         c = self.config
-        if self.textbook:
-            policy_logps, reference_logps = textbook_policy_and_reference_logps(
-                self.engine.policy, self.engine.reference, batch, c.logp_reduction)
-        else:
-            policy_logps, reference_logps = self.engine(batch, c.logp_reduction)  # [2B] each
+        policy_logps, reference_logps, tokens = self.logps(batch)
         B = policy_logps.shape[0] // 2
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_logps[:B], policy_logps[B:], reference_logps[:B], reference_logps[B:],
-            beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing)
+        ref = (None, None) if reference_logps is None else (reference_logps[:B], reference_logps[B:])
+        counts = (tokens[:B], tokens[B:]) if needs_token_counts(c.loss_type) else (None, None)
+        losses, chosen_rewards, rejected_rewards = combined_loss(
+            c.loss_type, c.loss_weights, policy_logps[:B], policy_logps[B:], *ref,
+            chosen_tokens=counts[0], rejected_tokens=counts[1], beta=c.beta, **c.loss_params())
         stats = {
             "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
             "chosen_reward": chosen_rewards,

@@ -92,8 +92,11 @@ def run(config: TrainConfig) -> dict:
     trainable = make_trainable(policy, lora, train_last_n=config.blocks_to_train(model_config.num_hidden_layers),
                                train_head=not config.freeze_head)
     log(str(trainable))
-    reference = make_reference(policy, lora)
-    if lora is not None:
+    reference = make_reference(policy, lora) if config.needs_reference else None
+    if reference is None:
+        log(f"reference-free loss ({' '.join(config.loss_type)}): no reference model is built and no reference "
+            "forward runs; evaluations compare the policy with the starting model, measured once")
+    elif lora is not None:
         shared = count_shared(policy, reference)
         log(f"reference: the policy with its adapters off, sharing {shared:,} of its "
             f"{reference.num_parameters():,} parameters with the policy (nothing copied)")
@@ -108,6 +111,10 @@ def run(config: TrainConfig) -> dict:
         cli.restore(trainer, resume_state, out)
         evals = [e for e in resume_state[1].get("evals", []) if e["step"] <= trainer.step]
         monitor = RunMonitor(trainer, tokenizer, eval_pairs, config, out, log, history=evals, save=save_to)
+        if reference is None and trainer.step > 0:  # the starting model's side, measured once more
+            start = load_pretrained(model_dir, device=device)
+            monitor.measure_start(start)
+            del start
     else:
         out.mkdir(parents=True, exist_ok=True)
         if config.overwrite:
@@ -177,6 +184,7 @@ def run(config: TrainConfig) -> dict:
         "step_seconds": round(step_seconds, 1),
         "steps_per_second": round(trainer.step / step_seconds, 4) if step_seconds else None,
         "evaluation_seconds": monitor.seconds}  # [step, seconds] of each evaluation
+    result["memory"] = {**cli.peak_memory(device), "reference_model": reference is not None}
     save_to(out / FINAL_DIR)
     write_json(out / EVAL_NAME, result)
     try:
@@ -198,7 +206,8 @@ def run(config: TrainConfig) -> dict:
     evals_s = sum(sec for _, sec in monitor.seconds)
     print(f"time: {timing['wall_seconds'] / 60:.1f} min wall: {timing['step_seconds'] / 60:.1f} min for {trainer.step} "
           f"steps ({timing['steps_per_second'] or 0:.3f} steps/s), {evals_s / 60:.1f} min for "
-          f"{len(monitor.seconds)} evaluations, the rest loading and writing")
+          f"{len(monitor.seconds)} evaluations, the rest loading and writing; peak memory "
+          f"{result['memory']['peak_rss_mb']:,.0f} MB" + ("" if reference is not None else " (no reference model)"))
     written = [METRICS_NAME, EVAL_NAME, CURVES_NAME] + (
         ["samples.md", "samples.jsonl"] if final_eval is not None and final_eval.samples else [])
     print(f"wrote {', '.join(str(out / n) for n in written)} and {out / FINAL_DIR}/"

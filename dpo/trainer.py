@@ -236,9 +236,16 @@ class DPOTrainer(Trainer):
     the engine: the oracle the engine is tested against, not a way to train.
     """
 
-    def __init__(self, policy: SmolLM, reference: SmolLM, train_pairs: list[TokenizedPair],
+    def __init__(self, policy: SmolLM, reference: SmolLM | None, train_pairs: list[TokenizedPair],
                  config: Any, *, pad_token_id: int, device: torch.device | str | None = None,
                  textbook: bool = False):
+        config.check()
+        if config.needs_reference and reference is None:
+            raise ValueError(f"loss_type {' '.join(config.loss_type)} needs a reference model; got None")
+        if not config.needs_reference and reference is not None:
+            raise ValueError(f"loss_type {' '.join(config.loss_type)} needs no reference model: pass "
+                             "reference=None (none is built or run; evaluations compare with the starting "
+                             "model's log-probs, measured once)")
         self.reference, self.pad_token_id = reference, pad_token_id
         self.engine = LogProbEngine(policy, reference, share_trunk=config.shared_trunk,
                                     recompute=config.recompute_tail)
@@ -259,18 +266,27 @@ class DPOTrainer(Trainer):
         self.objective.textbook = value
 
     # ------------------------------------------------------------------ evaluate
-    def evaluate(self, pairs: list[TokenizedPair], batch_size: int | None = None) -> EvalResult:
+    def evaluate(self, pairs: list[TokenizedPair], batch_size: int | None = None,
+                 start_model: SmolLM | None = None) -> EvalResult:
         """Reference vs policy preference accuracy on held-out `pairs`.
 
         The first call on a list of pairs keeps the shared trunk's output (if any) and the
         reference's log-probs (`HeldOutCache`, in `eval_cache`), and later calls on the same list
         run only the policy's tail: the same numbers as `evaluate_pairs`. Another list, or the
         same list with other tokens, builds a new cache; `eval_cache = None` frees it.
+
+        Without a reference (a reference-free loss), the reference column is the starting
+        model's, measured when the cache is built: by the policy before the first step, or
+        afterwards (a resumed run) by `start_model`, the starting weights loaded again.
         """
         settings = dict(pad_token_id=self.pad_token_id, reduction=self.config.logp_reduction,
                         batch_size=batch_size or self.config.batch_size, device=self.device,
                         autocast_dtype=self.autocast_dtype)
         if self.eval_cache is None or not self.eval_cache.fits(pairs, **settings):
             self.eval_cache = None  # free the old one before building the new one
-            self.eval_cache = HeldOutCache(self.engine, pairs, **settings)
+            if self.reference is None and start_model is None and self.step > 0:
+                raise ValueError("a reference-free run compares the policy with the starting model, whose "
+                                 "held-out log-probs are measured before the first step; after it, pass "
+                                 "start_model= (the starting weights)")
+            self.eval_cache = HeldOutCache(self.engine, pairs, **settings, start_model=start_model)
         return self.eval_cache.evaluate(self.config.beta)

@@ -147,12 +147,17 @@ def test_missing_model_directory(tiny, tmp_path, capsys, guarded):
 
 # ====================================================================== 7. bad flags
 FLAG_ERRORS = {
-    "beta-zero": (["--beta", "0"], "--beta: must be a positive finite number, got 0.0"),
-    "beta-negative": (["--beta", "-1"], "--beta: must be a positive finite number"),
-    "beta-nan": (["--beta", "nan"], "--beta: must be a positive finite number"),
+    "beta-zero": (["--beta", "0"], "--beta: beta must be a finite number > 0, got 0.0"),
+    "beta-negative": (["--beta", "-1"], "--beta: beta must be a finite number > 0"),
+    "beta-nan": (["--beta", "nan"], "--beta: beta must be a finite number > 0"),
     "robust-smoothing-half": (["--loss-type", "robust", "--label-smoothing", "0.5"],
-                              "--label-smoothing: must be in [0, 0.5)"),
-    "ipo-smoothing": (["--loss-type", "ipo", "--label-smoothing", "0.1"], "has no meaning for loss type 'ipo'"),
+                              "--label-smoothing: label_smoothing for loss_type 'robust' must be in [0, 0.5)"),
+    "ipo-smoothing": (["--loss-type", "ipo", "--label-smoothing", "0.1"],
+                      "--label-smoothing: label_smoothing is not a parameter of any of loss_types ipo"),
+    "weights-count": (["--loss-type", "sigmoid", "sft", "--loss-weights", "1"],
+                      "--loss-weights: weights has 1 entries for 2 loss types"),
+    "gamma-for-dpo": (["--simpo-gamma", "0.5"], "--simpo-gamma: gamma is not a parameter of any of loss_types sigmoid"),
+    "exo-smoothing-zero": (["--loss-type", "exo_pair", "--label-smoothing", "0"], "--label-smoothing: "),
     "batch-size-zero": (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
     "prompt-not-shorter": (["--max-length", "64", "--max-prompt-length", "64"],
                            "--max-prompt-length: must be in [1, max_length=64)"),
@@ -228,5 +233,5 @@ def test_real_command_exit_code_and_single_error_line(tiny, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dpo.train", *args(tiny, out, "--beta", "-0.5")], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr == "error: --beta: must be a positive finite number, got -0.5\n"
+    assert proc.stderr == "error: --beta: beta must be a finite number > 0, got -0.5\n"
     assert proc.stdout == "" and not out.exists()
