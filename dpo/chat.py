@@ -37,11 +37,10 @@ Everything here is a pure function of its inputs; nothing is cached or downloade
 from __future__ import annotations
 
 import re
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-from dpo.data import ASSISTANT, DataError, Message, PreferencePair
+from dpo.data import ASSISTANT, DataError, Message, PreferencePair, SkipCounts
 
 # Why apply_chat_format can skip a pair; the keys of ChatReport.skipped, in this order.
 CHAT_SKIP_REASONS = (
@@ -86,26 +85,15 @@ def hh_to_messages(prompt_text: str, source: str = "") -> list[Message]:
 
 
 @dataclass
-class ChatReport:
-    """What apply_chat_format did: how many pairs rendered, which were skipped and why."""
+class ChatReport(SkipCounts):
+    """What apply_chat_format did: how many pairs rendered, which were skipped (reasons:
+    CHAT_SKIP_REASONS) and why."""
 
     total: int = 0  # pairs given
     rendered: int = 0  # pairs returned
-    skipped: Counter = field(default_factory=Counter)  # reason (CHAT_SKIP_REASONS) -> count
-    examples: list[str] = field(default_factory=list)  # the first few skip messages
     # answers whose rendering did not end with the EOS text, so nothing was removed
     # (a template that ends turns with another token): counted, not skipped
     end_of_turn_kept: int = 0
-    max_examples: int = 10
-
-    @property
-    def total_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def _skip(self, err: DataError) -> None:
-        self.skipped[err.reason] += 1
-        if len(self.examples) < self.max_examples:
-            self.examples.append(f"{err.reason}: {err}")
 
     def __str__(self) -> str:
         lines = [f"rendered {self.rendered} of {self.total} pairs, skipped {self.total_skipped}"]
@@ -206,7 +194,7 @@ def apply_chat_format(pairs: Sequence[PreferencePair], tokenizer: Any, *, strict
         except DataError as e:
             if strict:
                 raise
-            report._skip(e)
+            report.add_skip(e)
             continue
         report.end_of_turn_kept += (not removed_c) + (not removed_r)
         out.append(PreferencePair(prompt_text, chosen_text, rejected_text, pair.source,

@@ -225,6 +225,31 @@ def check_same_data(resume_state, data_fingerprint: str) -> None:
                                   "(different files, filter or tokenizer)")
 
 
+@dataclasses.dataclass
+class RunStart:
+    """What every training command knows before its data work: checked settings, where it writes,
+    the device, the model's checkpoint and config, and the tokenizer."""
+
+    config: RunConfig
+    resume_state: tuple | None  # (tensors, meta, checkpoint_dir) with --resume
+    out: Path
+    device: torch.device
+    model_dir: Path
+    model_config: SmolLMConfig
+    tokenizer: Any
+
+
+def start_run(config: RunConfig, command: str, outputs: tuple[str, ...]) -> RunStart:
+    """Check the settings (or take a resumed run's), the output directory, the device, the model
+    and the tokenizer: everything that can fail before the expensive work."""
+    config, resume_state = start_or_resume(config, command)
+    out = prepare_output_dir(config, outputs, command)
+    log("settings:\n" + str(config))
+    device = device_of(config)
+    model_dir, model_config, tokenizer = load_model_spec(config)
+    return RunStart(config, resume_state, out, device, model_dir, model_config, tokenizer)
+
+
 def restore(trainer: Trainer, resume_state, out: Path) -> list[dict]:
     """Load a checkpoint into `trainer` and cut metrics.jsonl back to its step; returns the kept rows."""
     tensors, meta, ckpt_dir = resume_state

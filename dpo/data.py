@@ -74,7 +74,7 @@ from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 ASSISTANT = "\n\nAssistant:"
 HUMAN = "\n\nHuman:"
@@ -165,16 +165,11 @@ class DataError(ValueError):
 
 
 @dataclass
-class LoadReport:
-    """What load_preferences_with_report read, and what it skipped and why."""
+class SkipCounts:
+    """Records skipped for a reason: how many per reason, and the first few messages."""
 
-    files: list[str] = field(default_factory=list)  # the files read, in order
-    # set when "Anthropic/hh-rlhf" could not be downloaded and the bundled test splits were
-    # read instead: the one-line message to show the user (OFFLINE_FALLBACK_MESSAGE)
-    fallback: str | None = None
-    loaded: int = 0  # pairs returned
-    skipped: Counter = field(default_factory=Counter)  # reason -> count (reasons: SKIP_REASONS)
-    examples: list[str] = field(default_factory=list)  # the first few "file:line: reason" messages
+    skipped: Counter = field(default_factory=Counter)  # DataError.reason -> count
+    examples: list[str] = field(default_factory=list)  # the first few "where: reason" messages
     max_examples: int = 10
 
     @property
@@ -185,6 +180,17 @@ class LoadReport:
         self.skipped[err.reason] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(f"{err.reason}: {err}")
+
+
+@dataclass
+class LoadReport(SkipCounts):
+    """What load_preferences_with_report read, and what it skipped (reasons: SKIP_REASONS) and why."""
+
+    files: list[str] = field(default_factory=list)  # the files read, in order
+    # set when "Anthropic/hh-rlhf" could not be downloaded and the bundled test splits were
+    # read instead: the one-line message to show the user (OFFLINE_FALLBACK_MESSAGE)
+    fallback: str | None = None
+    loaded: int = 0  # pairs returned
 
     def __str__(self) -> str:
         # (the fallback line is not part of it: callers print report.fallback on its own)
@@ -609,22 +615,20 @@ def bundled_hh_files(*, verify: bool = False) -> list[Path]:
     return paths
 
 
-def load_preferences_with_report(
-    path_or_name: PathLike | Sequence[PathLike],
-    *,
-    split: str = "train",
-    skip_bad_records: bool = False,
-    limit: int | None = None,
-    max_line_bytes: int = MAX_LINE_BYTES,
-    skip_unusable: bool = True,
-    offline_fallback: bool = True,
-) -> tuple[list[PreferencePair], LoadReport]:
+def load_preferences_with_report(path_or_name: PathLike | Sequence[PathLike], **options: Any
+                                 ) -> tuple[list[PreferencePair], LoadReport]:
     """Load preference pairs and report what was skipped, and any offline fallback.
 
     The arguments are load_preferences'. The LoadReport counts the skipped rows by reason
     (with the first few as examples) and sets ``fallback`` to a one-line message when
     "Anthropic/hh-rlhf" was replaced by the bundled test splits; print it.
     """
+    return _load(path_or_name, **options)
+
+
+def _load(path_or_name: PathLike | Sequence[PathLike], *, split: str = "train", skip_bad_records: bool = False,
+          limit: int | None = None, max_line_bytes: int = MAX_LINE_BYTES, skip_unusable: bool = True,
+          offline_fallback: bool = True) -> tuple[list[PreferencePair], LoadReport]:
     items = [path_or_name] if isinstance(path_or_name, (str, os.PathLike)) else list(path_or_name)
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
@@ -681,9 +685,9 @@ def load_preferences(
 
     Raises DataError naming the file, line and field; also when nothing was loaded.
     """
-    pairs, report = load_preferences_with_report(
-        path_or_name, split=split, skip_bad_records=skip_bad_records, limit=limit,
-        max_line_bytes=max_line_bytes, skip_unusable=skip_unusable, offline_fallback=offline_fallback)
+    pairs, report = _load(path_or_name, split=split, skip_bad_records=skip_bad_records, limit=limit,
+                          max_line_bytes=max_line_bytes, skip_unusable=skip_unusable,
+                          offline_fallback=offline_fallback)
     if report.fallback:  # the report is not returned here, so say it as a warning
         warnings.warn(report.fallback, RuntimeWarning, stacklevel=2)
     return pairs

@@ -108,165 +108,8 @@ def _log1mexp(x: Tensor) -> Tensor:
 
 
 # --- the losses: each takes a _Pair and returns (losses, chosen_rewards, rejected_rewards) ---
-
-
-def _sigmoid(p: _Pair, beta: float, label_smoothing: float) -> Losses:
-    """DPO / cDPO:  -(1 - eps) logsig(beta h) - eps logsig(-beta h).
-
-    eps = 0 is DPO. eps > 0 is conservative DPO (Mitchell 2023): the label is assumed flipped
-    with probability eps, so the optimum is at beta h = logit(1 - eps) instead of infinity;
-    at eps = 0.5 the labels carry no information and the loss only pulls h to 0.
-    """
-    x = beta * ((p.pc - p.pr) - (p.rc - p.rr))  # [B] beta h
-    losses = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
-    return (losses, *_logratio_rewards(p, beta))
-
-
-def _robust(p: _Pair, beta: float, label_smoothing: float) -> Losses:
-    """Robust DPO:  [-(1 - eps) logsig(beta h) + eps logsig(-beta h)] / (1 - 2 eps).
-
-    An unbiased estimate of the clean DPO loss when labels are flipped with probability eps
-    (Chowdhury et al. 2024). Unlike cDPO it keeps pushing h up; eps < 0.5 strictly.
-    """
-    x = beta * ((p.pc - p.pr) - (p.rc - p.rr))  # [B]
-    losses = (-(1 - label_smoothing) * F.logsigmoid(x) + label_smoothing * F.logsigmoid(-x)) / (
-        1 - 2 * label_smoothing)
-    return (losses, *_logratio_rewards(p, beta))
-
-
-def _ipo(p: _Pair, beta: float) -> Losses:
-    """IPO:  (h - 1/(2 beta))^2, a regression of the margin onto 1/(2 beta) (Azar et al. 2023,
-    eq. 17, with tau = beta).
-
-    h is built from the log-probs AS GIVEN. TRL's "ipo" divides each log-ratio by its response
-    length first; to get TRL's IPO here, pass per-token means (s / n and S / n) as the inputs.
-    """
-    h = (p.pc - p.pr) - (p.rc - p.rr)  # [B]
-    return ((h - 1 / (2 * beta)) ** 2, *_logratio_rewards(p, beta))
-
-
-def _hinge(p: _Pair, beta: float) -> Losses:
-    """SLiC's calibration hinge on the DPO margin:  max(0, 1 - beta h) (Zhao et al. 2023)."""
-    h = (p.pc - p.pr) - (p.rc - p.rr)  # [B]
-    return (torch.relu(1 - beta * h), *_logratio_rewards(p, beta))
-
-
-def _sigmoid_norm(p: _Pair, beta: float) -> Losses:
-    """Length-normalised DPO (Tulu 3):  -logsig(beta (rho_w / n_w - rho_l / n_l)).
-
-    The margin of the per-token mean log-ratios; the rewards are normalised the same way.
-    """
-    cw = (p.pc - p.rc) / p.nc  # [B] mean log-ratio per chosen token
-    cl = (p.pr - p.rr) / p.nr  # [B]
-    return (-F.logsigmoid(beta * (cw - cl)), beta * cw, beta * cl)
-
-
-def _simpo(p: _Pair, beta: float, gamma: float) -> Losses:
-    """SimPO:  -logsig(beta (m_w - m_l) - gamma) (Meng et al. 2024), no reference.
-
-    gamma is the target margin itself (as TRL's CPOTrainer simpo_gamma, which it divides by
-    beta before subtracting inside beta(...)). The SimPO repository's configs give
-    gamma_beta_ratio = gamma / beta instead: gamma = ratio * beta. Rewards: beta * m.
-    """
-    mw, ml = p.pc / p.nc, p.pr / p.nr  # [B] mean token log-probs
-    return (-F.logsigmoid(beta * (mw - ml) - gamma), beta * mw, beta * ml)
-
-
-def _orpo(p: _Pair, beta: float, lambda_: float) -> Losses:
-    """ORPO:  -m_w - lambda * logsig(log odds(y_w) - log odds(y_l))  (Hong et al. 2024).
-
-    odds(y) = P / (1 - P) with P = exp(m) the geometric-mean token probability, so
-    log odds = m - log(1 - exp(m)), with log(1 - exp(m)) from `_log1mexp`. beta is not used
-    (lambda plays its role; TRL's ORPOConfig calls lambda `beta`). Rewards: lambda * m, as TRL.
-
-    m is clamped to <= -eps(dtype) inside log(1 - exp(m)): a response whose every token has
-    probability 1 in floating point (m = 0) would give log(0) and a NaN gradient.
-    Differences from TRL's ORPOTrainer: its NLL term is a token mean over the whole batch and
-    over prompt AND response; ours is the per-pair mean over response tokens (`sft`).
-    """
-    mw, ml = p.pc / p.nc, p.pr / p.nr  # [B]
-    top = -torch.finfo(mw.dtype).eps
-    log_odds = (mw - ml) - (_log1mexp(mw.clamp(max=top)) - _log1mexp(ml.clamp(max=top)))  # [B]
-    return (-mw - lambda_ * F.logsigmoid(log_odds), lambda_ * mw, lambda_ * ml)
-
-
-def _apo_zero(p: _Pair, beta: float) -> Losses:
-    """APO-zero:  (1 - sig(beta rho_w)) + sig(beta rho_l)  (D'Oosterlinck et al. 2024, eq. 7).
-
-    Anchored at zero: pushes the chosen likelihood up and the rejected one down, each on its
-    own, for when the chosen answers are better than the model's own.
-    """
-    rw, rl = _logratio_rewards(p, beta)
-    return (1 - torch.sigmoid(rw) + torch.sigmoid(rl), rw, rl)
-
-
-def _apo_down(p: _Pair, beta: float) -> Losses:
-    """APO-down:  sig(beta rho_w) + (1 - sig(beta h))  (D'Oosterlinck et al. 2024, eq. 8).
-
-    For when the chosen answers are worse than the model's own: lowers the chosen likelihood,
-    and the rejected one more. Raising s_w therefore need not lower this loss.
-    """
-    rw, rl = _logratio_rewards(p, beta)
-    return (torch.sigmoid(rw) + 1 - torch.sigmoid(rw - rl), rw, rl)
-
-
-def _bco_pair(p: _Pair, beta: float, delta: float) -> Losses:
-    """BCO on pairs:  -logsig(beta rho_w - delta) - logsig(-(beta rho_l - delta))  (Jung et al. 2024).
-
-    Each response is classified on its own (chosen = 1, rejected = 0) around the shift delta.
-    The paper's delta is a running mean of the rewards; older TRL kept one inside the trainer,
-    TRL 1.x uses delta = 0. Here it is a parameter (a number, detached from the graph): our
-    trainer passes --bco-delta as given (default 0, as TRL 1.x); a caller that wants the paper's
-    running mean supplies it.
-    """
-    rw, rl = _logratio_rewards(p, beta)
-    return (-F.logsigmoid(rw - delta) - F.logsigmoid(-(rl - delta)), rw, rl)
-
-
-def _nca_pair(p: _Pair, beta: float) -> Losses:
-    """NCA on pairs:  -logsig(beta rho_w) - 1/2 logsig(-beta rho_w) - 1/2 logsig(-beta rho_l)
-    (Chen et al. 2024). Absolute rather than relative: the chosen likelihood is held up
-    (its term is minimised at beta rho_w = log 2, not pushed without bound)."""
-    rw, rl = _logratio_rewards(p, beta)
-    return (-F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl), rw, rl)
-
-
-def _exo_pair(p: _Pair, beta: float, label_smoothing: float) -> Losses:
-    """EXO-pref for two responses:  KL(q || [1 - eps, eps]),  q = [sig(beta h), sig(-beta h)]
-    = sig(beta h)(logsig(beta h) - log(1 - eps)) + sig(-beta h)(logsig(-beta h) - log eps)
-    (Ji et al. 2024, eq. 16). The reverse KL to a smoothed target: minimised at
-    beta h = log((1 - eps) / eps); eps in (0, 0.5), 1e-3 as the paper and TRL."""
-    x = beta * ((p.pc - p.pr) - (p.rc - p.rr))  # [B]
-    eps = label_smoothing
-    losses = (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
-              + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
-    return (losses, *_logratio_rewards(p, beta))
-
-
-def _dpop(p: _Pair, beta: float, dpop_lambda: float) -> Losses:
-    """DPO-Positive (Smaug):  -logsig(beta (h - lambda max(0, S_w - s_w)))  (Pal et al. 2024).
-
-    The penalty lambda * max(0, log pi_ref(y_w) - log pi(y_w)) is INSIDE the sigmoid and beta
-    multiplies the whole bracket: the reading of the corrected paper (v3, July 2024), which the
-    authors confirmed fixed the bracketing of the first version (github.com/abacusai/smaug
-    issue 2). The other reading, -logsig(beta h) + lambda max(0, ...) outside the sigmoid,
-    is unbounded and, at the paper's lambda = 50, dominates the loss. TRL 1.16 has no DPOP
-    (its PR #3864 was closed), so there is no TRL convention to follow. Rewards: beta * rho.
-    """
-    penalty = torch.relu(p.rc - p.pc)  # [B] how far the chosen log-prob fell below the reference
-    h = (p.pc - p.pr) - (p.rc - p.rr)
-    return (-F.logsigmoid(beta * (h - dpop_lambda * penalty)), *_logratio_rewards(p, beta))
-
-
-def _sft(p: _Pair, beta: float) -> Losses:
-    """The chosen responses' mean NLL:  -m_w = -s_w / n_w, per pair. No reference; meant for
-    combinations (sigmoid + a * sft = RPO). TRL's "sft" is a token mean over the whole batch:
-    the same when all chosen responses have the same length. Rewards: beta * m (for logging)."""
-    mw, ml = p.pc / p.nc, p.pr / p.nr  # [B]
-    return (-mw, beta * mw, beta * ml)
-
-
-# --- the table -------------------------------------------------------------------------------
+# Each registers itself in LOSSES (@_loss): its name, whether it reads the reference and the token
+# counts, its parameters with their defaults, its paper and its formula in the legend above.
 
 
 @dataclass(frozen=True)
@@ -286,67 +129,231 @@ class LossSpec:
         return "mean per token" if self.length_normalised else "sum (as given)"
 
 
-def _spec(needs_reference, length_normalised, params, paper, formula, fn) -> LossSpec:
-    return LossSpec(needs_reference, length_normalised, types.MappingProxyType(dict(params)), paper, formula, fn)
+LOSSES: dict[str, LossSpec] = {}  # filled by @_loss below, in the order of this file
 
 
-LOSSES: dict[str, LossSpec] = {
-    "sigmoid": _spec(True, False, {"label_smoothing": 0.0},
-                     "Rafailov et al. 2023, Direct Preference Optimization (arXiv 2305.18290); cDPO: "
-                     "Mitchell 2023, A note on DPO with noisy preferences",
-                     "-(1-eps) logsig(beta h) - eps logsig(-beta h)", _sigmoid),
-    "robust": _spec(True, False, {"label_smoothing": 0.0},
-                    "Chowdhury, Kini, Natarajan 2024, Provably Robust DPO (arXiv 2403.00409)",
-                    "[-(1-eps) logsig(beta h) + eps logsig(-beta h)] / (1 - 2 eps)", _robust),
-    "ipo": _spec(True, False, {},
-                 "Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human "
-                 "Preferences (arXiv 2310.12036)",
-                 "(h - 1/(2 beta))^2", _ipo),
-    "hinge": _spec(True, False, {},
-                   "Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback "
-                   "(arXiv 2305.10425)",
-                   "max(0, 1 - beta h)", _hinge),
-    "sigmoid_norm": _spec(True, True, {},
-                          "Lambert et al. 2024, Tulu 3 (arXiv 2411.15124): length-normalised DPO",
-                          "-logsig(beta (rho_w/n_w - rho_l/n_l))", _sigmoid_norm),
-    "simpo": _spec(False, True, {"gamma": 1.0},
-                   "Meng, Xia, Chen 2024, SimPO: Simple Preference Optimization with a Reference-Free "
-                   "Reward (arXiv 2405.14734)",
-                   "-logsig(beta (m_w - m_l) - gamma)", _simpo),
-    "orpo": _spec(False, True, {"lambda_": 0.1},
-                  "Hong, Lee, Thorne 2024, ORPO: Monolithic Preference Optimization without Reference "
-                  "Model (arXiv 2403.07691)",
-                  "-m_w - lambda logsig(log(P_w/(1-P_w)) - log(P_l/(1-P_l))),  P = exp(m)", _orpo),
-    "apo_zero": _spec(True, False, {},
-                      "D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive "
-                      "Revisions (arXiv 2408.06266), eq. 7",
-                      "1 - sig(beta rho_w) + sig(beta rho_l)", _apo_zero),
-    "apo_down": _spec(True, False, {},
-                      "D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive "
-                      "Revisions (arXiv 2408.06266), eq. 8",
-                      "sig(beta rho_w) + 1 - sig(beta h)", _apo_down),
-    "bco_pair": _spec(True, False, {"delta": 0.0},
-                      "Jung et al. 2024, Binary Classifier Optimization for Large Language Model "
-                      "Alignment (arXiv 2404.04656)",
-                      "-logsig(beta rho_w - delta) - logsig(-(beta rho_l - delta))", _bco_pair),
-    "nca_pair": _spec(True, False, {},
-                      "Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit "
-                      "Rewards (arXiv 2402.05369)",
-                      "-logsig(beta rho_w) - 1/2 logsig(-beta rho_w) - 1/2 logsig(-beta rho_l)", _nca_pair),
-    "exo_pair": _spec(True, False, {"label_smoothing": 1e-3},
-                      "Ji et al. 2024, Towards Efficient Exact Optimization of Language Model Alignment "
-                      "(arXiv 2402.00856), eq. 16",
-                      "sig(beta h)(logsig(beta h) - log(1-eps)) + sig(-beta h)(logsig(-beta h) - log eps)",
-                      _exo_pair),
-    "dpop": _spec(True, False, {"dpop_lambda": 50.0},
-                  "Pal et al. 2024, Smaug: Fixing Failure Modes of Preference Optimisation with "
-                  "DPO-Positive (arXiv 2402.13228)",
-                  "-logsig(beta (h - lambda max(0, S_w - s_w)))", _dpop),
-    "sft": _spec(False, True, {},
-                 "the chosen responses' NLL; with sigmoid: RPO, Pang et al. 2024, Iterative Reasoning "
-                 "Preference Optimization (arXiv 2404.19733)",
-                 "-m_w = -s_w / n_w", _sft),
-}
+def _loss(name: str, *, reference: bool, length_normalised: bool, params: dict[str, float], paper: str,
+          formula: str) -> Callable[[Callable[..., Losses]], Callable[..., Losses]]:
+    """Register the decorated loss function in LOSSES under `name`, with what it needs."""
+    def register(fn: Callable[..., Losses]) -> Callable[..., Losses]:
+        LOSSES[name] = LossSpec(reference, length_normalised, types.MappingProxyType(dict(params)), paper,
+                                formula, fn)
+        return fn
+    return register
+
+
+@_loss("sigmoid", reference=True, length_normalised=False, params={"label_smoothing": 0.0},
+       paper="Rafailov et al. 2023, Direct Preference Optimization (arXiv 2305.18290); cDPO: Mitchell 2023, "
+             "A note on DPO with noisy preferences",
+       formula="-(1-eps) logsig(beta h) - eps logsig(-beta h)")
+def _sigmoid(p: _Pair, beta: float, label_smoothing: float) -> Losses:
+    """DPO / cDPO:  -(1 - eps) logsig(beta h) - eps logsig(-beta h).
+
+    eps = 0 is DPO. eps > 0 is conservative DPO (Mitchell 2023): the label is assumed flipped
+    with probability eps, so the optimum is at beta h = logit(1 - eps) instead of infinity;
+    at eps = 0.5 the labels carry no information and the loss only pulls h to 0.
+    """
+    x = beta * ((p.pc - p.pr) - (p.rc - p.rr))  # [B] beta h
+    losses = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+    return (losses, *_logratio_rewards(p, beta))
+
+
+@_loss("robust", reference=True, length_normalised=False, params={"label_smoothing": 0.0},
+       paper="Chowdhury, Kini, Natarajan 2024, Provably Robust DPO (arXiv 2403.00409)",
+       formula="[-(1-eps) logsig(beta h) + eps logsig(-beta h)] / (1 - 2 eps)")
+def _robust(p: _Pair, beta: float, label_smoothing: float) -> Losses:
+    """Robust DPO:  [-(1 - eps) logsig(beta h) + eps logsig(-beta h)] / (1 - 2 eps).
+
+    An unbiased estimate of the clean DPO loss when labels are flipped with probability eps
+    (Chowdhury et al. 2024). Unlike cDPO it keeps pushing h up; eps < 0.5 strictly.
+    """
+    x = beta * ((p.pc - p.pr) - (p.rc - p.rr))  # [B]
+    losses = (-(1 - label_smoothing) * F.logsigmoid(x) + label_smoothing * F.logsigmoid(-x)) / (
+        1 - 2 * label_smoothing)
+    return (losses, *_logratio_rewards(p, beta))
+
+
+@_loss("ipo", reference=True, length_normalised=False, params={},
+       paper="Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences "
+             "(arXiv 2310.12036)",
+       formula="(h - 1/(2 beta))^2")
+def _ipo(p: _Pair, beta: float) -> Losses:
+    """IPO:  (h - 1/(2 beta))^2, a regression of the margin onto 1/(2 beta) (Azar et al. 2023,
+    eq. 17, with tau = beta).
+
+    h is built from the log-probs AS GIVEN. TRL's "ipo" divides each log-ratio by its response
+    length first; to get TRL's IPO here, pass per-token means (s / n and S / n) as the inputs.
+    """
+    h = (p.pc - p.pr) - (p.rc - p.rr)  # [B]
+    return ((h - 1 / (2 * beta)) ** 2, *_logratio_rewards(p, beta))
+
+
+@_loss("hinge", reference=True, length_normalised=False, params={},
+       paper="Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback (arXiv 2305.10425)",
+       formula="max(0, 1 - beta h)")
+def _hinge(p: _Pair, beta: float) -> Losses:
+    """SLiC's calibration hinge on the DPO margin:  max(0, 1 - beta h) (Zhao et al. 2023)."""
+    h = (p.pc - p.pr) - (p.rc - p.rr)  # [B]
+    return (torch.relu(1 - beta * h), *_logratio_rewards(p, beta))
+
+
+@_loss("sigmoid_norm", reference=True, length_normalised=True, params={},
+       paper="Lambert et al. 2024, Tulu 3 (arXiv 2411.15124): length-normalised DPO",
+       formula="-logsig(beta (rho_w/n_w - rho_l/n_l))")
+def _sigmoid_norm(p: _Pair, beta: float) -> Losses:
+    """Length-normalised DPO (Tulu 3):  -logsig(beta (rho_w / n_w - rho_l / n_l)).
+
+    The margin of the per-token mean log-ratios; the rewards are normalised the same way.
+    """
+    cw = (p.pc - p.rc) / p.nc  # [B] mean log-ratio per chosen token
+    cl = (p.pr - p.rr) / p.nr  # [B]
+    return (-F.logsigmoid(beta * (cw - cl)), beta * cw, beta * cl)
+
+
+@_loss("simpo", reference=False, length_normalised=True, params={"gamma": 1.0},
+       paper="Meng, Xia, Chen 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward "
+             "(arXiv 2405.14734)",
+       formula="-logsig(beta (m_w - m_l) - gamma)")
+def _simpo(p: _Pair, beta: float, gamma: float) -> Losses:
+    """SimPO:  -logsig(beta (m_w - m_l) - gamma) (Meng et al. 2024), no reference.
+
+    gamma is the target margin itself (as TRL's CPOTrainer simpo_gamma, which it divides by
+    beta before subtracting inside beta(...)). The SimPO repository's configs give
+    gamma_beta_ratio = gamma / beta instead: gamma = ratio * beta. Rewards: beta * m.
+    """
+    mw, ml = p.pc / p.nc, p.pr / p.nr  # [B] mean token log-probs
+    return (-F.logsigmoid(beta * (mw - ml) - gamma), beta * mw, beta * ml)
+
+
+@_loss("orpo", reference=False, length_normalised=True, params={"lambda_": 0.1},
+       paper="Hong, Lee, Thorne 2024, ORPO: Monolithic Preference Optimization without Reference Model "
+             "(arXiv 2403.07691)",
+       formula="-m_w - lambda logsig(log(P_w/(1-P_w)) - log(P_l/(1-P_l))),  P = exp(m)")
+def _orpo(p: _Pair, beta: float, lambda_: float) -> Losses:
+    """ORPO:  -m_w - lambda * logsig(log odds(y_w) - log odds(y_l))  (Hong et al. 2024).
+
+    odds(y) = P / (1 - P) with P = exp(m) the geometric-mean token probability, so
+    log odds = m - log(1 - exp(m)), with log(1 - exp(m)) from `_log1mexp`. beta is not used
+    (lambda plays its role; TRL's ORPOConfig calls lambda `beta`). Rewards: lambda * m, as TRL.
+
+    m is clamped to <= -eps(dtype) inside log(1 - exp(m)): a response whose every token has
+    probability 1 in floating point (m = 0) would give log(0) and a NaN gradient.
+    Differences from TRL's ORPOTrainer: its NLL term is a token mean over the whole batch and
+    over prompt AND response; ours is the per-pair mean over response tokens (`sft`).
+    """
+    mw, ml = p.pc / p.nc, p.pr / p.nr  # [B]
+    top = -torch.finfo(mw.dtype).eps
+    log_odds = (mw - ml) - (_log1mexp(mw.clamp(max=top)) - _log1mexp(ml.clamp(max=top)))  # [B]
+    return (-mw - lambda_ * F.logsigmoid(log_odds), lambda_ * mw, lambda_ * ml)
+
+
+@_loss("apo_zero", reference=True, length_normalised=False, params={},
+       paper="D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions (arXiv "
+             "2408.06266), eq. 7",
+       formula='1 - sig(beta rho_w) + sig(beta rho_l)')
+def _apo_zero(p: _Pair, beta: float) -> Losses:
+    """APO-zero:  (1 - sig(beta rho_w)) + sig(beta rho_l)  (D'Oosterlinck et al. 2024, eq. 7).
+
+    Anchored at zero: pushes the chosen likelihood up and the rejected one down, each on its
+    own, for when the chosen answers are better than the model's own.
+    """
+    rw, rl = _logratio_rewards(p, beta)
+    return (1 - torch.sigmoid(rw) + torch.sigmoid(rl), rw, rl)
+
+
+@_loss("apo_down", reference=True, length_normalised=False, params={},
+       paper="D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions (arXiv "
+             "2408.06266), eq. 8",
+       formula='sig(beta rho_w) + 1 - sig(beta h)')
+def _apo_down(p: _Pair, beta: float) -> Losses:
+    """APO-down:  sig(beta rho_w) + (1 - sig(beta h))  (D'Oosterlinck et al. 2024, eq. 8).
+
+    For when the chosen answers are worse than the model's own: lowers the chosen likelihood,
+    and the rejected one more. Raising s_w therefore need not lower this loss.
+    """
+    rw, rl = _logratio_rewards(p, beta)
+    return (torch.sigmoid(rw) + 1 - torch.sigmoid(rw - rl), rw, rl)
+
+
+@_loss("bco_pair", reference=True, length_normalised=False, params={"delta": 0.0},
+       paper="Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment (arXiv "
+             "2404.04656)",
+       formula="-logsig(beta rho_w - delta) - logsig(-(beta rho_l - delta))")
+def _bco_pair(p: _Pair, beta: float, delta: float) -> Losses:
+    """BCO on pairs:  -logsig(beta rho_w - delta) - logsig(-(beta rho_l - delta))  (Jung et al. 2024).
+
+    Each response is classified on its own (chosen = 1, rejected = 0) around the shift delta.
+    The paper's delta is a running mean of the rewards; older TRL kept one inside the trainer,
+    TRL 1.x uses delta = 0. Here it is a parameter (a number, detached from the graph): our
+    trainer passes --bco-delta as given (default 0, as TRL 1.x); a caller that wants the paper's
+    running mean supplies it.
+    """
+    rw, rl = _logratio_rewards(p, beta)
+    return (-F.logsigmoid(rw - delta) - F.logsigmoid(-(rl - delta)), rw, rl)
+
+
+@_loss("nca_pair", reference=True, length_normalised=False, params={},
+       paper="Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit Rewards (arXiv "
+             "2402.05369)",
+       formula="-logsig(beta rho_w) - 1/2 logsig(-beta rho_w) - 1/2 logsig(-beta rho_l)")
+def _nca_pair(p: _Pair, beta: float) -> Losses:
+    """NCA on pairs:  -logsig(beta rho_w) - 1/2 logsig(-beta rho_w) - 1/2 logsig(-beta rho_l)
+    (Chen et al. 2024). Absolute rather than relative: the chosen likelihood is held up
+    (its term is minimised at beta rho_w = log 2, not pushed without bound)."""
+    rw, rl = _logratio_rewards(p, beta)
+    return (-F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl), rw, rl)
+
+
+@_loss("exo_pair", reference=True, length_normalised=False, params={"label_smoothing": 1e-3},
+       paper="Ji et al. 2024, Towards Efficient Exact Optimization of Language Model Alignment (arXiv "
+             "2402.00856), eq. 16",
+       formula="sig(beta h)(logsig(beta h) - log(1-eps)) + sig(-beta h)(logsig(-beta h) - log eps)")
+def _exo_pair(p: _Pair, beta: float, label_smoothing: float) -> Losses:
+    """EXO-pref for two responses:  KL(q || [1 - eps, eps]),  q = [sig(beta h), sig(-beta h)]
+    = sig(beta h)(logsig(beta h) - log(1 - eps)) + sig(-beta h)(logsig(-beta h) - log eps)
+    (Ji et al. 2024, eq. 16). The reverse KL to a smoothed target: minimised at
+    beta h = log((1 - eps) / eps); eps in (0, 0.5), 1e-3 as the paper and TRL."""
+    x = beta * ((p.pc - p.pr) - (p.rc - p.rr))  # [B]
+    eps = label_smoothing
+    losses = (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
+              + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+    return (losses, *_logratio_rewards(p, beta))
+
+
+@_loss("dpop", reference=True, length_normalised=False, params={"dpop_lambda": 50.0},
+       paper="Pal et al. 2024, Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive "
+             "(arXiv 2402.13228)",
+       formula="-logsig(beta (h - lambda max(0, S_w - s_w)))")
+def _dpop(p: _Pair, beta: float, dpop_lambda: float) -> Losses:
+    """DPO-Positive (Smaug):  -logsig(beta (h - lambda max(0, S_w - s_w)))  (Pal et al. 2024).
+
+    The penalty lambda * max(0, log pi_ref(y_w) - log pi(y_w)) is INSIDE the sigmoid and beta
+    multiplies the whole bracket: the reading of the corrected paper (v3, July 2024), which the
+    authors confirmed fixed the bracketing of the first version (github.com/abacusai/smaug
+    issue 2). The other reading, -logsig(beta h) + lambda max(0, ...) outside the sigmoid,
+    is unbounded and, at the paper's lambda = 50, dominates the loss. TRL 1.16 has no DPOP
+    (its PR #3864 was closed), so there is no TRL convention to follow. Rewards: beta * rho.
+    """
+    penalty = torch.relu(p.rc - p.pc)  # [B] how far the chosen log-prob fell below the reference
+    h = (p.pc - p.pr) - (p.rc - p.rr)
+    return (-F.logsigmoid(beta * (h - dpop_lambda * penalty)), *_logratio_rewards(p, beta))
+
+
+@_loss("sft", reference=False, length_normalised=True, params={},
+       paper="the chosen responses' NLL; with sigmoid: RPO, Pang et al. 2024, Iterative Reasoning Preference "
+             "Optimization (arXiv 2404.19733)",
+       formula='-m_w = -s_w / n_w')
+def _sft(p: _Pair, beta: float) -> Losses:
+    """The chosen responses' mean NLL:  -m_w = -s_w / n_w, per pair. No reference; meant for
+    combinations (sigmoid + a * sft = RPO). TRL's "sft" is a token mean over the whole batch:
+    the same when all chosen responses have the same length. Rewards: beta * m (for logging)."""
+    mw, ml = p.pc / p.nc, p.pr / p.nr  # [B]
+    return (-mw, beta * mw, beta * ml)
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
 
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
 
@@ -472,6 +479,22 @@ def check_combination(loss_types: Sequence[str], weights: Sequence[float] | None
             for t, w in zip(names, ws)]
 
 
+def _check_tensors(named: Mapping[str, Tensor], counts: Sequence[str] = ()) -> None:
+    """Each tensor must be 1-D [B], all of the same shape, and (but the token `counts`)
+    floating point. The first one sets the shape; messages use the given names."""
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if name not in counts and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor of log-probs, got {t.dtype}")
+        if t.ndim != 1:
+            raise ValueError(f"{name} must be 1-D [B] (one value per sequence), got shape {tuple(t.shape)}")
+        if t.shape != first.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has shape "
+                             f"{tuple(first.shape)}; all inputs must be [B]")
+
+
 def _prepare(loss_type: str, spec: LossSpec, given: dict[str, Tensor | None]) -> _Pair:
     """Check presence (what the loss needs, and nothing it would ignore), types and shapes, and
     cast to the compute dtype promote_types(inputs..., float32)."""
@@ -486,17 +509,7 @@ def _prepare(loss_type: str, spec: LossSpec, given: dict[str, Tensor | None]) ->
             kind = "reference-free" if name in refs else "not length-normalised"
             raise ValueError(f"{name} is not used by loss_type {loss_type!r} (it is {kind}); pass None")
     present = {k: t for k, t in given.items() if t is not None}
-    first_name, first = "policy_chosen", given["policy_chosen"]
-    for name, t in present.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if name not in counts and not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor of log-probs, got {t.dtype}")
-        if t.ndim != 1:
-            raise ValueError(f"{name} must be 1-D [B] (one value per sequence), got shape {tuple(t.shape)}")
-        if t.shape != first.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has shape "
-                             f"{tuple(first.shape)}; all inputs must be [B]")
+    _check_tensors(present, counts)
     dtype = torch.float32
     for name, t in present.items():
         if name not in counts:
@@ -566,26 +579,18 @@ def preference_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def combined_loss(
-    loss_types: Sequence[str],
-    weights: Sequence[float] | None,
-    policy_chosen: Tensor,
-    policy_rejected: Tensor,
-    reference_chosen: Tensor | None = None,
-    reference_rejected: Tensor | None = None,
-    *,
-    chosen_tokens: Tensor | None = None,
-    rejected_tokens: Tensor | None = None,
-    beta: float,
-    **params: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+def combined_loss(loss_types: Sequence[str], weights: Sequence[float] | None, *logps: Tensor | None,
+                  chosen_tokens: Tensor | None = None, rejected_tokens: Tensor | None = None, beta: float,
+                  **params: float) -> tuple[Tensor, Tensor, Tensor]:
     """Weighted sum of several losses, per pair:  sum_i weights[i] * losses_i  [B].
 
     ["sigmoid", "sft"] with weights [1.0, a] is RPO (Pang et al. 2024): DPO plus a times the
     chosen responses' mean NLL, as TRL's loss_type=["sigmoid", "sft"], loss_weights=[1.0, a].
 
-    The arguments are those of `preference_loss`; each member gets the references and token
-    counts it takes, and the params it takes (see `check_combination`). The references are
+    logps: policy_chosen, policy_rejected and, for a combination that reads a reference,
+    reference_chosen, reference_rejected, all [B]; the other arguments are those of
+    `preference_loss`. Each member gets the references and token counts it takes, and the
+    params it takes (see `check_combination`). The references are
     required iff some member needs them (`needs_reference`), and refused otherwise; the same
     for the token counts (`needs_token_counts`).
 
@@ -593,6 +598,10 @@ def combined_loss(
         (losses [B], chosen_rewards [B], rejected_rewards [B]): the rewards of the first member
         that is not "sft" (for "sft" alone, its own: beta * mean log-prob, detached).
     """
+    if len(logps) not in (2, 4):
+        raise TypeError(f"combined_loss takes 2 log-prob tensors (policy chosen, rejected) or 4 (and the "
+                        f"reference's), got {len(logps)}")
+    policy_chosen, policy_rejected, reference_chosen, reference_rejected = (*logps, None, None)[:4]
     members = check_combination(loss_types, weights, beta, params)
     names = [t for t, _, _ in members]
     for name, t, wanted in (("reference_chosen", reference_chosen, needs_reference(names)),
@@ -662,15 +671,7 @@ def dpo_loss(
     """
     named = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
              "reference_chosen_logps": reference_chosen_logps, "reference_rejected_logps": reference_rejected_logps}
-    first_name, first = "policy_chosen_logps", policy_chosen_logps
-    for name, t in named.items():  # checked here so that the messages use this function's names
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 1:
-            raise ValueError(f"{name} must be 1-D [B] (one log-prob per sequence), got shape {tuple(t.shape)}")
-        if t.shape != first.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has shape "
-                             f"{tuple(first.shape)}; all four log-prob tensors must be [B]")
+    _check_tensors(named)  # here, so that the messages use this function's names
     spec = _check_loss_type(loss_type)
     params = {"label_smoothing": label_smoothing}
     if "label_smoothing" not in spec.params and label_smoothing == 0:

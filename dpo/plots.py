@@ -1,10 +1,12 @@
-"""Training curves as PNG files: DPO (loss, accuracy, rewards) and SFT (loss).
+"""Training curves as PNG files: a DPO run (loss, accuracy, rewards, health), several runs
+overlaid (`plot_runs`, for a beta sweep or losses compared), and SFT (loss).
 
 Drawn on a bare matplotlib Figure, never pyplot, so they work without a display and leave a
 notebook's plotting backend as it was.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,8 +22,10 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_curves(metrics: list[dict], path: str | os.PathLike, evals: list[dict] | None = None) -> Path:
-    """Write a 3-panel figure: DPO loss, reward accuracy (train and held-out), rewards and margin."""
+def plot_curves(metrics: list[dict], path: str | os.PathLike, evals: list[dict] | None = None,
+                loss_name: str = "sigmoid") -> Path:
+    """Write a 4-panel figure: the loss, reward accuracy (train and held-out), rewards and margin,
+    and health. loss_name: the run's --loss-type (the ln 2 line is DPO's loss at the start)."""
     from matplotlib.figure import Figure  # no pyplot: works headless, leaves a notebook's backend alone
 
     rows = [m for m in metrics if "loss" in m]
@@ -33,8 +37,9 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike, evals: list[dict] 
     ax = axes[0]
     ax.plot(steps, [m["loss"] for m in rows], alpha=0.3, color="C0")
     ax.plot(steps, _smooth([m["loss"] for m in rows], window), color="C0", label="loss")
-    ax.axhline(0.6931, ls=":", color="grey", label="ln 2 (no preference)")
-    ax.set(title="DPO loss", xlabel="step")
+    if loss_name == "sigmoid":
+        ax.axhline(0.6931, ls=":", color="grey", label="ln 2 (no preference)")
+    ax.set(title="DPO loss" if loss_name == "sigmoid" else f"loss ({loss_name})", xlabel="step")
     ax.legend()
 
     ax = axes[1]
@@ -55,7 +60,8 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike, evals: list[dict] 
                        ("margin", "margin")):
         ax.plot(steps, _smooth([m[key] for m in rows], window), label=label)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(title="implicit rewards  beta * (log pi - log pi_ref)", xlabel="step")
+    ax.set(title="implicit rewards  beta * (log pi - log pi_ref)" if loss_name not in ("simpo", "orpo", "sft")
+           else "rewards (beta * mean log-prob; no reference)", xlabel="step")
     ax.legend()
 
     _health_panel(axes[3], evals or [])
@@ -94,6 +100,63 @@ def _health_panel(ax, evals: list[dict]) -> None:
         more_handles, more_labels = twin.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels, loc="best", fontsize="small")
+
+
+def run_labels(configs: list[dict]) -> list[str]:
+    """A legend label per run: the settings that differ between the runs ("beta=0.5, lr=0.0001"),
+    or the run's directory name when none does. Settings that say where and how a run wrote
+    (output_dir, resume, overwrite, progress) do not count."""
+    ignore = {"output_dir", "resume", "overwrite", "progress"}
+    keys = sorted({k for c in configs for k in c} - ignore)
+    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    labels = []
+    for c in configs:
+        parts = []
+        for k in differ:
+            v = c.get(k)
+            parts.append(f"{k}={' '.join(map(str, v)) if isinstance(v, list) else v}")
+        labels.append(", ".join(parts))
+    return labels
+
+
+def plot_runs(runs: list[dict], path: str | os.PathLike) -> Path:
+    """Several DPO runs overlaid, one colour each: the train loss, held-out policy accuracy, held-out
+    log p(chosen) per token (the health signal) and the train reward margin, against steps.
+
+    runs: dicts with "label", "metrics" (metrics.jsonl rows) and "evals" (eval.json's history).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(20, 4.6), layout="constrained")
+    axes = fig.subplots(1, 4)
+    for i, run in enumerate(runs):
+        color, label = f"C{i % 10}", run["label"]
+        rows = [m for m in run["metrics"] if "loss" in m]
+        steps = [m["step"] for m in rows]
+        window = max(1, len(rows) // 20)
+        axes[0].plot(steps, _smooth([m["loss"] for m in rows], window), color=color, label=label)
+        axes[3].plot(steps, _smooth([m.get("margin", float("nan")) for m in rows], window), color=color, label=label)
+        evals = [e for e in run["evals"] if "policy_accuracy" in e]
+        if evals:
+            es = [e["step"] for e in evals]
+            axes[1].plot(es, [e["policy_accuracy"] for e in evals], marker="o", color=color, label=label)
+            axes[1].axhline(evals[0]["reference_accuracy"], ls=":", color=color, alpha=0.6)
+            axes[2].plot(es, [e["policy_chosen_logp"] for e in evals], marker="o", color=color, label=label)
+            bad = [e for e in evals if not e.get("healthy", True)]
+            axes[2].scatter([e["step"] for e in bad], [e["policy_chosen_logp"] for e in bad], s=120,
+                            marker="x", color="red", zorder=4)
+    axes[0].set(title="train loss (smoothed)", xlabel="step")
+    axes[1].set(title="held-out preference accuracy\n(dotted: the starting model's)", xlabel="step",
+                ylabel="accuracy", ylim=(-0.02, 1.02))
+    axes[2].set(title="held-out log p(chosen) per token\n(red x: outside the health bounds)", xlabel="step",
+                ylabel="nats per token")
+    axes[3].set(title="train reward margin (smoothed)", xlabel="step")
+    axes[3].axhline(0, color="grey", lw=0.5)
+    for ax in axes:
+        ax.legend(fontsize="small", loc="best")
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def plot_sft_curve(metrics: list[dict], path: str | os.PathLike, evals: dict | None = None) -> Path:

@@ -96,11 +96,9 @@ def prepare_data(config: SFTConfig, tokenizer) -> tuple[list[TokenizedSequence],
 # ----------------------------------------------------------------------- the run
 def run(config: SFTConfig) -> dict:
     started = time.perf_counter()
-    config, resume_state = cli.start_or_resume(config, COMMAND)
-    out = cli.prepare_output_dir(config, OUTPUTS, COMMAND)
-    log("settings:\n" + str(config))
-    device = cli.device_of(config)
-    model_dir, model_config, tokenizer = cli.load_model_spec(config)
+    s = cli.start_run(config, COMMAND, OUTPUTS)
+    config, resume_state, out, device = s.config, s.resume_state, s.out, s.device
+    model_dir, model_config, tokenizer = s.model_dir, s.model_config, s.tokenizer
     train, evals = prepare_data(config, tokenizer)
     data_fingerprint = cli.fingerprint(train + evals)
     cli.check_same_data(resume_state, data_fingerprint)

@@ -76,12 +76,9 @@ def prepare_data(config: TrainConfig, tokenizer, model_config: SmolLMConfig
 def run(config: TrainConfig) -> dict:
     """The whole pipeline; returns the final eval dict. Raises the project's clear errors."""
     started = time.perf_counter()
-    config, resume_state = cli.start_or_resume(config, COMMAND)
-    out = cli.prepare_output_dir(config, OUTPUTS, COMMAND)
-    log("settings:\n" + str(config))
-
-    device = cli.device_of(config)
-    model_dir, model_config, tokenizer = cli.load_model_spec(config)
+    s = cli.start_run(config, COMMAND, OUTPUTS)
+    config, resume_state, out, device = s.config, s.resume_state, s.out, s.device
+    model_dir, model_config, tokenizer = s.model_dir, s.model_config, s.tokenizer
     verify_checkpoint(model_dir)  # headers only: a bad file fails before the data work
     train_pairs, eval_pairs, data_info = prepare_data(config, tokenizer, model_config)
     cli.check_same_data(resume_state, data_info["fingerprint"])
@@ -188,7 +185,7 @@ def run(config: TrainConfig) -> dict:
     save_to(out / FINAL_DIR)
     write_json(out / EVAL_NAME, result)
     try:
-        plot_curves(cli.read_metrics(out / METRICS_NAME), out / CURVES_NAME, evals)
+        plot_curves(cli.read_metrics(out / METRICS_NAME), out / CURVES_NAME, evals, "+".join(config.loss_type))
     except (ImportError, OSError, ValueError, RuntimeError) as e:  # the curves are a convenience
         log(f"note: could not draw {out / CURVES_NAME}: {e}")
     if final_eval is not None:

@@ -129,14 +129,8 @@ def repo_cache_dir(
     return root / f"{repo_type}s" / repo_id.replace("/", "--") / revision.replace("/", "--")
 
 
-def cached_file_path(
-    repo_id: str,
-    filename: str,
-    *,
-    repo_type: str = "model",
-    revision: str = "main",
-    cache_dir: str | os.PathLike | None = None,
-) -> Path:
+def cached_file_path(repo_id: str, filename: str, *, repo_type: str = "model", revision: str = "main",
+                     cache_dir: str | os.PathLike | None = None) -> Path:
     """Where ``filename`` of the repo lives (or will live) in the cache."""
     check_relative_path(filename)
     return repo_cache_dir(repo_id, repo_type=repo_type, revision=revision, cache_dir=cache_dir) / filename

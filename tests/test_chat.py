@@ -178,8 +178,8 @@ def test_end_of_turn_other_than_eos_is_kept_and_counted(tokenizer_json):
 
 def test_report_str_lists_reasons_and_examples():
     report = ChatReport(total=3, rendered=1)
-    report._skip(DataError("bad", reason="boundary", path="x:1"))
-    report._skip(DataError("bad", reason="unparsable", path="x:2"))
+    report.add_skip(DataError("bad", reason="boundary", path="x:1"))
+    report.add_skip(DataError("bad", reason="unparsable", path="x:2"))
     text = str(report)
     assert text.startswith("rendered 1 of 3 pairs, skipped 2")
     assert "unparsable" in text and "boundary" in text and "boundary: x:1: bad" in text
