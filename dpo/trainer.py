@@ -229,17 +229,35 @@ class Trainer:
             torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
 
 
+def check_reference_is_apart(policy: SmolLM, reference: SmolLM) -> None:
+    """The "same weights" pitfall: a reference that shares a TRAINABLE tensor with the policy (e.g.
+    `reference = policy`) moves with it, so every loss stays ln 2 while the weights drift with no
+    anchor, and every shortcut that reads "equal weights" as "not trained yet" hides it. Sharing
+    the frozen tensors is what `make_reference` does on purpose; sharing a trainable one is refused."""
+    trainable = {id(p): name for name, p in policy.named_parameters() if p.requires_grad}
+    shared = [trainable[id(p)] for p in reference.parameters() if id(p) in trainable]
+    if shared:
+        raise ValueError(f"the reference shares {len(shared)} trainable tensors with the policy "
+                         f"({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}): it would train with "
+                         "the policy, the loss would stay ln 2 while the weights drift. Build the reference with "
+                         "dpo.policy.make_reference (or dpo.freeze.frozen_reference) after freezing")
+
+
 class DPOTrainer(Trainer):
     """The trainer with the DPO objective, and the held-out evaluation of reference vs policy.
 
     textbook: compute the log-probs by the textbook path (`dpo.engine.plain_logps`) instead of
     the engine: the oracle the engine is tested against, not a way to train.
+    allow_shared_reference: skip `check_reference_is_apart` (only to show the pitfall, as
+    notebooks/04_reflection_questions.ipynb does).
     """
 
     def __init__(self, policy: SmolLM, reference: SmolLM | None, train_pairs: list[TokenizedPair],
                  config: Any, *, pad_token_id: int, device: torch.device | str | None = None,
-                 textbook: bool = False):
+                 textbook: bool = False, allow_shared_reference: bool = False):
         config.check()
+        if reference is not None and not allow_shared_reference:
+            check_reference_is_apart(policy, reference)
         if config.needs_reference and reference is None:
             raise ValueError(f"loss_type {' '.join(config.loss_type)} needs a reference model; got None")
         if not config.needs_reference and reference is not None:

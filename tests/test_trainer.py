@@ -145,3 +145,15 @@ def test_sft_help_has_the_shared_run_control_flags(capsys):
     for flag in ("--resume", "--save-every", "--keep-checkpoints", "--skip-nonfinite", "--max-grad-norm",
                  "--lora-r", "--recompute-tail", "--max-prompt-length"):
         assert flag in text, flag
+
+
+def test_a_reference_that_shares_trainable_weights_is_refused():
+    """The "same weights" pitfall (reference = policy) is caught before training, naming the tensors."""
+    policy = random_model(small_config())
+    freeze_all_but_last(policy, 1, train_head=False, train_final_norm=False)
+    config = TrainConfig(batch_size=4, dtype="float32")
+    with pytest.raises(ValueError, match=r"the reference shares \d+ trainable tensors with the policy "
+                                         r"\(model\.layers\.1\."):
+        DPOTrainer(policy, policy, crafted_pairs(8), config, pad_token_id=0)
+    DPOTrainer(policy, frozen_reference(policy), crafted_pairs(8), config, pad_token_id=0)  # frozen shared: fine
+    DPOTrainer(policy, policy, crafted_pairs(8), config, pad_token_id=0, allow_shared_reference=True)  # on purpose
