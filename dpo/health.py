@@ -245,7 +245,11 @@ def kl_and_reference_nll(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence
 
 @dataclass
 class HealthThresholds:
-    """When a trained policy counts as broken. Each bound is one line of `assess`."""
+    """When a trained policy counts as broken. Each bound is one line of `assess`.
+
+    The bounds are relative to the reference (its log-probs, its own samples), so they
+    carry across models and prompt sets; the figures behind each are in its comment.
+    """
 
     # nats/token the policy's mean held-out log p(chosen) may fall below the reference's.
     # Measured on SmolLM2-135M-Instruct: a healthy run moved -2.79 -> -3.64 (a drop of

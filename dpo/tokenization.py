@@ -105,16 +105,19 @@ class TokenizeStats:
 
     total: int = 0
     kept: int = 0
-    dropped_no_response: int = 0
     prompt_truncated: int = 0
     response_truncated: int = 0
     boundary_fallbacks: int = 0
+
+    @property
+    def dropped_no_response(self) -> int:
+        """Pairs dropped because a side kept no response token: every pair not kept."""
+        return self.total - self.kept
 
     def record(self, kept: bool, fallbacks: int, prompt_cut: bool, response_cut: bool) -> None:
         """Count one tokenized pair or sequence."""
         self.total += 1
         self.kept += kept
-        self.dropped_no_response += not kept
         self.boundary_fallbacks += fallbacks
         self.prompt_truncated += prompt_cut
         self.response_truncated += response_cut
