@@ -37,9 +37,11 @@ from smollm.checkpoint import CheckpointError, atomic_path, resolve_checkpoint_d
 from smollm.hub import HubError
 from smollm.tokenizer import TokenizerError
 
-from .checkpointing import CHECKPOINTS_DIR, CheckpointLoadError, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpointing import (CHECKPOINTS_DIR, CheckpointLoadError, checkpoint_name, list_checkpoints, load_checkpoint,
+                            save_checkpoint)
+from . import distributed
 from .config import ConfigError, RunConfig, build_parser, config_from_args
-from .data import DataError, load_preferences_with_report, train_eval_split
+from .data import DataError, PreferencePair, load_preferences_with_report, train_eval_split
 from .trainer import NonFiniteError, Trainer
 
 METRICS_NAME = "metrics.jsonl"
@@ -48,9 +50,12 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointLoadError, Hub
 
 
 def log(msg: str = "") -> None:
-    """A message on stderr, on its own lines above the progress bar while one is shown."""
+    """A message on stderr, on its own lines above the progress bar while one is shown (in a
+    torchrun job, from rank 0 only)."""
     from tqdm import tqdm
 
+    if not distributed.current().is_main:
+        return
     tqdm.write(msg, file=sys.stderr)
     sys.stderr.flush()
 
@@ -85,7 +90,28 @@ def check_model_and_tokenizer(config: RunConfig, model_config: SmolLMConfig, tok
 
 def load_and_split(config: RunConfig, tokenizer) -> tuple[list, list, dict]:
     """(train pairs, held-out pairs, info): load --data, shuffle by --seed, (NLTK-filter,) hold out
-    --eval-pairs that never enter training, and render both with the chat template. Untokenized."""
+    --eval-pairs that never enter training, and render both with the chat template. Untokenized.
+    In a torchrun job rank 0 does this work and sends the pairs to the other ranks."""
+    return distributed.current().from_main(lambda: _load_and_split(config, tokenizer),
+                                           encode=_pairs_to_json, decode=_pairs_from_json)
+
+
+def _pairs_to_json(split: tuple[list, list, dict]) -> list:
+    train, held_out, info = split
+    return [[dataclasses.asdict(p) for p in train], [dataclasses.asdict(p) for p in held_out], info]
+
+
+def _pairs_from_json(data: list) -> tuple[list, list, dict]:
+    def pair(d: dict) -> PreferencePair:
+        messages = {k: tuple(d[k]) for k in ("prompt_messages", "chosen_messages", "rejected_messages")
+                    if d.get(k) is not None}
+        return PreferencePair(**{**d, **messages})
+
+    train, held_out, info = data
+    return [pair(d) for d in train], [pair(d) for d in held_out], info
+
+
+def _load_and_split(config: RunConfig, tokenizer) -> tuple[list, list, dict]:
     pairs, load_report = load_preferences_with_report(
         config.data, split=config.data_split, skip_bad_records=config.skip_bad_records, skip_unusable=True)
     if load_report.fallback:
@@ -165,18 +191,23 @@ def prepare_output_dir(config: RunConfig, outputs: tuple[str, ...], command: str
 
 
 def device_of(config: RunConfig) -> torch.device:
+    """--device (default: CUDA when there is one). In a torchrun job on CUDA, each process takes
+    its own GPU: cuda:LOCAL_RANK."""
     try:
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
         raise ConfigError(f"--device {config.device}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {config.device}: CUDA is not available on this machine")
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 
 
 # Flags that --resume takes from the command line (--skip-nonfinite only to switch it on, e.g. to
-# get past a batch that stopped the run); every other setting comes from the checkpoint.
-RESUME_OVERRIDES = ("resume", "progress", "max_steps", "skip_nonfinite")
+# get past a batch that stopped the run; --fsdp, like the number of processes, is how the run is
+# laid out, not what it computes); every other setting comes from the checkpoint.
+RESUME_OVERRIDES = ("resume", "progress", "max_steps", "skip_nonfinite", "fsdp")
 
 
 def resumed_config(config: RunConfig, meta: dict, ckpt_dir: Path, command: str):
@@ -197,7 +228,7 @@ def resumed_config(config: RunConfig, meta: dict, ckpt_dir: Path, command: str):
                and getattr(config, f.name) != getattr(saved, f.name)]
     if ignored:
         log(f"note: --resume continues the run with its saved settings; ignoring {', '.join(ignored)}")
-    saved.resume, saved.progress = config.resume, config.progress
+    saved.resume, saved.progress, saved.fsdp = config.resume, config.progress, config.fsdp
     if config.max_steps is not None:
         saved.max_steps = config.max_steps
     saved.skip_nonfinite = saved.skip_nonfinite or config.skip_nonfinite
@@ -242,10 +273,17 @@ class RunStart:
 def start_run(config: RunConfig, command: str, outputs: tuple[str, ...]) -> RunStart:
     """Check the settings (or take a resumed run's), the output directory, the device, the model
     and the tokenizer: everything that can fail before the expensive work."""
+    d = distributed.init_from_env(device_of(config).type)  # a torchrun job: join it (no-op for one process)
     config, resume_state = start_or_resume(config, command)
     out = prepare_output_dir(config, outputs, command)
-    log("settings:\n" + str(config))
     device = device_of(config)
+    if config.fsdp and not d.enabled:
+        raise ConfigError("--fsdp shards the model over the processes of a torchrun job; launch with "
+                          "torchrun --nproc_per_node N (N >= 2), or leave --fsdp out")
+    log("settings:\n" + str(config))
+    if d.enabled:
+        log(f"torchrun job: {d.world_size} processes ({d.backend}), each taking 1/{d.world_size} of every "
+            f"batch; {'blocks sharded with FSDP2' if config.fsdp else 'the model replicated, gradients summed'}")
     model_dir, model_config, tokenizer = load_model_spec(config)
     return RunStart(config, resume_state, out, device, model_dir, model_config, tokenizer)
 
@@ -257,9 +295,10 @@ def restore(trainer: Trainer, resume_state, out: Path) -> list[dict]:
         trainer.load_state_dict(tensors, meta)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointLoadError(f"{ckpt_dir}: cannot be resumed with this model ({e})") from None
-    out.mkdir(parents=True, exist_ok=True)
     history = read_metrics(out / METRICS_NAME, up_to_step=trainer.step)  # drop steps after the checkpoint
-    write_metrics(out / METRICS_NAME, history)
+    if distributed.current().is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_metrics(out / METRICS_NAME, history)
     return history
 
 
@@ -381,12 +420,18 @@ class Checkpoints:
             self.saved.append(resumed_from)
 
     def save(self) -> Path:
+        """Write the trainer's state now (in a torchrun job: every rank gathers, rank 0 writes)."""
         step = self.trainer.step
-        if self.saved and self.saved[-1].name == f"step-{step:06d}" and self.saved[-1].is_dir():
+        if self.saved and self.saved[-1].name == checkpoint_name(step):
             return self.saved[-1]  # this step is saved already (e.g. a signal right after --save-every)
         tensors, meta = self.trainer.state_dict()
-        meta.update(command=self.command, **self.meta())
-        self.saved.append(save_checkpoint(self.out, tensors, meta, keep=self.keep))
+        d = distributed.current()
+        if d.is_main:
+            meta.update(command=self.command, **self.meta())
+            self.saved.append(save_checkpoint(self.out, tensors, meta, keep=self.keep))
+        else:
+            self.saved.append(self.out / CHECKPOINTS_DIR / checkpoint_name(step))
+        d.barrier()  # rank 0 has written it: every rank can name it
         return self.saved[-1]
 
 
@@ -398,14 +443,20 @@ def train_loop(trainer: Trainer, config: RunConfig, out: Path, checkpoints: Chec
 
     after_step(metrics) may add to the step's metrics row (e.g. an evaluation) and returns True to
     stop early. postfix(metrics) gives the progress bar's fields.
+
+    In a torchrun job every rank runs this loop (the steps, evaluations and checkpoints are
+    collective), rank 0 alone writes metrics.jsonl and shows the bar, and a signal received by
+    any rank stops all of them after the same step.
     """
     command = checkpoints.command
+    d = distributed.current()
     bar = None
-    if config.progress:
+    if config.progress and d.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc=desc, unit="step", dynamic_ncols=True)
-    with StopRequested() as stop, open(out / METRICS_NAME, "a", encoding="utf-8") as metrics_file:
+    metrics_path = out / METRICS_NAME if d.is_main else Path(os.devnull)
+    with StopRequested() as stop, open(metrics_path, "a", encoding="utf-8") as metrics_file:
         while not trainer.done:
             try:
                 m = trainer.train_step()
@@ -423,12 +474,12 @@ def train_loop(trainer: Trainer, config: RunConfig, out: Path, checkpoints: Chec
                     bar.set_postfix(postfix(m) if postfix else dict(loss=f"{m['loss']:.4f}"))
             if config.save_every and trainer.step % config.save_every == 0 and not trainer.done:
                 checkpoints.save()
-            if stop.signal is not None:
+            if d.any(stop.signal is not None):
                 path = checkpoints.save()
                 if bar is not None:
                     bar.close()
                 log(f"checkpoint saved to {path}; continue with: python -m {command} --resume {out}")
-                raise TrainingInterrupted(stop.signal, path)
+                raise TrainingInterrupted(stop.signal or signal.SIGTERM, path)
             if stop_early:
                 break
     if bar is not None:
@@ -440,29 +491,44 @@ def train_loop(trainer: Trainer, config: RunConfig, out: Path, checkpoints: Chec
 # ----------------------------------------------------------------------- main
 def main(run: Callable, config_cls: type, command: str, description: str, argv: list[str] | None = None) -> int:
     """A training command's CLI: 0 on success, 2 with one line `error: ...` for a problem the user
-    can fix, 128 + the signal's number (130 SIGINT, 143 SIGTERM) when interrupted."""
+    can fix, 128 + the signal's number (130 SIGINT, 143 SIGTERM) when interrupted.
+
+    In a torchrun job the user's errors (settings, model, data, a non-finite step) are the same on
+    every rank, so rank 0 alone reports them; other failures say which rank they come from."""
     from .filtering import MissingNLTKDataError
 
     args = build_parser(f"python -m {command}", description, cls=config_cls).parse_args(argv)
     config = config_from_args(args, config_cls)
+
+    def say(msg: str, everywhere: bool = False) -> None:
+        d = distributed.current()
+        if d.is_main:
+            print(msg, file=sys.stderr)
+        elif everywhere:
+            print(f"[rank {d.rank}] {msg.lstrip()}", file=sys.stderr)
+
     try:
         with TerminateRaises():
             run(config)
     except USER_ERRORS + (MissingNLTKDataError,) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
+    except distributed.FollowerStop:
+        return 2  # rank 0 reports why
     except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError in newer versions
         first = str(e).splitlines()[0] if str(e) else "out of memory"
-        print(f"error: {first}. Lower --batch-size or --max-length (raise --grad-accum to keep the "
-              f"effective batch); {latest_checkpoint_note(run_dir(config), command)}", file=sys.stderr)
+        say(f"error: {first}. Lower --batch-size or --max-length (raise --grad-accum to keep the "
+            f"effective batch); {latest_checkpoint_note(run_dir(config), command)}", everywhere=True)
         return 2
     except OSError as e:  # disk full, permission denied, ...: the checkpoints written so far are whole
-        print(f"error: {e}; {latest_checkpoint_note(run_dir(config), command)}", file=sys.stderr)
+        say(f"error: {e}; {latest_checkpoint_note(run_dir(config), command)}", everywhere=True)
         return 2
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         if getattr(e, "checkpoint", None) is None:  # else run() has said where it saved
-            print(f"\ninterrupted ({signal.Signals(signum).name}); "
-                  f"{latest_checkpoint_note(run_dir(config), command)}", file=sys.stderr)
+            say(f"\ninterrupted ({signal.Signals(signum).name}); "
+                f"{latest_checkpoint_note(run_dir(config), command)}")
         return 128 + signum
+    finally:
+        distributed.shutdown()
     return 0

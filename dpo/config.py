@@ -129,7 +129,11 @@ class RunConfig(LoRASettings):
                                     "is plentiful)")
     # --- run control
     seed: int = _f(0, "random seed (data order, split, sampling, LoRA's initialisation)")
-    device: str | None = _f(None, "cpu, cuda, cuda:1 ... (default: cuda when present)")
+    device: str | None = _f(None, "cpu, cuda, cuda:1 ... (default: cuda when present; under torchrun on CUDA, "
+                                  "each process takes cuda:LOCAL_RANK)")
+    fsdp: bool = _f(False, "under torchrun: shard every transformer block over the processes with FSDP2 (each "
+                           "holds 1/N of their weights, gradients and optimizer state); without it each process "
+                           "holds the whole model and the gradients are summed")
     dtype: str | None = _f(None, "compute dtype: bfloat16 (autocast, fp32 master weights) or float32 "
                                  "(default: bfloat16 on CUDA and on CPUs with native bf16 "
                                  "(AVX512-BF16, AMX, Arm BF16), else float32)", choices=["float32", "bfloat16"])

@@ -33,6 +33,7 @@ from smollm import SmolLM
 from smollm.autograd import plain_linear
 from smollm.layout import Packing
 
+from .distributed import same_values
 from .logprobs import sequence_logprobs
 
 Batch = dict[str, torch.Tensor]
@@ -229,8 +230,8 @@ class LogProbEngine:
             return [*first, *model.model.layers[self.split:].parameters(), *model.model.norm.parameters(),
                     *model.lm_head.parameters()]
 
-        pol, ref = tail(self.policy), tail(self.reference)
-        return len(pol) == len(ref) and all(p is q or torch.equal(p, q) for p, q in zip(pol, ref))
+        pol, ref = tail(self.policy), tail(self.reference)  # (FSDP's shards gathered: every rank decides alike)
+        return len(pol) == len(ref) and all(same_values(p, q) for p, q in zip(pol, ref))
 
     def __call__(self, batch: Batch, reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
         """(policy log-probs [2B] with grad, reference log-probs [2B] without) of a paired batch."""

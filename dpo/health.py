@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from smollm import SmolLM
 
+from .distributed import same_values
 from .precision import autocast_context
 
 # --------------------------------------------------------------------------- text statistics
@@ -333,8 +334,7 @@ def assess(health: dict[str, Any], thresholds: HealthThresholds | None = None) -
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Whether two models have equal parameters, name by name (e.g. a policy before its first step)."""
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    return pa.keys() == pb.keys() and all(
-        pa[n] is pb[n] or (pa[n].shape == pb[n].shape and torch.equal(pa[n], pb[n])) for n in pa)
+    return pa.keys() == pb.keys() and all(same_values(pa[n], pb[n]) for n in pa)
 
 
 class HealthProbe:

@@ -27,6 +27,7 @@ from smollm import SmolLM, save_pretrained
 from smollm.checkpoint import save_tokenizer
 from smollm.lora import LoRAConfig, add_lora, merge_lora, save_peft, without_adapters
 
+from . import distributed
 from .freeze import TrainableReport, freeze_all_but_last, frozen_reference
 
 
@@ -56,8 +57,13 @@ def save_policy(policy: SmolLM, out_dir: str | os.PathLike, *, tokenizer=None, l
     its adapters). With LoRA: peft's adapter folder, whose `base_model_name_or_path` is
     `base_model`. The tokenizer, when given, is written beside either, and `extra_files`
     ({name: text}) too.
+
+    In a torchrun job every rank calls it (FSDP's shards are gathered first) and rank 0 writes.
     """
     out = Path(out_dir)
+    policy = distributed.gathered(policy, rebuild=(lambda m: add_lora(m, lora)) if lora is not None else None)
+    if not distributed.current().is_main:
+        return out
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if lora is not None and not merge:

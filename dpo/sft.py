@@ -24,7 +24,7 @@ import torch
 from smollm import SmolLM, load_pretrained
 from smollm.checkpoint import write_json
 
-from . import cli
+from . import cli, distributed
 from .checkpointing import CHECKPOINTS_DIR
 from .cli import log
 from .config import SFTConfig
@@ -108,9 +108,13 @@ def run(config: SFTConfig) -> dict:
     lora = config.lora_config(model_config.num_hidden_layers)
     log(str(make_trainable(model, lora, train_last_n=config.blocks_to_train(model_config.num_hidden_layers),
                            train_head=not config.freeze_head)))
+    if config.fsdp:
+        log(f"FSDP: {distributed.shard_blocks(model, None, device)} blocks sharded over "
+            f"{distributed.current().world_size} processes")
     engine = LogProbEngine(model, recompute=config.recompute_tail)  # the frozen leading blocks run without grad
     trainer = Trainer(model, train, config, SFTObjective(engine, pad_token_id=tokenizer.pad_token_id), device=device)
     log(f"compute: {precision_note(config.dtype, trainer.autocast_dtype, device)}")
+    is_main = distributed.current().is_main  # in a torchrun job only rank 0 writes files and prints
     eval_kw = dict(pad_token_id=tokenizer.pad_token_id, batch_size=config.batch_size, device=device,
                    autocast_dtype=autocast_dtype_for(config, device))
 
@@ -118,14 +122,16 @@ def run(config: SFTConfig) -> dict:
         cli.restore(trainer, resume_state, out)
         before = resume_state[1].get("before")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUTS:  # a previous run's files (only with --overwrite), so none is mistaken for ours
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-            else:
-                (out / name).unlink(missing_ok=True)
-        write_json(out / "sft_config.json", config.to_dict())
-        cli.write_metrics(out / cli.METRICS_NAME, [])
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in OUTPUTS:  # a previous run's files (only with --overwrite), so none is mistaken for ours
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                else:
+                    (out / name).unlink(missing_ok=True)
+            write_json(out / "sft_config.json", config.to_dict())
+            cli.write_metrics(out / cli.METRICS_NAME, [])
+        distributed.current().barrier()  # the output directory exists before any rank uses it
         before = evaluate_nll(model, evals, **eval_kw) if evals else None
         if before:
             log(f"before training: held-out NLL {before['nll']:.4f} (perplexity {before['perplexity']:.2f})")
@@ -147,10 +153,12 @@ def run(config: SFTConfig) -> dict:
     result["timing"] = {"wall_seconds": round(time.perf_counter() - started, 1),  # this session's
                         "step_seconds": round(step_seconds, 1),
                         "steps_per_second": round(trainer.step / step_seconds, 4) if step_seconds else None}
+    save_policy(model, out / "final", tokenizer=tokenizer, lora=lora, base_model=config.model,
+                merge=config.merge_lora)  # (gathered from every rank under FSDP)
+    if not is_main:
+        return result
     write_json(out / "eval.json", result)
     plot_sft_curve(cli.read_metrics(out / cli.METRICS_NAME), out / "curves.png", result if evals else None)
-    save_policy(model, out / "final", tokenizer=tokenizer, lora=lora, base_model=config.model,
-                merge=config.merge_lora)
     follow = (f"continue with: python -m dpo.train --model {out / 'final'}" if lora is None or config.merge_lora
               else "final/ is peft's adapter folder (--merge-lora writes a model that python -m dpo.train takes)")
     print(f"wrote {out}/metrics.jsonl, eval.json, curves.png and final/; {follow}")

@@ -27,7 +27,7 @@ import torch
 from smollm import SmolLMConfig, load_pretrained
 from smollm.checkpoint import verify_checkpoint, write_json
 
-from . import cli
+from . import cli, distributed
 from .checkpointing import CHECKPOINTS_DIR
 from .cli import log
 from .config import ConfigError, TrainConfig
@@ -97,8 +97,12 @@ def run(config: TrainConfig) -> dict:
         shared = count_shared(policy, reference)
         log(f"reference: the policy with its adapters off, sharing {shared:,} of its "
             f"{reference.num_parameters():,} parameters with the policy (nothing copied)")
+    if config.fsdp:
+        sharded = distributed.shard_blocks(policy, reference, device)
+        log(f"FSDP: {sharded} blocks sharded over {distributed.current().world_size} processes")
     trainer = DPOTrainer(policy, reference, train_pairs, config, pad_token_id=tokenizer.pad_token_id, device=device)
     log(f"compute: {precision_note(config.dtype, trainer.autocast_dtype, device)}")
+    is_main = distributed.current().is_main  # in a torchrun job only rank 0 writes files and prints
 
     def save_to(directory: Path, **kw) -> None:  # final/ and best/: a HF folder, or peft's with LoRA
         save_policy(policy, directory, tokenizer=tokenizer, lora=lora, base_model=config.model,
@@ -113,14 +117,16 @@ def run(config: TrainConfig) -> dict:
             monitor.measure_start(start)
             del start
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        if config.overwrite:
-            for name in (METRICS_NAME, EVAL_NAME, CURVES_NAME, "samples.md", "samples.jsonl"):
-                (out / name).unlink(missing_ok=True)
-            for name in (FINAL_DIR, BEST_DIR, CHECKPOINTS_DIR):
-                shutil.rmtree(out / name, ignore_errors=True)
-        write_json(out / CONFIG_NAME, config.to_dict())
-        cli.write_metrics(out / METRICS_NAME, [])
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if config.overwrite:
+                for name in (METRICS_NAME, EVAL_NAME, CURVES_NAME, "samples.md", "samples.jsonl"):
+                    (out / name).unlink(missing_ok=True)
+                for name in (FINAL_DIR, BEST_DIR, CHECKPOINTS_DIR):
+                    shutil.rmtree(out / name, ignore_errors=True)
+            write_json(out / CONFIG_NAME, config.to_dict())
+            cli.write_metrics(out / METRICS_NAME, [])
+        distributed.current().barrier()  # the output directory exists before any rank uses it
         monitor = RunMonitor(trainer, tokenizer, eval_pairs, config, out, log, save=save_to)
         if eval_pairs:
             before = monitor.evaluate().result
@@ -169,7 +175,7 @@ def run(config: TrainConfig) -> dict:
         final_eval = latest if latest is not None and latest.step == trainer.step else monitor.evaluate()
         result.update(final_eval.result.to_dict())
         result.update(monitor.summary())
-        if final_eval.samples:
+        if final_eval.samples and is_main:
             write_samples(final_eval.samples, out, header=f"Greedy answers to {len(final_eval.samples)} held-out "
                           f"prompts after {trainer.step} steps: the reference (the starting model) and the policy.")
     else:
@@ -182,7 +188,12 @@ def run(config: TrainConfig) -> dict:
         "steps_per_second": round(trainer.step / step_seconds, 4) if step_seconds else None,
         "evaluation_seconds": monitor.seconds}  # [step, seconds] of each evaluation
     result["memory"] = {**cli.peak_memory(device), "reference_model": reference is not None}
-    save_to(out / FINAL_DIR)
+    d = distributed.current()
+    if d.enabled:
+        result["distributed"] = {"processes": d.world_size, "backend": d.backend, "fsdp": config.fsdp}
+    save_to(out / FINAL_DIR)  # (gathered from every rank under FSDP)
+    if not is_main:
+        return result
     write_json(out / EVAL_NAME, result)
     try:
         plot_curves(cli.read_metrics(out / METRICS_NAME), out / CURVES_NAME, evals, "+".join(config.loss_type))

@@ -25,6 +25,8 @@ import torch
 
 from smollm import SmolLM
 
+from . import distributed
+from .distributed import Distributed, full_tensor, grad_norm_and_clip, like
 from .engine import LogProbEngine
 from .evaluate import EvalResult, HeldOutCache
 from .objectives import PreferenceObjective
@@ -37,11 +39,12 @@ class NonFiniteError(FloatingPointError):
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
-          device: torch.device) -> torch.optim.AdamW:
+          device: torch.device, fused: bool = True) -> torch.optim.AdamW:
     """AdamW, fused where torch has the kernel (CPU since torch 2.4, CUDA): one kernel over all
     tensors, ~4x faster on CPU than the foreach default and without its temporary copy of every
-    trainable tensor (docs/benchmarks.md, section 2)."""
-    fused = device.type in ("cpu", "cuda")
+    trainable tensor (docs/benchmarks.md, section 2). FSDP's sharded parameters take the
+    default (foreach) implementation."""
+    fused = fused and device.type in ("cpu", "cuda")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
@@ -51,20 +54,25 @@ class Trainer:
     config: any config with the run's optimisation settings (batch_size, grad_accum, epochs,
     max_steps, lr, weight_decay, warmup_steps, max_grad_norm, skip_nonfinite, seed, dtype):
     `TrainConfig` or `SFTConfig` (dpo.config).
+    dist: this process's place in a torchrun job (default: `dpo.distributed.current()`, a single
+    process unless the job was joined): each rank computes its shard of every micro-batch and
+    the gradients are summed over the ranks, so the step is the single process's step.
     """
 
     def __init__(self, policy: SmolLM, train_items: list, config: Any, objective, *,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, dist: Distributed | None = None):
         if not train_items:
             raise ValueError(f"{type(self).__name__} needs at least one training item")
         self.policy, self.config, self.objective = policy, config.check(), objective
+        self.dist = dist if dist is not None else distributed.current()
         self.train_items = train_items
         self.device = torch.device(device) if device is not None else next(policy.parameters()).device
         self.autocast_dtype = autocast_dtype_for(config, self.device)
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the policy has no trainable parameters")
-        self.optimizer = adamw(self.trainable, config.lr, config.weight_decay, self.device)
+        self.optimizer = adamw(self.trainable, config.lr, config.weight_decay, self.device,
+                               fused=not self.dist.fsdp)
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
@@ -119,25 +127,37 @@ class Trainer:
 
         The loss is the objective's mean over the whole step: the sum of its micro-batches'
         losses over the sum of their `objective.count` (pairs, or response tokens), so cutting
-        a step into micro-batches changes nothing but memory.
+        a step into micro-batches, or its micro-batches across ranks, changes nothing but memory.
         """
         if self.done:
             raise RuntimeError(f"training is finished ({self.step} of {self.total_steps} steps)")
         start = time.perf_counter()
         self.policy.train()
-        micro_batches = self._next_micro_batches()
+        micro_batches = self._next_micro_batches()  # the global step: every rank knows all of it
         n_items = sum(len(b) for b in micro_batches)
         n_units = sum(self.objective.count(b) for b in micro_batches)
         totals: dict[str, torch.Tensor] = {}
         loss_sum = torch.zeros((), device=self.device)
         for items in micro_batches:
-            loss, stats = self.compute_loss(items)
+            mine = self.dist.shard(items)
+            if not mine and self.dist.fsdp:
+                # FSDP gathers each block's weights in forward and reduces its gradients in backward,
+                # with every rank taking part: a rank without items runs one with zero weight.
+                loss, _ = self.compute_loss(items[:1])
+                (loss * 0).backward()
+                continue
+            if not mine:
+                continue
+            loss, stats = self.compute_loss(mine)
             (loss / n_units).backward()
             loss_sum += loss.detach()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0) + v.sum()
+        if self.dist.enabled:
+            self.dist.sum_gradients(self.trainable)
+            loss_sum, totals = self._reduce(loss_sum, totals)
         max_norm = self.config.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        grad_norm = grad_norm_and_clip(self.trainable, max_norm)
         loss = (loss_sum / max(n_units, 1)).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
             self.optimizer.zero_grad(set_to_none=True)
@@ -166,20 +186,32 @@ class Trainer:
                         "seconds": seconds, "tokens_per_s": tokens / seconds})
         return metrics
 
+    def _reduce(self, loss_sum: torch.Tensor, totals: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's loss sum and statistics summed over the ranks (one all-reduce). Every rank
+        has the same keys: the objective's stats, whether or not its shard was empty."""
+        keys = self.dist.broadcast_json(sorted(totals))  # rank 0's: a rank may have had no items
+        values = torch.stack([loss_sum.float(), *[torch.as_tensor(totals.get(k, 0.0), device=self.device).float()
+                                                  for k in keys]])
+        self.dist.all_reduce(values)
+        return values[0], dict(zip(keys, values[1:]))
+
     # ------------------------------------------------------------------ state
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters by HF name (what a checkpoint must store of the model)."""
-        return {n: p.detach() for n, p in self.policy.named_parameters() if p.requires_grad}
+        """The trainable parameters by HF name (what a checkpoint must store of the model), whole
+        even when FSDP shards them (then every rank must call this)."""
+        return {n: full_tensor(p.detach()) for n, p in self.policy.named_parameters() if p.requires_grad}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(tensors, json_state): everything to resume exactly. No pickle anywhere."""
+        """(tensors, json_state): everything to resume exactly, with whole tensors, so any number of
+        ranks can resume it (under FSDP every rank must call this). No pickle anywhere."""
         tensors = {f"model.{n}": t for n, t in self.trainable_state().items()}
         opt = self.optimizer.state_dict()
         names = {id(p): n for n, p in self.policy.named_parameters() if p.requires_grad}
         param_order = [names[id(p)] for p in self.trainable]
         for idx, state in opt["state"].items():
             for key, value in state.items():
-                tensors[f"optim.{param_order[idx]}.{key}"] = value
+                tensors[f"optim.{param_order[idx]}.{key}"] = full_tensor(value)
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -200,7 +232,7 @@ class Trainer:
         ValueError before anything is changed."""
         params = dict(self.policy.named_parameters())
         trainable = self.trainable_state()
-        for name, p in trainable.items():
+        for name, p in trainable.items():  # (whole: FSDP's shards gathered)
             key = f"model.{name}"
             if key not in tensors:
                 raise ValueError(f"checkpoint has no tensor {key}; was it written for another --train-last-n?")
@@ -212,11 +244,12 @@ class Trainer:
         if order != [names[id(p)] for p in self.trainable]:
             raise ValueError("checkpoint's trainable parameters differ from this run's")
         for name in trainable:
-            params[name].copy_(tensors[f"model.{name}"])
+            params[name].copy_(like(tensors[f"model.{name}"], params[name]))  # this rank's shard under FSDP
         state: dict[int, dict[str, torch.Tensor]] = {}
         for idx, name in enumerate(order):
             prefix = f"optim.{name}."
-            entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            entry = {k[len(prefix):]: v if v.shape != trainable[name].shape else like(v, params[name])
+                     for k, v in tensors.items() if k.startswith(prefix)}  # exp_avg, exp_avg_sq: as the weight
             if entry:
                 state[idx] = entry
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
