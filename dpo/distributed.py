@@ -56,7 +56,6 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None  # "gloo" (CPU) or "nccl" (CUDA); None for a single process
-    fsdp: bool = False  # set by shard_blocks
 
     @property
     def enabled(self) -> bool:
@@ -214,7 +213,6 @@ def shard_blocks(policy: SmolLM, reference: SmolLM | None, device: torch.device)
     `make_reference` shares), becomes the policy's very module first, so both stay one module
     after sharding and the engine still finds the trunk they share. Call it before the trainer
     is built: the optimizer must see the sharded parameters."""
-    global _CURRENT
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -236,7 +234,6 @@ def shard_blocks(policy: SmolLM, reference: SmolLM | None, device: torch.device)
                 block.set_gradient_divide_factor(1.0)  # a sum, as the trainer's global normalisation wants
                 block.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
                 done[id(block)] = block
-    _CURRENT = dataclasses.replace(d, fsdp=True)
     return len(done)
 
 

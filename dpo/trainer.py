@@ -26,7 +26,7 @@ import torch
 from smollm import SmolLM
 
 from . import distributed
-from .distributed import Distributed, full_tensor, grad_norm_and_clip, like
+from .distributed import Distributed, full_tensor, grad_norm_and_clip, is_sharded, like
 from .engine import LogProbEngine
 from .evaluate import EvalResult, HeldOutCache
 from .objectives import PreferenceObjective
@@ -71,8 +71,8 @@ class Trainer:
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the policy has no trainable parameters")
-        self.optimizer = adamw(self.trainable, config.lr, config.weight_decay, self.device,
-                               fused=not self.dist.fsdp)
+        self.sharded = any(is_sharded(p) for p in self.trainable)  # FSDP (dpo.distributed.shard_blocks)
+        self.optimizer = adamw(self.trainable, config.lr, config.weight_decay, self.device, fused=not self.sharded)
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
@@ -140,7 +140,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for items in micro_batches:
             mine = self.dist.shard(items)
-            if not mine and self.dist.fsdp:
+            if not mine and self.sharded:
                 # FSDP gathers each block's weights in forward and reduces its gradients in backward,
                 # with every rank taking part: a rank without items runs one with zero weight.
                 loss, _ = self.compute_loss(items[:1])
