@@ -3,7 +3,8 @@
     from smollm import load_pretrained, load_tokenizer, generate
 """
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
-from .config import PRESETS, SMOLLM2_135M, SMOLLM_135M, SMOLLM_360M, ConfigError, SmolLMConfig
+from .config import (PRESETS, SMOLLM2_1_7B, SMOLLM2_135M, SMOLLM2_360M, SMOLLM_1_7B, SMOLLM_135M, SMOLLM_360M,
+                     ConfigError, SmolLMConfig, preset_of)
 from .generation import generate
 from .model import KVCache, SmolLM
 from .tokenizer import SmolTokenizer, TokenizerError, load_tokenizer
@@ -11,5 +12,5 @@ from .tokenizer import SmolTokenizer, TokenizerError, load_tokenizer
 __all__ = [
     "SmolLM", "SmolLMConfig", "KVCache", "load_pretrained", "save_pretrained", "load_tokenizer",
     "SmolTokenizer", "generate", "CheckpointError", "ConfigError", "TokenizerError", "PRESETS",
-    "SMOLLM_135M", "SMOLLM_360M", "SMOLLM2_135M",
+    "SMOLLM_135M", "SMOLLM_360M", "SMOLLM_1_7B", "SMOLLM2_135M", "SMOLLM2_360M", "SMOLLM2_1_7B", "preset_of",
 ]

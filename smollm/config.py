@@ -152,19 +152,48 @@ def _check_supported(raw: dict[str, Any], source: str) -> None:
 
 
 # ----------------------------------------------------------------------- presets
-# Sources: https://huggingface.co/HuggingFaceTB/SmolLM-135M/blob/main/config.json and siblings.
-SMOLLM_135M = SmolLMConfig()  # 30 x 576, 9 heads / 3 KV heads, tied, rope_theta 1e4
-SMOLLM_360M = SmolLMConfig(
+# The published config.json of each model (https://huggingface.co/HuggingFaceTB/<name>/blob/main/
+# config.json). Every size ties the head to the embedding and has 49,152 tokens; SmolLM2 raised
+# rope_theta and the context to 8,192. The -Instruct models are the same networks with the chat
+# special tokens as BOS/EOS/padding (INSTRUCT_TOKENS).
+SMOLLM_135M = SmolLMConfig()  # 30 x 576, 9 heads / 3 KV heads, rope_theta 1e4, 2,048 positions
+SMOLLM_360M = SmolLMConfig(  # 32 x 960, 15 heads / 5 KV heads
     hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
     num_attention_heads=15, num_key_value_heads=5,
 )
-SMOLLM2_135M = SmolLMConfig(rope_theta=100000.0, max_position_embeddings=8192)
-# SmolLM-135M-Instruct: the same network, chat special tokens as BOS/EOS.
-SMOLLM_135M_INSTRUCT = SmolLMConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+SMOLLM_1_7B = SmolLMConfig(  # 24 x 2048, 32 heads, no grouping (32 KV heads)
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+    num_attention_heads=32, num_key_value_heads=32,
+)
+SMOLLM2_135M = dataclasses.replace(SMOLLM_135M, rope_theta=100000.0, max_position_embeddings=8192)
+SMOLLM2_360M = dataclasses.replace(SMOLLM_360M, rope_theta=100000.0, max_position_embeddings=8192)
+SMOLLM2_1_7B = dataclasses.replace(SMOLLM_1_7B, rope_theta=130000.0, max_position_embeddings=8192)
+INSTRUCT_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)  # <|im_start|>, <|im_end|>
+SMOLLM_135M_INSTRUCT = dataclasses.replace(SMOLLM_135M, **INSTRUCT_TOKENS)
 
 PRESETS: dict[str, SmolLMConfig] = {
     "smollm-135m": SMOLLM_135M,
     "smollm-135m-instruct": SMOLLM_135M_INSTRUCT,
     "smollm-360m": SMOLLM_360M,
+    "smollm-1.7b": SMOLLM_1_7B,
     "smollm2-135m": SMOLLM2_135M,
+    "smollm2-360m": SMOLLM2_360M,
+    "smollm2-1.7b": SMOLLM2_1_7B,
 }
+# Hub ids of the models whose networks the presets are (`--model` takes any of them, or any
+# other Llama-architecture id): `preset_of("HuggingFaceTB/SmolLM2-1.7B-Instruct")`.
+HUB_IDS: dict[str, str] = {
+    f"HuggingFaceTB/{name}{suffix}": name.lower() + ("-instruct" if suffix else "")
+    for name in ("SmolLM-135M", "SmolLM-360M", "SmolLM-1.7B", "SmolLM2-135M", "SmolLM2-360M", "SmolLM2-1.7B")
+    for suffix in ("", "-Instruct")
+}
+
+
+def preset_of(model_id: str) -> SmolLMConfig:
+    """The published config of a SmolLM hub id (the -Instruct ids with their chat tokens), without
+    downloading anything: e.g. to size a run before the weights are fetched."""
+    if model_id not in HUB_IDS:
+        raise ConfigError(f"no preset for {model_id!r}; known: {', '.join(HUB_IDS)}")
+    name = HUB_IDS[model_id]
+    base = PRESETS[name.removesuffix("-instruct")]
+    return dataclasses.replace(base, **INSTRUCT_TOKENS) if name.endswith("-instruct") else base

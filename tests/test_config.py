@@ -28,6 +28,43 @@ def test_smollm2_and_360m_presets():
     assert PRESETS["smollm-135m"] is SMOLLM_135M and PRESETS["smollm-360m"] is SMOLLM_360M
 
 
+# (preset, parameters of the published checkpoint: the sizes on the model cards, counted)
+PUBLISHED = {"smollm-135m": 134_515_008, "smollm2-135m": 134_515_008, "smollm-360m": 361_821_120,
+             "smollm2-360m": 361_821_120, "smollm-1.7b": 1_711_376_384, "smollm2-1.7b": 1_711_376_384}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_every_size_builds_the_published_network_as_transformers_does(name):
+    """Built on the meta device (no memory): the parameter count of the published checkpoint, and
+    the very tensor names and shapes of transformers' LlamaForCausalLM from the same config.json."""
+    import torch
+
+    from smollm import SmolLM
+
+    config = PRESETS[name]
+    with torch.device("meta"):
+        ours = SmolLM(config)
+    assert ours.num_parameters() == PUBLISHED[name]
+    transformers = pytest.importorskip("transformers", reason="transformers is the oracle (requirements-dev.txt)")
+    with torch.device("meta"):
+        theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf_dict()))
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(ours) == shapes(theirs)
+
+
+def test_hub_ids_name_their_presets_without_a_download():
+    from smollm import SMOLLM2_1_7B, SMOLLM2_360M, preset_of
+
+    assert preset_of("HuggingFaceTB/SmolLM2-1.7B") is SMOLLM2_1_7B
+    assert preset_of("HuggingFaceTB/SmolLM2-360M") is SMOLLM2_360M
+    assert (SMOLLM2_1_7B.rope_theta, SMOLLM2_1_7B.max_position_embeddings) == (130000.0, 8192)
+    instruct = preset_of("HuggingFaceTB/SmolLM2-1.7B-Instruct")
+    assert (instruct.bos_token_id, instruct.eos_token_id, instruct.pad_token_id) == (1, 2, 2)
+    assert dataclasses.replace(instruct, bos_token_id=0, eos_token_id=0, pad_token_id=None) == SMOLLM2_1_7B
+    with pytest.raises(ConfigError, match="no preset for 'HuggingFaceTB/SmolLM3-3B'"):
+        preset_of("HuggingFaceTB/SmolLM3-3B")
+
+
 def test_head_dim_defaults_to_hidden_over_heads_and_may_be_given():
     assert SmolLMConfig(hidden_size=96, num_attention_heads=6, num_key_value_heads=2).head_dim == 16
     assert SmolLMConfig(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, head_dim=32).head_dim == 32

@@ -20,7 +20,16 @@ def hf_model(directory):
     return model.eval()
 
 
-@pytest.mark.parametrize("config", [SMOLLM_135M, UNTIED_ONE_KV], ids=["smollm-135m", "untied-1kv-theta1e5"])
+# The bigger sizes' attention at a small width: 1.7B's 32 heads with as many KV heads (no grouping),
+# rope_theta 130000; 360M's 15 query heads sharing 5 KV heads (3 each).
+HEADS_1_7B = small_config(vocab_size=2048, hidden_size=128, num_attention_heads=32, num_key_value_heads=32,
+                          rope_theta=130000.0, max_position_embeddings=8192)
+HEADS_360M = small_config(vocab_size=2048, hidden_size=120, num_attention_heads=15, num_key_value_heads=5,
+                          rope_theta=100000.0)
+
+
+@pytest.mark.parametrize("config", [SMOLLM_135M, UNTIED_ONE_KV, HEADS_1_7B, HEADS_360M],
+                         ids=["smollm-135m", "untied-1kv-theta1e5", "heads-of-1.7b", "heads-of-360m"])
 def test_logits_match_transformers(tmp_path, config):
     save_random_checkpoint(tmp_path, config, seed=1)
     ours, theirs = load_pretrained(tmp_path), hf_model(tmp_path)
