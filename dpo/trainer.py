@@ -287,7 +287,7 @@ class DPOTrainer(Trainer):
 
     def __init__(self, policy: SmolLM, reference: SmolLM | None, train_pairs: list[TokenizedPair],
                  config: Any, *, pad_token_id: int, device: torch.device | str | None = None,
-                 textbook: bool = False, allow_shared_reference: bool = False):
+                 textbook: bool = False, allow_shared_reference: bool = False, dist: Distributed | None = None):
         config.check()
         if reference is not None and not allow_shared_reference:
             check_reference_is_apart(policy, reference)
@@ -301,7 +301,7 @@ class DPOTrainer(Trainer):
         self.engine = LogProbEngine(policy, reference, share_trunk=config.shared_trunk,
                                     recompute=config.recompute_tail)
         objective = PreferenceObjective(self.engine, config, pad_token_id=pad_token_id, textbook=textbook)
-        super().__init__(policy, train_pairs, config, objective, device=device)
+        super().__init__(policy, train_pairs, config, objective, device=device, dist=dist)
         self.eval_cache: HeldOutCache | None = None  # made by the first evaluate
 
     @property
