@@ -4,8 +4,8 @@ all-reduce costs per step against its bytes.
     python -m bench.dist_scaling                    # last-5 blocks and full fine-tuning, 2 ranks at most
     python -m bench.dist_scaling --modes full --steps 3 --max-length 256
 
-The same work in every run: a random SmolLM-135M at the real config, the same 32 real HH-RLHF
-pairs (global batch 8, max length 512), the default precision (bf16 autocast where the CPU has
+The same work in every run: a random SmolLM-135M at the real config, the same real HH-RLHF
+pairs ((--steps + 1) x 8: global batch 8, max length 512), the default precision (bf16 autocast where the CPU has
 it), 1 warm-up step then --steps timed steps. Each rank takes 1/R of every batch (dpo.distributed),
 so every run computes the same updates. Three layouts of the same cores:
 
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    pairs, tok = real_pairs(4 * args.batch_size, args.max_length)
+    pairs, tok = real_pairs(args.batch_size * (args.steps + 1), args.max_length)  # one epoch: warm-up + steps
     spec = workdir / "dist_scaling_spec.json"
     spec.write_text(json.dumps({"checkpoint": str(random_checkpoint(workdir)), "batch_size": args.batch_size,
                                 "max_length": args.max_length, "pad_token_id": tok.pad_token_id,
