@@ -277,9 +277,9 @@ def start_run(config: RunConfig, command: str, outputs: tuple[str, ...]) -> RunS
     config, resume_state = start_or_resume(config, command)
     out = prepare_output_dir(config, outputs, command)
     device = device_of(config)
-    if config.fsdp and not d.enabled:
+    if config.fsdp and d.backend is None:
         raise ConfigError("--fsdp shards the model over the processes of a torchrun job; launch with "
-                          "torchrun --nproc_per_node N (N >= 2), or leave --fsdp out")
+                          "torchrun --nproc_per_node N, or leave --fsdp out")
     log("settings:\n" + str(config))
     if d.enabled:
         log(f"torchrun job: {d.world_size} processes ({d.backend}), each taking 1/{d.world_size} of every "

@@ -170,11 +170,12 @@ def current() -> Distributed:
 def init_from_env(device_type: str) -> Distributed:
     """Join the job torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT): gloo on CPU, NCCL on CUDA (and this process's GPU is cuda:LOCAL_RANK).
-    Without WORLD_SIZE, or with 1, a single process: nothing is set up."""
+    Without WORLD_SIZE (not launched by torchrun) nothing is set up. A job of 1 process joins
+    its group too (FSDP then runs over one rank), and otherwise runs as a single process."""
     global _CURRENT
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or _CURRENT.enabled:
+    if "WORLD_SIZE" not in os.environ or _CURRENT.backend is not None:
         return _CURRENT
+    world = int(os.environ["WORLD_SIZE"])
     import torch.distributed as dist
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -189,7 +190,7 @@ def init_from_env(device_type: str) -> Distributed:
 def shutdown() -> None:
     """Leave the job (a no-op for a single process)."""
     global _CURRENT
-    if _CURRENT.enabled:
+    if _CURRENT.backend is not None:
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -217,9 +218,9 @@ def shard_blocks(policy: SmolLM, reference: SmolLM | None, device: torch.device)
     from torch.distributed.fsdp import fully_shard
 
     d = current()
-    if not d.enabled:
-        raise ValueError("--fsdp shards the model over the ranks of a torchrun job; this is a single process "
-                         "(launch with torchrun --nproc_per_node N, N >= 2)")
+    if d.backend is None:
+        raise ValueError("--fsdp shards the model over the ranks of a torchrun job; this process was not "
+                         "launched by torchrun (torchrun --nproc_per_node N -m ...)")
     if reference is not None:
         for i, (mine, theirs) in enumerate(zip(policy.model.layers, reference.model.layers)):
             a, b = list(mine.parameters()), list(theirs.parameters())
@@ -233,6 +234,10 @@ def shard_blocks(policy: SmolLM, reference: SmolLM | None, device: torch.device)
                 fully_shard(block, mesh=mesh)
                 block.set_gradient_divide_factor(1.0)  # a sum, as the trainer's global normalisation wants
                 block.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+                # Each block is its own FSDP root (the engine calls the blocks, never the whole model), and
+                # a root keeps its weights gathered after forward unless told otherwise: then every block
+                # would be whole at once by the end of the forward, and sharding would save nothing.
+                block.set_reshard_after_forward(True)
                 done[id(block)] = block
     return len(done)
 

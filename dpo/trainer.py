@@ -252,7 +252,11 @@ class Trainer:
                      for k, v in tensors.items() if k.startswith(prefix)}  # exp_avg, exp_avg_sq: as the weight
             if entry:
                 state[idx] = entry
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+        # the saved hyperparameters, with this run's implementation (fused or not: FSDP's sharded
+        # parameters take the foreach one, so a checkpoint may come from the other kind of run)
+        how = {k: v for k, v in self.optimizer.param_groups[0].items() if k in ("fused", "foreach")}
+        groups = [{**g, **how} for g in meta["optimizer_param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step, self.epoch, self.cursor = meta["step"], meta["epoch"], meta["cursor"]
         self.skipped_nonfinite = meta.get("skipped_nonfinite", 0)

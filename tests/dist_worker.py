@@ -5,7 +5,7 @@ torchrun job. tests/test_distributed.py compares the two.
 
 joins the job (gloo), runs each setting, and rank 0 writes OUT_DIR/SETTING.safetensors: the
 trainable tensors after the last step (whole, gathered when sharded) and the steps' metrics
-(as a tensor per metric). `train(setting)` in one process is the reference.
+(as a tensor per metric), and OUT_DIR/SETTING-final/, the policy saved by `save_policy`. `train(setting)` in one process is the reference.
 
 The data are cut so that the ranks' shares are uneven: 26 pairs in micro-batches of 5 (ranks
 take 3 and 2), the last micro-batch a single pair (rank 1 gets none), 2 micro-batches a step.
@@ -24,7 +24,7 @@ from dpo import distributed  # noqa: E402
 from dpo.config import SFTConfig, TrainConfig  # noqa: E402
 from dpo.engine import LogProbEngine  # noqa: E402
 from dpo.objectives import SFTObjective  # noqa: E402
-from dpo.policy import make_reference, make_trainable  # noqa: E402
+from dpo.policy import make_reference, make_trainable, save_policy  # noqa: E402
 from dpo.tokenization import TokenizedSequence  # noqa: E402
 from dpo.trainer import DPOTrainer, Trainer  # noqa: E402
 from smollm.lora import LoRAConfig  # noqa: E402
@@ -46,8 +46,9 @@ SETTINGS = {
 STEPS = 3
 
 
-def train(setting: str) -> dict[str, torch.Tensor]:
-    """The trainable tensors (whole) after STEPS steps of `setting`, and "metric.<name>" [STEPS]."""
+def train(setting: str, final_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """The trainable tensors (whole) after STEPS steps of `setting`, and "metric.<name>" [STEPS];
+    with final_dir, the policy is also saved there as `python -m dpo.train` saves final/."""
     s = SETTINGS[setting]
     shard = s.get("fsdp", False) and distributed.current().enabled  # one process: the plain reference run
     policy = random_model(small_config(num_hidden_layers=3), seed=0).train()
@@ -68,6 +69,8 @@ def train(setting: str) -> dict[str, torch.Tensor]:
             distributed.shard_blocks(policy, reference, torch.device("cpu"))
         trainer = DPOTrainer(policy, reference, pairs, TrainConfig(**settings), pad_token_id=0)
     rows = [trainer.train_step() for _ in range(STEPS)]
+    if final_dir is not None:
+        save_policy(policy, final_dir, lora=s.get("lora"), base_model="random")  # gathered under FSDP
     out = {f"weight.{name}": t.detach().clone() for name, t in trainer.trainable_state().items()}
     for key in ("loss", "grad_norm", "tokens", *(k for k in rows[0] if k.endswith(("reward", "accuracy", "margin")))):
         out[f"metric.{key}"] = torch.tensor([float(r[key]) for r in rows], dtype=torch.float64)
@@ -81,7 +84,7 @@ def main(out_dir: str, settings: list[str]) -> None:
     d = distributed.init_from_env("cpu")
     try:
         for setting in settings:
-            result = train(setting)
+            result = train(setting, Path(out_dir) / f"{setting}-final")
             if d.is_main:
                 save_file({k: v.contiguous() for k, v in result.items()}, str(Path(out_dir) / f"{setting}.safetensors"))
     finally:

@@ -5,9 +5,10 @@ rank counts through its checkpoints.
   blocks with the shared trunk, full fine-tuning, LoRA on all blocks and on the last one) and
   SFT, 2 ranks give the same losses, metrics and updated weights as one process (1e-5), with
   uneven shares (a rank with no pair in a micro-batch included).
-* The commands (`torchrun -m dpo.train`): a 2-rank FSDP run killed with SIGKILL and resumed on
-  1 rank, and a 1-rank run killed and resumed on 2 ranks (DDP), each end where an
-  uninterrupted single-process run ends (1e-5), and only rank 0 writes and prints.
+* The commands (`torchrun -m dpo.train`): a 2-rank run killed with SIGKILL and resumed on 1
+  rank, and a 1-rank run killed and resumed on 2 ranks with FSDP (its checkpoints and final/
+  gathered from the shards), each end where an uninterrupted single-process run ends (1e-5),
+  and only rank 0 writes and prints.
 """
 from __future__ import annotations
 
@@ -61,13 +62,19 @@ def two_ranks(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(dist_worker.SETTINGS))
-def test_two_ranks_train_as_one_process(two_ranks, setting):
+def test_two_ranks_train_as_one_process(two_ranks, setting, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank runs
     try:
-        one = dist_worker.train(setting)
+        one = dist_worker.train(setting, tmp_path / "final")
     finally:
         torch.set_num_threads(threads)
+    # the saved policy (a HF folder, or peft's with LoRA), gathered from the shards under FSDP
+    name = "adapter_model.safetensors" if "lora" in setting else "model.safetensors"
+    saved_one, saved_two = load_file(tmp_path / "final" / name), load_file(two_ranks / f"{setting}-final" / name)
+    assert saved_one.keys() == saved_two.keys()
+    for key in saved_one:
+        torch.testing.assert_close(saved_two[key], saved_one[key], **TOL, msg=lambda m: f"final/{key}: {m}")
     two = load_file(two_ranks / f"{setting}.safetensors")
     assert one.keys() == two.keys()
     assert any(k.startswith("weight.") for k in one)
@@ -172,7 +179,7 @@ def kill_at_checkpoint(proc: subprocess.Popen, run: Path, step: int) -> None:
 @pytest.mark.slow
 def test_two_ranks_killed_resume_on_one(tiny, tmp_path, uninterrupted):
     run = tmp_path / "run"
-    victim = launch(torchrun(2, *train_args(tiny, run, "--fsdp", "--save-every", "1")))
+    victim = launch(torchrun(2, *train_args(tiny, run, "--save-every", "1")))
     kill_at_checkpoint(victim, run, 2)
     code, out, err = finish(launch([sys.executable, "-m", "dpo.train", "--resume", str(run), "--no-progress"]),
                             timeout=180)
@@ -187,7 +194,8 @@ def test_one_rank_killed_resume_on_two(tiny, tmp_path, uninterrupted):
     victim = launch([sys.executable, *train_args(tiny, run, "--save-every", "1")])
     kill_at_checkpoint(victim, run, 2)
     saved = list_checkpoints(run)[-1]
-    code, out, err = finish(launch(torchrun(2, "-m", "dpo.train", "--resume", str(run), "--no-progress")), timeout=180)
+    code, out, err = finish(launch(torchrun(2, "-m", "dpo.train", "--resume", str(run), "--fsdp", "--no-progress")),
+                            timeout=180)
     assert code == 0, err[-3000:]
     assert_ends_like(run, uninterrupted)
     # rank 0 alone logged, printed and wrote: one line of each, and no file of another rank
