@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="smollm2-360m")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (a quick check)")
     p.add_argument("--mode", default="full", choices=["full", "last-5", "lora"])
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--no-recompute", action="store_true", help="keep the trainable blocks' activations")
@@ -53,13 +54,17 @@ def main(argv=None) -> int:
     d = distributed.init_from_env(torch.device(args.device).type)
     device = torch.device("cuda", d.local_rank) if args.device == "cuda" else torch.device(args.device)
     config = PRESETS[args.preset]
+    if args.layers:
+        import dataclasses
+
+        config = dataclasses.replace(config, num_hidden_layers=args.layers)
     pairs, tok = real_pairs(args.batch_size * (args.warmup + args.steps), args.max_length)
     torch.manual_seed(0)
     with torch.device(device):
         policy = SmolLM(config)
     lora = LoRAConfig(r=16, alpha=32.0, targets=list(TARGETS[:-1])) if args.mode == "lora" else None
     n = config.num_hidden_layers
-    make_trainable(policy, lora, train_last_n=n if args.mode == "full" else 5 if args.mode == "last-5" else 0,
+    make_trainable(policy, lora, train_last_n=n if args.mode == "full" else min(5, n) if args.mode == "last-5" else 0,
                    train_head=args.mode == "full")
     reference = make_reference(policy, lora)
     if args.fsdp:
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
         dist.all_gather(everyone, mine)  # [R] of [2]: every rank's peaks
     if d.is_main:
         print(json.dumps({
-            "preset": args.preset, "mode": args.mode, "ranks": d.world_size, "fsdp": args.fsdp,
+            "preset": args.preset, "layers": config.num_hidden_layers, "mode": args.mode, "ranks": d.world_size, "fsdp": args.fsdp,
             "recompute": not args.no_recompute, "device": str(device), "dtype": str(trainer.autocast_dtype or "float32"),
             "batch_size": args.batch_size, "max_length": args.max_length, "seconds_per_step": round(seconds, 3),
             "tokens_per_s": round(tokens / args.steps / seconds, 1),

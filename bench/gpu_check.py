@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["wheels", "env", "matmul", "cuda_tests", "parity", "fastpath", "train", "dpo_step"]
+STAGES = ["wheels", "env", "matmul", "cuda_tests", "parity", "fastpath", "train", "dpo_step", "fsdp"]
 PASS, SKIP, FAIL = 0, 3, 1  # a stage's exit codes
 HH_NAMES = ["helpful-base/test.jsonl.gz", "harmless-base/test.jsonl.gz"]
 NLTK_PACKAGES = ("stopwords", "punkt_tab", "averaged_perceptron_tagger_eng")
@@ -556,6 +556,34 @@ def cmd_dpo_step(args) -> int:
     return finish(args.work, "dpo_step", "pass", "; ".join(parts), **figures)
 
 
+def cmd_fsdp(args) -> int:
+    """`bench.big_step` under torchrun with --fsdp at SmolLM2-360M's config (random weights, full
+    fine-tuning, batch 8 x 512, bf16), with activation checkpointing on and off: tokens/s and peak
+    CUDA memory. One process (the lent machine has one GPU); 2-rank FSDP is tested on CPU
+    (tests/test_distributed.py). --smoke: 2 blocks of SmolLM2-135M on CPU, batch 2 x 64."""
+    flags = (["--preset", "smollm2-135m", "--layers", "2", "--device", "cpu", "--batch-size", "2", "--max-length", "64",
+              "--steps", "1"] if args.smoke else
+             ["--preset", "smollm2-360m", "--device", "cuda", "--batch-size", "8", "--max-length", "512", "--steps", "3"])
+    figures, parts = {}, []
+    for label, extra in (("recompute", []), ("no_recompute", ["--no-recompute"])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+               "bench.big_step", *flags, "--fsdp", *extra]
+        print("running: " + shlex.join(cmd), flush=True)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        print(proc.stdout[-2000:], proc.stderr[-2000:], flush=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            last = (proc.stderr.strip().splitlines() or [""])[-1]
+            return finish(args.work, "fsdp", "fail", reason=f"bench.big_step ({label}) exited {proc.returncode}: "
+                          f"{last[:250]}", **figures)
+        r = figures[label] = json.loads(lines[-1])
+        memory = (f"CUDA peak {r['cuda_peak_mb_per_rank'][0]:,.0f} MB" if r["cuda_peak_mb_per_rank"][0]
+                  else f"peak RSS {r['peak_rss_mb_per_rank'][0]:,.0f} MB")
+        parts.append(f"{label.replace('_', ' ')}: {r['tokens_per_s']:,.0f} tokens/s, {memory}")
+    figures["command"] = "torchrun --standalone --nproc_per_node=1 -m bench.big_step " + shlex.join(flags) + " --fsdp"
+    return finish(args.work, "fsdp", "pass", f"{figures['recompute']['preset']} FSDP: " + "; ".join(parts), **figures)
+
+
 # ------------------------------------------------------------------ the report
 def cmd_report(args) -> int:
     """Merge WORK/status.tsv (the shell's: status, exit code, seconds, limit) with each stage's
@@ -614,7 +642,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["paths", "env", "matmul", "pytest", "parity", "fastpath", "train", "dpo-step",
-                                     "report"])
+                                     "fsdp", "report"])
     p.add_argument("--work", type=Path, help="the run's scratch folder (stage results, checkpoints)")
     p.add_argument("--out", type=Path, help="report: where gpu_check.json and gpu_check.md go")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (bench/gpu_check.sh --cpu-smoke)")
@@ -627,7 +655,8 @@ def main(argv=None) -> int:
         p.error(f"{args.stage} needs --work")
     args.work.mkdir(parents=True, exist_ok=True)
     handler = {"env": cmd_env, "matmul": cmd_matmul, "pytest": cmd_pytest, "parity": cmd_parity,
-               "fastpath": cmd_fastpath, "train": cmd_train, "dpo-step": cmd_dpo_step, "report": cmd_report}[args.stage]
+               "fastpath": cmd_fastpath, "train": cmd_train, "dpo-step": cmd_dpo_step, "fsdp": cmd_fsdp,
+               "report": cmd_report}[args.stage]
     if args.stage == "report":
         if args.out is None:
             p.error("report needs --out")

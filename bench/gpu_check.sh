@@ -27,6 +27,8 @@ Stages (each under `timeout`; a failure does not stop the later ones):
   6 fastpath    shared-trunk fast path vs textbook path on a real HH batch, fp32 and bf16
   7 train       python -m dpo.train, 40 steps, bf16 autocast: tokens/s, peak CUDA memory, TFLOP/s
   8 dpo_step    python -m bench.dpo_step --device cuda against TRL (our side only without trl)
+  9 fsdp        torchrun -m bench.big_step --fsdp at SmolLM2-360M's config, activation checkpointing
+                on and off: tokens/s and peak CUDA memory
 
 Options:
   --dry-run     print each stage's command and time limit; run nothing
@@ -49,7 +51,7 @@ DRY=0
 SMOKE=0
 OUT_DIR=""
 ONLY=""
-STAGES=(wheels env matmul cuda_tests parity fastpath train dpo_step)
+STAGES=(wheels env matmul cuda_tests parity fastpath train dpo_step fsdp)
 for arg in "$@"; do
     case $arg in
         -h | --help) usage; exit 0 ;;
@@ -180,6 +182,7 @@ stages() {
     run_stage fastpath 120 "$PY" -m bench.gpu_check fastpath "${common[@]}"
     run_stage train 210 "$PY" -m bench.gpu_check train "${common[@]}" -- "${TRAIN_FLAGS[@]}"
     run_stage dpo_step 240 "$PY" -m bench.gpu_check dpo-step "${common[@]}" -- "${STEP_FLAGS[@]}"
+    run_stage fsdp 120 "$PY" -m bench.gpu_check fsdp "${common[@]}"
 }
 
 if [ $DRY = 1 ]; then

@@ -37,12 +37,13 @@ def test_dry_run_lists_every_stage_in_order_and_runs_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     listed = re.findall(r"^(\d) (\w+) ", proc.stdout, flags=re.M)
     assert [name for _, name in listed] == gpu_check.STAGES
-    assert [int(n) for n, _ in listed] == list(range(1, 9))
+    assert [int(n) for n, _ in listed] == list(range(1, 10))
     lines = {name: line for line in proc.stdout.splitlines() for name in gpu_check.STAGES
              if re.match(rf"\d {name} ", line)}
     assert "--max-steps 40" in lines["train"] and "--device cuda" in lines["train"]
     assert "--dtype bfloat16" in lines["train"]
     assert "dpo-step" in lines["dpo_step"] and "--device cuda" in lines["dpo_step"]
+    assert "gpu_check fsdp" in lines["fsdp"]
     assert all("timeout" in lines[n] or "skipped:" in lines[n] for n in gpu_check.STAGES)
     assert "report" in proc.stdout.splitlines()[-1]
     assert not out.exists()  # nothing written
@@ -90,7 +91,7 @@ def test_only_runs_the_chosen_stages_and_records_the_others_as_skipped(tmp_path)
     stages = json.loads((out / "gpu_check.json").read_text())["stages"]
     assert {n: s["status"] for n, s in stages.items()} == {
         "wheels": "skip", "env": "pass", "matmul": "pass", "cuda_tests": "skip", "parity": "skip",
-        "fastpath": "skip", "train": "skip", "dpo_step": "skip"}
+        "fastpath": "skip", "train": "skip", "dpo_step": "skip", "fsdp": "skip"}
     assert stages["train"]["reason"] == "not selected (--only=matmul)"
     assert stages["matmul"]["figures"]["tflops"] > 0
     proc = run("--only=matmul,nothing", str(out), timeout=30)
@@ -138,7 +139,7 @@ def test_report_counts_timeouts_crashes_and_missing_stages_as_failures(tmp_path)
     report = json.loads((out / "gpu_check.json").read_text())
     stages = report["stages"]
     assert list(stages) == gpu_check.STAGES
-    assert report["failed"] == ["matmul", "cuda_tests", "parity", "fastpath", "train", "dpo_step"]
+    assert report["failed"] == ["matmul", "cuda_tests", "parity", "fastpath", "train", "dpo_step", "fsdp"]
     assert stages["wheels"]["status"] == "skip" and stages["wheels"]["reason"] == "no .whl/*.whl here"
     assert stages["matmul"]["reason"] == "timed out after 60 s"
     assert stages["cuda_tests"]["reason"] == "exit code 1: boom"
@@ -147,7 +148,7 @@ def test_report_counts_timeouts_crashes_and_missing_stages_as_failures(tmp_path)
     md = (out / "gpu_check.md").read_text()
     assert "Test GPU, torch 9.9, CUDA 12.8" in md
     assert "| 2 | env | pass | 3 | GPU \\| 1 GiB |" in md
-    assert "exit code 1; failed: matmul, cuda_tests, parity, fastpath, train, dpo_step" in md
+    assert "exit code 1; failed: matmul, cuda_tests, parity, fastpath, train, dpo_step, fsdp" in md
 
 
 @pytest.mark.parametrize("trl_imports", [True, False])
@@ -200,6 +201,9 @@ def test_cpu_smoke_runs_every_stage(tmp_path):
     assert figures["fastpath"]["fp32_fast_vs_textbook"]["loss"] < 1e-4
     assert figures["train"]["steps"] == 2 and figures["train"]["tokens_per_s"] > 0
     assert figures["train"]["fraction_of_peak"] > 0
+    for label in ("recompute", "no_recompute"):  # FSDP over one rank, activation checkpointing on and off
+        assert figures["fsdp"][label]["fsdp"] and figures["fsdp"][label]["tokens_per_s"] > 0
+    assert not figures["fsdp"]["no_recompute"]["recompute"]
     if stages["dpo_step"]["status"] == "pass":
         assert figures["dpo_step"]["ours"]["step_s"] > 0 and figures["dpo_step"]["trl"]["step_s"] > 0
     else:  # trl is not installed here: our side only, and the reason says so
