@@ -99,8 +99,8 @@ def test_fresh_machine_default_run(tmp_path):
     home.mkdir()
     work.mkdir()
     env = clean_env(HOME=str(home), SMOLLM_HUB_URL=f"http://127.0.0.1:{unused_port()}")
-    result = run("dpo.train", "--num-pairs", "64", "--eval-pairs", "16", "--max-steps", "8", "--max-length", "256",
-                 "--sample-prompts", "4", "--sample-tokens", "24", env=env, cwd=work)
+    result = run("dpo.train", "--num-pairs", "32", "--eval-pairs", "16", "--max-steps", "4", "--max-length", "256",
+                 "--eval-every", "0", "--sample-prompts", "4", "--sample-tokens", "24", env=env, cwd=work)
     assert result.returncode == 0, result.stderr[-4000:]
     err = result.stderr
     assert f"from {EMBEDDED_DISTRIBUTION} instead of HuggingFaceTB/SmolLM2-135M-Instruct" in err
@@ -108,13 +108,13 @@ def test_fresh_machine_default_run(tmp_path):
     assert "bundled" in err  # the HH-RLHF test splits shipped with dpo stand in for the hub's
     assert "strong-preference filter: kept" in err  # NLTK ran on the bundled NLTK data
     assert "chat template" in err
-    assert "DPO" in err and "8/8" in err  # the progress bar reached the end
+    assert "DPO" in err and "4/4" in err  # the progress bar reached the end
     assert "preference accuracy" in result.stdout  # the reference-vs-policy table
     assert "empty answers" in result.stdout and "KL(policy || ref.)" in result.stdout  # and its health
     assert (work / "runs" / "dpo" / "samples.md").is_file()
     out = work / "runs" / "dpo"
     ev = json.loads((out / "eval.json").read_text())
-    assert ev["steps"] == 8 and ev["num_pairs"] == 16
+    assert ev["steps"] == 4 and ev["num_pairs"] == 16
     assert (home / ".cache" / "smollm" / "gguf").is_dir()  # the conversion went to the user's cache
 
     # final/ loads in transformers with our logits ...
