@@ -25,12 +25,5 @@ ORDER=(dpo ipo simpo orpo rpo)
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 
-for name in "${names[@]}"; do
-  flags=${LOSSES[$name]:?unknown loss $name (one of: ${ORDER[*]})}
-  dir=$OUT/$name
-  if [ -f "$dir/eval.json" ]; then echo "$name: done already ($dir/eval.json)"; continue; fi
-  cmd="python -m dpo.train --dtype bfloat16 --num-pairs 200 --eval-pairs 100 --eval-every 0 --stop-when-unhealthy 0 $flags --output-dir $dir --overwrite --no-progress"
-  echo "$name: $cmd"
-  echo "$cmd" > "$OUT/$name.cmd"
-  $cmd > "$OUT/$name.out" 2> "$OUT/$name.log" || echo "$name: FAILED (see $OUT/$name.log)"
-done
+source bench/run_settings.sh
+run_settings LOSSES "python -m dpo.train --dtype bfloat16 --num-pairs 200 --eval-pairs 100 --eval-every 0 --stop-when-unhealthy 0" "${names[@]}"

@@ -30,12 +30,5 @@ ORDER=(lr1e-4_frozenhead lr3e-5_head lr3e-5_frozenhead lr1e-4_frozenhead_beta2 l
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 
-for name in "${names[@]}"; do
-  flags=${GRID[$name]:?unknown setting $name (one of: ${ORDER[*]})}
-  dir=$OUT/$name
-  if [ -f "$dir/eval.json" ]; then echo "$name: done already ($dir/eval.json)"; continue; fi
-  cmd="python -m dpo.train --dtype bfloat16 --max-steps $STEPS --eval-every 25 $flags --output-dir $dir --overwrite --no-progress"
-  echo "$name: $cmd"
-  echo "$cmd" > "$OUT/$name.cmd"
-  $cmd > "$OUT/$name.out" 2> "$OUT/$name.log" || echo "$name: FAILED (see $OUT/$name.log)"
-done
+source bench/run_settings.sh
+run_settings GRID "python -m dpo.train --dtype bfloat16 --max-steps $STEPS --eval-every 25" "${names[@]}"

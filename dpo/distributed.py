@@ -27,10 +27,10 @@ on the models and CPUs here the all-reduce is a few percent of a step (docs/benc
 block by block for its forward and backward (and again for a recomputed forward). The
 embedding, the final norm and the head stay whole on every rank: the engine calls them
 outside any block, and the head is tied to the embedding; when they train, their gradients
-are summed like DDP's. The trunk the engine shares is sharded too (it has no gradients, so
-sharding only saves memory); the engine decides what it shares before the blocks are
-sharded. A checkpoint or a saved model gathers the full tensors (`full_state`), so every
-checkpoint resumes with any number of ranks.
+are summed like DDP's. The frozen trunk that policy and reference share is sharded too, as one
+module for both (it has no gradients, so sharding it only saves memory), and the engine still
+runs it once. A checkpoint or a saved model holds whole tensors (`full_tensor`, `gathered`), so
+every checkpoint resumes with any number of ranks, with or without FSDP.
 
 Only rank 0 reads and filters the data (`from_main` sends the pairs to the others as JSON),
 writes files, logs and shows the progress bar.
@@ -144,6 +144,9 @@ class Distributed:
         if not self.enabled:
             return
         plain = [p for p in params if not is_sharded(p)]
+        # A parameter no rank has a gradient for stays without one (AdamW then skips it, as one process would).
+        have = self.all_reduce(torch.tensor([int(p.grad is not None) for p in plain], dtype=torch.int32), "max")
+        plain = [p for p, h in zip(plain, have.tolist()) if h]
         for dtype in sorted({p.dtype for p in plain}, key=str):
             group = [p for p in plain if p.dtype == dtype]
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])

@@ -27,6 +27,22 @@ def save_random_checkpoint(directory: Path, config: SmolLMConfig, seed: int = 0,
     return directory
 
 
+def tiny_run_inputs(root: Path, tokenizer_json: Path, n_pairs: int, seed: int, config: SmolLMConfig | None = None
+                    ) -> Path:
+    """What a real `python -m dpo.train` subprocess needs, small: a random checkpoint with the real
+    tokenizer in root/model, and `n_pairs` synthetic pairs in root/pairs.jsonl. Returns root."""
+    import json
+
+    from dpo.data import make_synthetic_pairs
+    from smollm import load_tokenizer
+
+    save_random_checkpoint(root / "model", config or small_config(), tokenizer=load_tokenizer(tokenizer_json))
+    with open(root / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for p in make_synthetic_pairs(n_pairs, seed=seed):
+            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
+    return root
+
+
 def small_config(**overrides) -> SmolLMConfig:
     """A few-layer config with the real vocabulary, for fast tests."""
     base = dict(vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=2,

@@ -18,23 +18,17 @@ import torch
 
 import dpo.cli
 import dpo.train
-from dpo.data import make_synthetic_pairs
 from dpo.train import main
 from smollm import load_tokenizer
 
-from model_utils import save_random_checkpoint, small_config
+from model_utils import save_random_checkpoint, small_config, tiny_run_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer_json):
-    root = tmp_path_factory.mktemp("tiny")
-    save_random_checkpoint(root / "model", small_config(), tokenizer=load_tokenizer(tokenizer_json))
-    with open(root / "pairs.jsonl", "w", encoding="utf-8") as f:
-        for p in make_synthetic_pairs(16, seed=6):
-            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
-    return root
+def tiny(tmp_path_factory, tokenizer_json) -> Path:
+    return tiny_run_inputs(tmp_path_factory.mktemp("tiny"), tokenizer_json, 16, seed=6)
 
 
 @pytest.fixture

@@ -26,10 +26,9 @@ from safetensors.torch import load_file
 
 import dist_worker
 from dpo.checkpointing import list_checkpoints
-from dpo.data import make_synthetic_pairs
 from smollm import load_tokenizer
 
-from model_utils import save_random_checkpoint, small_config
+from model_utils import save_random_checkpoint, small_config, tiny_run_inputs
 from test_resume import checkpoint_past, finish, metrics_rows, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,12 +111,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer_json) -> Path:
-    root = tmp_path_factory.mktemp("tiny_dist")
-    save_random_checkpoint(root / "model", small_config(num_hidden_layers=3), tokenizer=load_tokenizer(tokenizer_json))
-    with open(root / "pairs.jsonl", "w", encoding="utf-8") as f:
-        for p in make_synthetic_pairs(40, seed=2):
-            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
-    return root
+    return tiny_run_inputs(tmp_path_factory.mktemp("tiny_dist"), tokenizer_json, 40, seed=2, config=small_config(num_hidden_layers=3))
 
 
 def train_args(tiny: Path, out: Path, *extra: str) -> list[str]:

@@ -25,10 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 from dpo.checkpointing import list_checkpoints
-from dpo.data import make_synthetic_pairs
-from smollm import load_tokenizer
 
-from model_utils import save_random_checkpoint, small_config
+from model_utils import tiny_run_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "tokens_per_s")  # the only fields of metrics.jsonl allowed to differ
@@ -36,13 +34,8 @@ MAX_STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer_json):
-    root = tmp_path_factory.mktemp("tiny")
-    save_random_checkpoint(root / "model", small_config(), tokenizer=load_tokenizer(tokenizer_json))
-    with open(root / "pairs.jsonl", "w", encoding="utf-8") as f:
-        for p in make_synthetic_pairs(48, seed=1):
-            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
-    return root
+def tiny(tmp_path_factory, tokenizer_json) -> Path:
+    return tiny_run_inputs(tmp_path_factory.mktemp("tiny"), tokenizer_json, 48, seed=1)
 
 
 def train_args(tiny: Path, out: Path, *extra: str) -> list[str]:
