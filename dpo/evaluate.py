@@ -15,6 +15,7 @@ once and then runs only the policy's trainable tail, with the same numbers as `e
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -183,6 +184,28 @@ class HeldOutCache:
                 reference.append(torch.stack([ref[:B], ref[B:]]).float().cpu())  # [2, B]
         self.reference_logps = torch.cat(reference, dim=1)  # [2, N pairs]: chosen, rejected
         self._versions = self._frozen_versions()
+
+    def bind(self, engine: LogProbEngine) -> "HeldOutCache":
+        """This cache for another engine that starts from the same place: the very same reference
+        model and, when a trunk is shared, the very same trunk tensors (e.g. the next run of a sweep,
+        whose fresh policy shares the starting model's frozen trunk and uses it as the reference).
+        The kept trunk states and reference log-probs are reused, so that engine's evaluations run
+        only its own policy's tail. Raises ValueError when anything they rely on differs."""
+        old = self.engine
+        if engine.reference is None or engine.reference is not old.reference:
+            raise ValueError("bind needs an engine with the very same reference model as the cache's")
+        if engine.split != old.split:
+            raise ValueError(f"the engines share different trunks ({engine.split} vs {old.split} blocks)")
+
+        def trunk(e: LogProbEngine) -> list[torch.Tensor]:
+            m = e.policy.model
+            return [*m.embed_tokens.parameters(), *m.layers[:e.split].parameters()] if e.split else []
+
+        if any(p is not q for p, q in zip(trunk(engine), trunk(old), strict=True)):
+            raise ValueError("the engine's trunk is not the cache's trunk (the same tensors are needed)")
+        bound = copy.copy(self)
+        bound.engine = engine
+        return bound
 
     def _frozen_versions(self) -> tuple[int, ...]:
         """In-place modification counters of the frozen tensors: the reference's (the shared trunk

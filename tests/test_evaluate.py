@@ -184,3 +184,37 @@ def test_the_cache_keeps_each_real_token_once():
     shared = sum(next(i for i, (a, b) in enumerate(zip(p.chosen_ids, p.rejected_ids)) if a != b) for p in pairs)
     assert kept == tokens - shared  # the padding dropped, each shared prefix once
     assert cache.nbytes >= kept * 64 * 4
+
+
+def test_a_cache_bound_to_the_next_run_of_a_sweep_gives_that_runs_numbers():
+    """Runs from one starting model (its frozen trunk shared, the model itself the reference) reuse
+    one cache: the next run's evaluation equals its own uncached one, and runs only its tail."""
+    import copy
+
+    start = random_model(small_config(num_hidden_layers=LAYERS), seed=3).requires_grad_(False)
+    trunk = {id(p): p for p in [*start.model.embed_tokens.parameters(), *start.model.layers[:LAYERS - TRAIN_LAST].parameters()]}
+    pairs = held_out_pairs(12, seed=7)
+    config = TrainConfig(batch_size=4, beta=0.5, lr=3e-3, dtype="float32", max_steps=2)
+
+    def run():
+        policy = copy.deepcopy(start, memo=dict(trunk))  # shares the trunk, copies the rest
+        freeze_all_but_last(policy, TRAIN_LAST)
+        return DPOTrainer(policy, start, held_out_pairs(16, seed=1), config, pad_token_id=0)
+
+    first = run()
+    first.evaluate(pairs)
+    first.train_step()
+    second = run()
+    second.train_step()
+    second.train_step()  # the second run's policy differs from the first's
+    second.eval_cache = first.eval_cache.bind(second.engine)
+    calls = Counter()  # the blocks the engine runs: the second policy's (its trunk's modules run the trunk)
+    hooks = [layer.register_forward_hook(lambda m, i, o, k=k: calls.update([k]))
+             for k, layer in enumerate(second.policy.model.layers)]
+    got = second.evaluate(pairs)
+    for h in hooks:
+        h.remove()
+    assert set(calls) == set(range(LAYERS - TRAIN_LAST, LAYERS))  # the tail only: the trunk's states were reused
+    assert got == uncached(second, pairs)
+    with pytest.raises(ValueError, match="very same reference"):
+        first.eval_cache.bind(make_trainer().engine)
