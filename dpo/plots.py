@@ -22,6 +22,14 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _integer_steps(axes) -> None:
+    """Steps are whole numbers: no 2.5 on a step axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_curves(metrics: list[dict], path: str | os.PathLike, evals: list[dict] | None = None,
                 loss_name: str = "sigmoid") -> Path:
     """Write a 4-panel figure: the loss, reward accuracy (train and held-out), rewards and margin,
@@ -66,6 +74,7 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike, evals: list[dict] 
 
     _health_panel(axes[3], evals or [])
     path = Path(path)
+    _integer_steps(axes)
     fig.savefig(path, dpi=100)
     return path
 
@@ -155,6 +164,7 @@ def plot_runs(runs: list[dict], path: str | os.PathLike) -> Path:
     for ax in axes:
         ax.legend(fontsize="small", loc="best")
     path = Path(path)
+    _integer_steps(axes)
     fig.savefig(path, dpi=100)
     return path
 
@@ -174,5 +184,6 @@ def plot_sft_curve(metrics: list[dict], path: str | os.PathLike, evals: dict | N
     ax.set(title="SFT loss (mean NLL per response token)", xlabel="step")
     ax.legend()
     path = Path(path)
+    _integer_steps([ax])
     fig.savefig(path, dpi=100)
     return path
