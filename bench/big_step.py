@@ -83,11 +83,12 @@ def main(argv=None) -> int:
     seconds = (time.perf_counter() - start) / args.steps
     mine = torch.tensor([peak_rss_mb(), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
                          setup_rss, rss_mb()])
+    mine = mine.to(d.comm_device)  # NCCL gathers CUDA tensors, gloo CPU ones
     everyone = [mine.clone() for _ in range(d.world_size)]
     if d.enabled:
         import torch.distributed as dist
 
-        dist.all_gather(everyone, mine)  # [R] of [2]: every rank's peaks
+        dist.all_gather(everyone, mine)  # [R] of [4]: every rank's figures
     if d.is_main:
         print(json.dumps({
             "preset": args.preset, "layers": config.num_hidden_layers, "mode": args.mode, "ranks": d.world_size, "fsdp": args.fsdp,
