@@ -115,7 +115,7 @@ class Distributed:
         buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.comm_device) if self.is_main
                   else torch.empty(int(size.item()), dtype=torch.uint8, device=self.comm_device))
         dist.broadcast(buffer, src=0)
-        return obj if self.is_main else json.loads(bytes(buffer.cpu().tolist()).decode())
+        return obj if self.is_main else json.loads(buffer.cpu().numpy().tobytes().decode())
 
     def from_main(self, work: Callable[[], Any], encode: Callable[[Any], Any] = lambda x: x,
                   decode: Callable[[Any], Any] = lambda x: x) -> Any:
