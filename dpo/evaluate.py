@@ -23,6 +23,7 @@ import torch
 from smollm import SmolLM
 from smollm.layout import Packing
 
+from . import distributed
 from .engine import Batch, LogProbEngine
 from .precision import autocast_context
 from .tokenization import TokenizedPair, collate_pairs
@@ -109,6 +110,7 @@ def pairs_fingerprint(pairs: list[TokenizedPair]) -> int:
 
 @dataclass
 class _CachedBatch:
+    start: int  # index of its first pair in the held-out list
     batch: Batch  # collate_pairs' tensors, on the device
     packing: Packing | None  # LogProbEngine.packing(batch)
     trunk: torch.Tensor | None  # the trunk's output, packed [1, N, C] ([2B, T, C] when not packed; None: no trunk)
@@ -144,6 +146,9 @@ class HeldOutCache:
     set) that is about 110 MiB: 46,041 token states of 2.25 KiB, where the padded [2B, T, C]
     layout would take 372 MiB (at most 450 MiB). docs/benchmarks.md, section 6.
 
+    In a torchrun job each rank keeps and runs every R-th batch and the ranks add up their columns
+    (one small all-reduce), except under FSDP, where every rank runs every batch.
+
     `fits` says whether the cache still applies: the same list object with the same tokens,
     the same settings, and no frozen tensor modified in place since the build.
 
@@ -168,10 +173,16 @@ class HeldOutCache:
                              device=torch.device(device), autocast_dtype=autocast_dtype)
         self.fingerprint = pairs_fingerprint(pairs)
         self.batches: list[_CachedBatch] = []
-        reference = []  # [2, B] (chosen, rejected) per batch
+        # In a torchrun job each rank keeps and runs every R-th batch, and the log-probs are summed over
+        # the ranks (each pair's column is one rank's). Not under FSDP, where every rank takes part in
+        # every block's forward, so every rank runs every batch.
+        d = distributed.current()
+        self.split = d.enabled and not any(distributed.is_sharded(p) for p in engine.policy.parameters())
+        starts = list(range(0, len(pairs), batch_size))
+        reference = torch.zeros(2, len(pairs))  # chosen, rejected
         device = self.settings["device"]
         with torch.no_grad():
-            for start in range(0, len(pairs), batch_size):
+            for start in starts[d.rank::d.world_size] if self.split else starts:
                 chunk = pairs[start:start + batch_size]
                 batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id).items()}
                 with autocast_context(device, autocast_dtype):
@@ -179,10 +190,10 @@ class HeldOutCache:
                     trunk = engine.trunk_states(batch, packing)  # [2B, T, C], or None (no trunk)
                     ref = engine.tail_logps(start_side, batch, trunk, packing, reduction)
                 kept = packing.pack(trunk) if packing is not None and trunk is not None else trunk  # [1, N, C]
-                self.batches.append(_CachedBatch(batch, packing, kept))
+                self.batches.append(_CachedBatch(start, batch, packing, kept))
                 B = len(chunk)
-                reference.append(torch.stack([ref[:B], ref[B:]]).float().cpu())  # [2, B]
-        self.reference_logps = torch.cat(reference, dim=1)  # [2, N pairs]: chosen, rejected
+                reference[:, start:start + B] = torch.stack([ref[:B], ref[B:]]).float().cpu()  # [2, B]
+        self.reference_logps = self._gathered(reference)  # [2, N pairs]: chosen, rejected
         self._versions = self._frozen_versions()
 
     def bind(self, engine: LogProbEngine) -> "HeldOutCache":
@@ -249,14 +260,18 @@ class HeldOutCache:
         policy, device = engine.policy, self.settings["device"]
         was_training = policy.training
         policy.eval()
-        out = []
+        out = torch.zeros(2, len(self.pairs))  # chosen, rejected
         for b in self.batches:
             with autocast_context(device, self.settings["autocast_dtype"]):
                 pol = engine.tail_logps(policy, b.batch, b.trunk_states(), b.packing, self.settings["reduction"])
             B = pol.shape[0] // 2
-            out.append(torch.stack([pol[:B], pol[B:]]).float().cpu())  # [2, B]
+            out[:, b.start:b.start + B] = torch.stack([pol[:B], pol[B:]]).float().cpu()  # [2, B]
         policy.train(was_training)
-        return torch.cat(out, dim=1)
+        return self._gathered(out)
+
+    def _gathered(self, columns: torch.Tensor) -> torch.Tensor:
+        """[2, N pairs] with every rank's batches filled in (each rank filled only its own)."""
+        return distributed.current().all_reduce(columns) if self.split else columns
 
     def evaluate(self, beta: float) -> EvalResult:
         """Reference and policy preference accuracy on the cached pairs, as `evaluate_pairs`."""

@@ -4,8 +4,9 @@ torchrun job. tests/test_distributed.py compares the two.
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR SETTING [SETTING ...]
 
 joins the job (gloo), runs each setting, and rank 0 writes OUT_DIR/SETTING.safetensors: the
-trainable tensors after the last step (whole, gathered when sharded) and the steps' metrics
-(as a tensor per metric), and OUT_DIR/SETTING-final/, the policy saved by `save_policy`. `train(setting)` in one process is the reference.
+trainable tensors after the last step (whole, gathered when sharded), the steps' metrics (as a
+tensor per metric) and a held-out evaluation's log-probs; and OUT_DIR/SETTING-final/, the policy
+saved by `save_policy`. `train(setting)` in one process is the reference.
 
 The data are cut so that the ranks' shares are uneven: 26 pairs in micro-batches of 5 (ranks
 take 3 and 2), the last micro-batch a single pair (rank 1 gets none), 2 micro-batches a step.
@@ -69,9 +70,16 @@ def train(setting: str, final_dir: Path | None = None) -> dict[str, torch.Tensor
             distributed.shard_blocks(policy, reference, torch.device("cpu"))
         trainer = DPOTrainer(policy, reference, pairs, TrainConfig(**settings), pad_token_id=0)
     rows = [trainer.train_step() for _ in range(STEPS)]
+    held_out = {}
+    if not s.get("sft"):  # the held-out evaluation: batches split over the ranks (all of them under FSDP)
+        result = trainer.evaluate(crafted_pairs(11, seed=9))  # batches of 5, 5 and 1
+        held_out = {"eval.policy_logps": trainer.eval_cache.policy_logps(),
+                    "eval.reference_logps": trainer.eval_cache.reference_logps,
+                    "eval.accuracy": torch.tensor([result.policy_accuracy, result.reference_accuracy]),
+                    "batches_run": torch.tensor([len(trainer.eval_cache.batches)])}  # of 3, by this rank
     if final_dir is not None:
         save_policy(policy, final_dir, lora=s.get("lora"), base_model="random")  # gathered under FSDP
-    out = {f"weight.{name}": t.detach().clone() for name, t in trainer.trainable_state().items()}
+    out = {f"weight.{name}": t.detach().clone() for name, t in trainer.trainable_state().items()} | held_out
     for key in ("loss", "grad_norm", "tokens", *(k for k in rows[0] if k.endswith(("reward", "accuracy", "margin")))):
         out[f"metric.{key}"] = torch.tensor([float(r[key]) for r in rows], dtype=torch.float64)
     return out

@@ -3,8 +3,8 @@ rank counts through its checkpoints.
 
 * The trainer itself (tests/dist_worker.py): for data parallelism (DDP-style), FSDP (frozen
   blocks with the shared trunk, full fine-tuning, LoRA on all blocks and on the last one) and
-  SFT, 2 ranks give the same losses, metrics and updated weights as one process (1e-5), with
-  uneven shares (a rank with no pair in a micro-batch included).
+  SFT, 2 ranks give the same losses, metrics, updated weights and held-out evaluation as one
+  process (1e-5), with uneven shares (a rank with no pair in a micro-batch included).
 * The commands (`torchrun -m dpo.train`): a 2-rank run killed with SIGKILL and resumed on 1
   rank, and a 1-rank run killed and resumed on 2 ranks with FSDP (its checkpoints and final/
   gathered from the shards), each end where an uninterrupted single-process run ends (1e-5),
@@ -77,6 +77,9 @@ def test_two_ranks_train_as_one_process(two_ranks, setting, tmp_path):
     two = load_file(two_ranks / f"{setting}.safetensors")
     assert one.keys() == two.keys()
     assert any(k.startswith("weight.") for k in one)
+    assert ("eval.policy_logps" in one) == ("sft" not in setting)
+    if "sft" not in setting:  # rank 0 ran batches 0 and 2 of the held-out set (rank 1 batch 1); all 3 under FSDP
+        assert int(one.pop("batches_run")) == 3 and int(two.pop("batches_run")) == (3 if "fsdp" in setting else 2)
     for key in sorted(one):
         torch.testing.assert_close(two[key], one[key].to(two[key].dtype), **TOL, msg=lambda m: f"{key}: {m}")
     assert one["metric.tokens"].sum() > 0
