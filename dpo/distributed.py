@@ -33,7 +33,9 @@ runs it once. A checkpoint or a saved model holds whole tensors (`full_tensor`, 
 every checkpoint resumes with any number of ranks, with or without FSDP.
 
 Only rank 0 reads and filters the data (`from_main` sends the pairs to the others as JSON),
-writes files, logs and shows the progress bar.
+writes files, logs and shows the progress bar. Evaluations run on every rank, with the held-out
+log-probs split over the ranks (dpo.evaluate.HeldOutCache), so every rank reaches the same
+decisions (early stopping, best/).
 """
 from __future__ import annotations
 
