@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -33,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from smollm import SmolLMConfig, load_tokenizer
-from smollm.checkpoint import CheckpointError, atomic_path, resolve_checkpoint_dir
+from smollm.checkpoint import CheckpointError, atomic_path, resolve_checkpoint_dir, write_json
 from smollm.hub import HubError
 from smollm.tokenizer import TokenizerError
 
@@ -286,6 +287,31 @@ def start_run(config: RunConfig, command: str, outputs: tuple[str, ...]) -> RunS
             f"batch; {'blocks sharded with FSDP2' if config.fsdp else 'the model replicated, gradients summed'}")
     model_dir, model_config, tokenizer = load_model_spec(config)
     return RunStart(config, resume_state, out, device, model_dir, model_config, tokenizer)
+
+
+def shard_if_asked(config: RunConfig, policy, reference, device: torch.device) -> None:
+    """With --fsdp, shard the blocks over the job's processes (dpo.distributed.shard_blocks), before
+    the trainer is built."""
+    if config.fsdp:
+        sharded = distributed.shard_blocks(policy, reference, device)
+        log(f"FSDP: {sharded} blocks sharded over {distributed.current().world_size} processes")
+
+
+def new_run_dir(out: Path, config: RunConfig, config_name: str, replace: tuple[str, ...] = ()) -> None:
+    """Make the output directory of a new run: remove `replace` (a previous run's files and folders,
+    with --overwrite), write the settings and an empty metrics.jsonl. In a torchrun job rank 0 does
+    it and every rank waits until it is done."""
+    if distributed.current().is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in replace:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        write_json(out / config_name, config.to_dict())
+        write_metrics(out / METRICS_NAME, [])
+    distributed.current().barrier()
 
 
 def restore(trainer: Trainer, resume_state, out: Path) -> list[dict]:

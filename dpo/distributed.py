@@ -283,7 +283,8 @@ def gathered(policy: SmolLM, rebuild: Callable[[SmolLM], None] | None = None) ->
     state = full_state(policy)
     if not current().is_main:
         return None
-    copy = SmolLM(policy.config)  # (an untied head unties the config too: dpo.freeze.untie_lm_head)
+    copy = SmolLM(policy.config, init_weights=False)  # every weight is overwritten below
+    # (an untied head unties the config too: dpo.freeze.untie_lm_head)
     if rebuild is not None:
         rebuild(copy)
     copy.load_state_dict({k: v.detach().cpu() for k, v in state.items()})

@@ -16,7 +16,6 @@ checkpoint, the non-finite guard, the progress bar and metrics.jsonl behave as t
 from __future__ import annotations
 
 import math
-import shutil
 import time
 
 import torch
@@ -108,9 +107,7 @@ def run(config: SFTConfig) -> dict:
     lora = config.lora_config(model_config.num_hidden_layers)
     log(str(make_trainable(model, lora, train_last_n=config.blocks_to_train(model_config.num_hidden_layers),
                            train_head=not config.freeze_head)))
-    if config.fsdp:
-        log(f"FSDP: {distributed.shard_blocks(model, None, device)} blocks sharded over "
-            f"{distributed.current().world_size} processes")
+    cli.shard_if_asked(config, model, None, device)
     engine = LogProbEngine(model, recompute=config.recompute_tail)  # the frozen leading blocks run without grad
     trainer = Trainer(model, train, config, SFTObjective(engine, pad_token_id=tokenizer.pad_token_id), device=device)
     log(f"compute: {precision_note(config.dtype, trainer.autocast_dtype, device)}")
@@ -122,16 +119,7 @@ def run(config: SFTConfig) -> dict:
         cli.restore(trainer, resume_state, out)
         before = resume_state[1].get("before")
     else:
-        if is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            for name in OUTPUTS:  # a previous run's files (only with --overwrite), so none is mistaken for ours
-                if (out / name).is_dir():
-                    shutil.rmtree(out / name)
-                else:
-                    (out / name).unlink(missing_ok=True)
-            write_json(out / "sft_config.json", config.to_dict())
-            cli.write_metrics(out / cli.METRICS_NAME, [])
-        distributed.current().barrier()  # the output directory exists before any rank uses it
+        cli.new_run_dir(out, config, "sft_config.json", OUTPUTS)  # a previous run's files exist only with --overwrite
         before = evaluate_nll(model, evals, **eval_kw) if evals else None
         if before:
             log(f"before training: held-out NLL {before['nll']:.4f} (perplexity {before['perplexity']:.2f})")

@@ -18,7 +18,6 @@ command: see dpo.cli.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -97,9 +96,7 @@ def run(config: TrainConfig) -> dict:
         shared = count_shared(policy, reference)
         log(f"reference: the policy with its adapters off, sharing {shared:,} of its "
             f"{reference.num_parameters():,} parameters with the policy (nothing copied)")
-    if config.fsdp:
-        sharded = distributed.shard_blocks(policy, reference, device)
-        log(f"FSDP: {sharded} blocks sharded over {distributed.current().world_size} processes")
+    cli.shard_if_asked(config, policy, reference, device)
     trainer = DPOTrainer(policy, reference, train_pairs, config, pad_token_id=tokenizer.pad_token_id, device=device)
     log(f"compute: {precision_note(config.dtype, trainer.autocast_dtype, device)}")
     is_main = distributed.current().is_main  # in a torchrun job only rank 0 writes files and prints
@@ -117,16 +114,9 @@ def run(config: TrainConfig) -> dict:
             monitor.measure_start(start)
             del start
     else:
-        if is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if config.overwrite:
-                for name in (METRICS_NAME, EVAL_NAME, CURVES_NAME, "samples.md", "samples.jsonl"):
-                    (out / name).unlink(missing_ok=True)
-                for name in (FINAL_DIR, BEST_DIR, CHECKPOINTS_DIR):
-                    shutil.rmtree(out / name, ignore_errors=True)
-            write_json(out / CONFIG_NAME, config.to_dict())
-            cli.write_metrics(out / METRICS_NAME, [])
-        distributed.current().barrier()  # the output directory exists before any rank uses it
+        previous = (METRICS_NAME, EVAL_NAME, CURVES_NAME, "samples.md", "samples.jsonl", FINAL_DIR, BEST_DIR,
+                    CHECKPOINTS_DIR)
+        cli.new_run_dir(out, config, CONFIG_NAME, previous if config.overwrite else ())
         monitor = RunMonitor(trainer, tokenizer, eval_pairs, config, out, log, save=save_to)
         if eval_pairs:
             before = monitor.evaluate().result

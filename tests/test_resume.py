@@ -90,7 +90,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert [r["step"] for r in rb] == list(range(1, MAX_STEPS + 1))
     assert without_timing(ra) == without_timing(rb)
     ea, eb = (json.loads((d / "eval.json").read_text()) for d in (a, b))
-    assert ea.pop("timing") and eb.pop("timing")  # wall times differ, nothing else may
+    assert ea.pop("timing") and eb.pop("timing")  # wall times differ ...
+    ma, mb = ea.pop("memory", {}), eb.pop("memory", {})  # ... and so does peak memory (dpo.train reports it)
+    assert ma.pop("peak_rss_mb", 1) > 0 and mb.pop("peak_rss_mb", 1) > 0 and ma == mb  # nothing else may
     assert ea == eb  # accuracies, margins, the eval history, data counts
 
 
