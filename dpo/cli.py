@@ -34,8 +34,8 @@ from typing import Any, Callable
 import torch
 
 from smollm import SmolLMConfig, load_tokenizer
-from smollm.checkpoint import CheckpointError, atomic_path, resolve_checkpoint_dir, write_json
-from smollm.hub import HubError
+from smollm.checkpoint import CheckpointError, atomic_path, write_json
+from smollm.sources import HubError, resolve_checkpoint_dir
 from smollm.tokenizer import TokenizerError
 
 from .checkpointing import (CHECKPOINTS_DIR, CheckpointLoadError, checkpoint_name, list_checkpoints, load_checkpoint,

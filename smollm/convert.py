@@ -35,10 +35,9 @@ def _parser() -> argparse.ArgumentParser:
 def convert(src: str, dst: str, *, type: str = "f32", tokenizer: str | None = None,
             overwrite: bool = False) -> Path:
     """Convert SRC to DST (see the module docstring); returns the path written."""
-    from .checkpoint import CheckpointError, load_pretrained, resolve_checkpoint_dir, save_pretrained
+    from .checkpoint import CheckpointError, read_checkpoint, save_pretrained
     from .gguf_io import write_gguf
-    from .local_models import is_gguf
-    from .tokenizer import load_tokenizer
+    from .sources import is_gguf, load_tokenizer, resolve_checkpoint_dir
 
     out = Path(dst).expanduser()
     if out.exists() and not overwrite:
@@ -46,11 +45,10 @@ def convert(src: str, dst: str, *, type: str = "f32", tokenizer: str | None = No
     if is_gguf(src) and is_gguf(dst):
         raise CheckpointError("both SRC and DST are .gguf files; one side must be a HuggingFace folder")
     folder = resolve_checkpoint_dir(src)  # a .gguf SRC is dequantized into the cache here
-    model = load_pretrained(folder)
-    tok_source = tokenizer or folder
+    model = read_checkpoint(folder)
     if tokenizer is None and not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json; pass --tokenizer")
-    tok = load_tokenizer(tok_source)
+    tok = load_tokenizer(tokenizer or folder)
     if is_gguf(out):
         write_gguf(model, tok, out, type=type)
     else:
@@ -64,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; a bad input is one `error: ...` line on stderr and exit code 2."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .hub import HubError
+    from .sources import HubError
     from .tokenizer import TokenizerError
 
     args = _parser().parse_args(argv)

@@ -1,6 +1,7 @@
 """The SmolLM tokenizer: HuggingFace's `tokenizers` library on `tokenizer.json`.
 
-`load_tokenizer` returns a `SmolTokenizer`, a thin wrapper that behaves like the underlying
+`read_tokenizer` reads a `tokenizer.json` file or the folder holding one (`smollm.load_tokenizer`
+also takes hub ids and .gguf files, through `smollm.sources`). It returns a `SmolTokenizer`, a thin wrapper that behaves like the underlying
 `tokenizers.Tokenizer` (encode, encode_batch, decode, ... are passed through) and adds the
 special token ids that `tokenizer.json` alone does not say: which token is EOS, BOS and
 padding. Those come from `tokenizer_config.json` when present; otherwise `<|endoftext|>`
@@ -15,6 +16,8 @@ import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer
+
+from .files import atomic_path, write_json
 
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
@@ -84,8 +87,6 @@ class SmolTokenizer:
 
     def save(self, out_dir: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json into `out_dir`, each atomically."""
-        from .checkpoint import atomic_path, write_json  # lazy: checkpoint imports the model
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / TOKENIZER_NAME) as tmp:
@@ -126,30 +127,11 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def load_tokenizer(name_or_path: str | os.PathLike) -> SmolTokenizer:
-    """Load from a `tokenizer.json` file, a directory holding one, a `.gguf` file, or a hub id."""
-    from . import local_models
-
-    path = Path(name_or_path).expanduser()
-    if local_models.is_gguf(path):
-        path = local_models.gguf_checkpoint_dir(path)  # its tokenizer.ggml.* and chat template
-    elif not path.exists():
-        from . import hub
-
-        if not hub.looks_like_repo_id(str(name_or_path)):
-            raise TokenizerError(f"{path}: no such tokenizer file or directory")
-        try:
-            path = hub.download_file(str(name_or_path), TOKENIZER_NAME)
-        except hub.HubOfflineError as e:
-            reason = getattr(e, "reason", "the hub cannot be reached")
-            path = local_models.embedded_fallback(str(name_or_path), reason)
-            if path is None:
-                raise
-        else:
-            try:
-                hub.download_file(str(name_or_path), TOKENIZER_CONFIG_NAME)
-            except hub.HubFileNotFoundError:
-                pass  # optional: special tokens then default to <|endoftext|>
+def read_tokenizer(path: str | os.PathLike) -> SmolTokenizer:
+    """Read a `tokenizer.json` file, or the folder holding one (and its tokenizer_config.json)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise TokenizerError(f"{path}: no such tokenizer file or directory")
     file = path / TOKENIZER_NAME if path.is_dir() else path
     if not file.is_file():
         raise TokenizerError(f"{path}: no {TOKENIZER_NAME} there")
