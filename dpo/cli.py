@@ -40,7 +40,7 @@ from smollm.tokenizer import TokenizerError
 
 from .checkpointing import (CHECKPOINTS_DIR, CheckpointLoadError, checkpoint_name, list_checkpoints, load_checkpoint,
                             save_checkpoint)
-from . import distributed
+from . import distributed, tracking
 from .config import ConfigError, RunConfig, build_parser, config_from_args
 from .data import DataError, PreferencePair, load_preferences_with_report, train_eval_split
 from .trainer import NonFiniteError, Trainer
@@ -207,8 +207,9 @@ def device_of(config: RunConfig) -> torch.device:
 
 # Flags that --resume takes from the command line (--skip-nonfinite only to switch it on, e.g. to
 # get past a batch that stopped the run; --fsdp, like the number of processes, is how the run is
-# laid out, not what it computes); every other setting comes from the checkpoint.
-RESUME_OVERRIDES = ("resume", "progress", "max_steps", "skip_nonfinite", "fsdp")
+# laid out, not what it computes; --report-to, when given, where it is reported); every other
+# setting comes from the checkpoint.
+RESUME_OVERRIDES = ("resume", "progress", "max_steps", "skip_nonfinite", "fsdp", "report_to")
 
 
 def resumed_config(config: RunConfig, meta: dict, ckpt_dir: Path, command: str):
@@ -230,6 +231,8 @@ def resumed_config(config: RunConfig, meta: dict, ckpt_dir: Path, command: str):
     if ignored:
         log(f"note: --resume continues the run with its saved settings; ignoring {', '.join(ignored)}")
     saved.resume, saved.progress, saved.fsdp = config.resume, config.progress, config.fsdp
+    if config.report_to != defaults.report_to:
+        saved.report_to = config.report_to
     if config.max_steps is not None:
         saved.max_steps = config.max_steps
     saved.skip_nonfinite = saved.skip_nonfinite or config.skip_nonfinite
@@ -276,6 +279,7 @@ def start_run(config: RunConfig, command: str, outputs: tuple[str, ...]) -> RunS
     and the tokenizer: everything that can fail before the expensive work."""
     d = distributed.init_from_env(device_of(config).type)  # a torchrun job: join it (no-op for one process)
     config, resume_state = start_or_resume(config, command)
+    tracking.check_installed(config.report_to)  # a missing tracker package: one line, before any work
     out = prepare_output_dir(config, outputs, command)
     device = device_of(config)
     if config.fsdp and d.backend is None:
@@ -303,7 +307,7 @@ def new_run_dir(out: Path, config: RunConfig, config_name: str, replace: tuple[s
     it and every rank waits until it is done."""
     if distributed.current().is_main:
         out.mkdir(parents=True, exist_ok=True)
-        for name in replace:
+        for name in replace + ((tracking.TENSORBOARD_DIR, tracking.WANDB_DIR) if replace else ()):
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -326,6 +330,14 @@ def restore(trainer: Trainer, resume_state, out: Path) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         write_metrics(out / METRICS_NAME, history)
     return history
+
+
+def open_tracker(config: RunConfig, out: Path, command: str, step: int) -> tracking.Tracker:
+    """The run's --report-to tracker (dpo.tracking), for rank 0 alone; a resumed run (`step` > 0)
+    continues its count of tokens trained on from metrics.jsonl."""
+    seen = sum(r.get("tokens", 0) for r in read_metrics(out / METRICS_NAME, up_to_step=step)) if step else 0
+    return tracking.open_tracker(config.report_to, out, config=config.to_dict(), command=command, start_step=step,
+                                 tokens_seen=seen, is_main=distributed.current().is_main, log=log)
 
 
 def latest_checkpoint_note(out: Path, command: str, flags: str = "") -> str:
@@ -463,12 +475,14 @@ class Checkpoints:
 
 def train_loop(trainer: Trainer, config: RunConfig, out: Path, checkpoints: Checkpoints, *, desc: str,
                after_step: Callable[[dict], bool] | None = None,
-               postfix: Callable[[dict], dict] | None = None) -> None:
+               postfix: Callable[[dict], dict] | None = None,
+               tracker: tracking.Tracker | None = None) -> None:
     """Train to the end: one metrics.jsonl row per step, the progress bar, --save-every checkpoints,
     SIGINT/SIGTERM (save, then raise TrainingInterrupted) and the non-finite guard.
 
     after_step(metrics) may add to the step's metrics row (e.g. an evaluation) and returns True to
-    stop early. postfix(metrics) gives the progress bar's fields.
+    stop early. postfix(metrics) gives the progress bar's fields. tracker (--report-to) gets each
+    row as it is written.
 
     In a torchrun job every rank runs this loop (the steps, evaluations and checkpoints are
     collective), rank 0 alone writes metrics.jsonl and shows the bar, and a signal received by
@@ -494,6 +508,8 @@ def train_loop(trainer: Trainer, config: RunConfig, out: Path, checkpoints: Chec
             stop_early = bool(after_step(m)) if after_step is not None else False
             metrics_file.write(json.dumps(m) + "\n")
             metrics_file.flush()
+            if tracker is not None:
+                tracker.log_row(m)
             if bar is not None:
                 bar.update(1)
                 if "loss" in m:
@@ -556,5 +572,6 @@ def main(run: Callable, config_cls: type, command: str, description: str, argv: 
                 f"{latest_checkpoint_note(run_dir(config), command)}")
         return 128 + signum
     finally:
+        tracking.close_all()  # a tracker the run did not close: the run failed or was interrupted
         distributed.shutdown()
     return 0

@@ -23,6 +23,7 @@ from smollm.lora import LoRAConfig
 
 from .loss import FLAGS as LOSS_FLAGS
 from .loss import LOSS_TYPES, LossParamError, check_combination, needs_reference
+from .tracking import REPORT_TO_CHOICES, check_report_to
 
 
 def _f(default, help: str, **kw):
@@ -143,6 +144,10 @@ class RunConfig(LoRASettings):
     skip_nonfinite: bool = _f(False, "skip (and count) a batch whose loss or gradient is not finite, "
                                      "instead of stopping")
     progress: bool = _f(True, "show a progress bar")
+    report_to: list[str] = _f(["none"], "also log the metrics, evaluations and samples to these trackers, under "
+                                        "TRL's names (offline: wandb in offline mode unless WANDB_MODE is set, "
+                                        "trackio in its local store; see dpo.tracking)",
+                              nargs="+", choices=list(REPORT_TO_CHOICES))
 
     def blocks_to_train(self, num_layers: int) -> int:
         """--train-last-n for a model of `num_layers` blocks (None: all of them)."""
@@ -187,6 +192,9 @@ class RunConfig(LoRASettings):
             bad("filter_workers", f"must be at least 1, got {self.filter_workers}")
         if not self.data:
             bad("data", "give at least one file, directory or hub name")
+        if isinstance(self.report_to, str):  # a notebook's report_to="wandb"
+            self.report_to = [self.report_to]
+        check_report_to(self.report_to)
         self.check_lora()
         return self
 

@@ -124,17 +124,22 @@ def run(config: SFTConfig) -> dict:
         if before:
             log(f"before training: held-out NLL {before['nll']:.4f} (perplexity {before['perplexity']:.2f})")
 
+    tracker = cli.open_tracker(config, out, COMMAND, trainer.step)  # --report-to (dpo.tracking)
+    if before and not resume_state:
+        tracker.log_evaluation({"step": 0, **before})
     checkpoints = cli.Checkpoints(trainer, out, COMMAND, config.keep_checkpoints,
                                   lambda: dict(data_fingerprint=data_fingerprint, before=before),
                                   resumed_from=resume_state[2] if resume_state else None)
     cli.train_loop(trainer, config, out, checkpoints, desc="SFT",
-                   postfix=lambda m: dict(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}"))
+                   postfix=lambda m: dict(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}"),
+                   tracker=tracker)
     checkpoints.save()  # the trained state, before the final evaluation and export
 
     result: dict = {"steps": trainer.step, "train_examples": len(train), "eval_examples": len(evals),
                     "skipped_nonfinite": trainer.skipped_nonfinite}
     if evals:
         result.update(before=before, after=evaluate_nll(model, evals, **eval_kw))
+        tracker.log_evaluation({"step": trainer.step, **result["after"]})
         log(f"held-out NLL {before['nll']:.4f} -> {result['after']['nll']:.4f} "
             f"(perplexity {before['perplexity']:.2f} -> {result['after']['perplexity']:.2f})")
     step_seconds = sum(r.get("seconds", 0.0) for r in cli.read_metrics(out / cli.METRICS_NAME))
@@ -146,6 +151,8 @@ def run(config: SFTConfig) -> dict:
     if not is_main:
         return result
     write_json(out / "eval.json", result)
+    tracker.log_summary(result, trainer.step)
+    tracker.close()
     plot_sft_curve(cli.read_metrics(out / cli.METRICS_NAME), out / "curves.png", result if evals else None)
     follow = (f"continue with: python -m dpo.train --model {out / 'final'}" if lora is None or config.merge_lora
               else "final/ is peft's adapter folder (--merge-lora writes a model that python -m dpo.train takes)")

@@ -122,6 +122,10 @@ def run(config: TrainConfig) -> dict:
             before = monitor.evaluate().result
             log(f"before training: reference accuracy {before.reference_accuracy:.1%} on {len(eval_pairs)} held-out pairs")
     evals = monitor.history  # every evaluation's record, saved in each checkpoint
+    tracker = cli.open_tracker(config, out, COMMAND, trainer.step)  # --report-to (dpo.tracking)
+    if not resume_state:
+        for record in evals:  # the evaluation before training
+            tracker.log_evaluation(record)
     eval_every = evaluation_interval(config.eval_every, trainer.total_steps)
     checkpoints = cli.Checkpoints(trainer, out, COMMAND, config.keep_checkpoints,
                                   lambda: dict(data_fingerprint=data_info["fingerprint"], evals=evals),
@@ -150,7 +154,8 @@ def run(config: TrainConfig) -> dict:
                      margin=f"{m['margin']:+.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
         return {**shown, "health": state["unhealthy"]} if state["unhealthy"] else shown
 
-    cli.train_loop(trainer, config, out, checkpoints, desc="DPO", after_step=after_step, postfix=postfix)
+    cli.train_loop(trainer, config, out, checkpoints, desc="DPO", after_step=after_step, postfix=postfix,
+                   tracker=tracker)
     checkpoints.save()  # the trained state, before the final evaluation and export
     latest: Evaluation | None = state["latest"]
     stopped_early = state["stopped_early"]
@@ -164,6 +169,8 @@ def run(config: TrainConfig) -> dict:
         # the policy was just evaluated when early stopping ended the run: not twice
         final_eval = latest if latest is not None and latest.step == trainer.step else monitor.evaluate()
         result.update(final_eval.result.to_dict())
+        tracker.log_evaluation(final_eval.record())  # (once: not again when its step's row carried it)
+        tracker.log_samples(final_eval.samples, trainer.step)
         result.update(monitor.summary())
         if final_eval.samples and is_main:
             write_samples(final_eval.samples, out, header=f"Greedy answers to {len(final_eval.samples)} held-out "
@@ -185,6 +192,8 @@ def run(config: TrainConfig) -> dict:
     if not is_main:
         return result
     write_json(out / EVAL_NAME, result)
+    tracker.log_summary(result, trainer.step)
+    tracker.close()
     try:
         plot_curves(cli.read_metrics(out / METRICS_NAME), out / CURVES_NAME, evals, "+".join(config.loss_type))
     except (ImportError, OSError, ValueError, RuntimeError) as e:  # the curves are a convenience
