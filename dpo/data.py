@@ -68,6 +68,7 @@ import importlib
 import json
 import os
 import random
+import re
 import warnings
 import zlib
 from collections import Counter
@@ -75,6 +76,8 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
+
+from . import hub_data
 
 ASSISTANT = "\n\nAssistant:"
 HUMAN = "\n\nHuman:"
@@ -94,8 +97,8 @@ BUNDLED_HH = {  # path under BUNDLED_HH_DIR -> (size in bytes, sha256), from the
     "harmless-base/test.jsonl.gz": (742_801, "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03"),
 }
 BUNDLED_HH_ROWS = 2354 + 2312  # rows in the two files; 4,642 of them are usable pairs
-OFFLINE_FALLBACK_MESSAGE = (
-    "the hub is unreachable: using the HH-RLHF test splits bundled with dpo "
+OFFLINE_FALLBACK_MESSAGE = (  # {reason}: "HF_HUB_OFFLINE=1", or "the hub (URL) cannot be reached (...)"
+    "{reason}: using the HH-RLHF test splits bundled with dpo "
     "(helpful-base + harmless-base, {rows:,} pairs) instead of {repo} {split}")
 
 CHAT_ROLES = ("system", "user", "assistant")  # roles accepted in conversational rows
@@ -233,6 +236,26 @@ def split_hh_transcript(chosen: str, rejected: str) -> tuple[str, str, str]:
     return prompt, chosen_response, rejected_response
 
 
+def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's implicit prompt of two plain texts: (prompt, chosen_response, rejected_response).
+
+    The prompt is the longest common prefix of the two, less a final space, which goes to the
+    answers (as in trl.extract_prompt): "The sky is blue." / "The sky is green." ->
+    ("The sky is", " blue.", " green."). Raises DataError (reason ``prompt_mismatch``) when
+    they share no prefix, or ``empty`` when one text is all prompt.
+    """
+    cut = len(os.path.commonprefix([chosen, rejected]))
+    if 0 < cut < min(len(chosen), len(rejected)) and chosen[cut - 1] == " ":
+        cut -= 1
+    if not chosen[:cut].strip():
+        raise DataError("chosen and rejected share no prompt (no common beginning): TRL's implicit-prompt "
+                        "format needs both to start with the same prompt", reason="prompt_mismatch")
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text[cut:].strip():
+            raise DataError("no answer after the prompt it shares with the other side", reason="empty", field=name)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
 def _pair_from_row(row: object, source: str) -> PreferencePair:
     """One JSON object -> PreferencePair, or DataError (with reason and field, no location)."""
     if not isinstance(row, dict):
@@ -259,11 +282,13 @@ def _pair_from_row(row: object, source: str) -> PreferencePair:
             raise DataError("empty or whitespace only", reason="empty", field=k)
     if "prompt" in row:
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    else:
+    elif any(marker in row[k] for marker in (HUMAN, ASSISTANT) for k in needed):
         prompt, chosen, rejected = split_hh_transcript(row["chosen"], row["rejected"])
         for k, response in (("chosen", chosen), ("rejected", rejected)):
             if not response.strip():
                 raise DataError("the final Assistant answer is empty", reason="empty", field=k)
+    else:
+        prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
     if chosen == rejected:
         raise DataError("chosen and rejected are identical", reason="identical", field="chosen")
     return PreferencePair(prompt, chosen, rejected, source)
@@ -462,16 +487,19 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, object]]:
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, object]]:
+    """The rows of a parquet file as dicts (a column of chat messages: a list of {role, content})."""
     try:
         import pyarrow.parquet as pq
-    except ImportError as e:
-        raise DataError(f"reading parquet needs pyarrow: pip install pyarrow ({e})",
-                        path=str(path)) from e
+    except ImportError:
+        raise DataError("reading parquet needs pyarrow: pip install pyarrow (an optional dependency, "
+                        "the extra smollm-dpo[parquet])", path=str(path)) from None
     import pyarrow as pa
 
     n = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        parquet = pq.ParquetFile(path)
+        _check_columns(parquet.schema_arrow.names, path, whole_file=True)
+        for batch in parquet.iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 n += 1
                 yield n, row
@@ -479,19 +507,48 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, object]]:
         raise DataError(f"cannot read the parquet file after row {n}: {e}", path=str(path)) from None
 
 
+def _holds_json_lines(path: Path) -> bool:
+    """True for a .json file that holds JSON Lines (one object per line, as many hub datasets
+    have), False for one JSON document: JSON Lines start with an object that a line break and
+    another object follow."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1] == b"{" and re.search(rb"}[ \t\r]*\n\s*{", head) is not None
+
+
+def _check_columns(columns: Sequence[str], path: Path, whole_file: bool) -> None:
+    """One error for a file in none of the preference formats, naming the columns it has and the
+    ones it needs. `whole_file`: the columns are the file's own (a parquet schema), so either
+    missing is fatal; else they are the first record's, and only a record without both is taken
+    for a file in another format (one without one of them is a bad record)."""
+    missing = [k for k in ("chosen", "rejected") if k not in columns]
+    if len(missing) == 2 or (missing and whole_file):
+        raise DataError(
+            f"not preference data in a format dpo reads: its records have the columns {sorted(columns)[:20]}, "
+            f"without {' and '.join(map(repr, missing))}; needed: 'chosen' and 'rejected', with or without "
+            "'prompt' (TRL's standard format: strings; conversational: lists of {role, content} messages)",
+            path=str(path))
+
+
 def _read_file(path: Path, display: str, report: LoadReport, skip_bad_records: bool,
                max_line_bytes: int, limit: int | None, out: list[PreferencePair],
                skip_unusable: bool = True) -> None:
     suffix = _suffix(path)
-    if suffix == ".json":
+    if suffix == ".json" and _holds_json_lines(path):
+        rows, unit = _iter_jsonl(path, max_line_bytes), "line"
+    elif suffix == ".json":
         rows, unit = _iter_json_list(path), "item"
     elif suffix == ".parquet":
         rows, unit = _iter_parquet(path), "row"
     else:
         rows, unit = _iter_jsonl(path, max_line_bytes), "line"
     report.files.append(str(path))
+    checked = False
     with closing(rows):  # closes the file when we stop early (limit) or raise
         for n, row in rows:
+            if not checked and isinstance(row, dict):  # the first record says what format the file is in
+                _check_columns(list(row), path, whole_file=False)
+                checked = True
             try:
                 if isinstance(row, DataError):
                     raise row
@@ -508,23 +565,49 @@ def _read_file(path: Path, display: str, report: LoadReport, skip_bad_records: b
 
 # ---------------------------------------------------------------------------- resolving inputs
 
-def _files_in_dir(directory: Path, split: str) -> list[Path]:
+def _data_suffix(name: str) -> str | None:
+    return _suffix(Path(name))
+
+
+def _dataset_card(readme: Path) -> dict | None:
+    """The YAML header of a dataset card (README.md), or None without one."""
+    if not readme.is_file():
+        return None
+    from huggingface_hub.repocard import metadata_load  # lazy: only dataset folders and hub names need it
+
+    try:
+        return metadata_load(readme) or None
+    except Exception as e:  # yaml raises its own errors for a malformed header
+        raise DataError(f"the YAML header of the dataset card is malformed ({str(e).splitlines()[0]})",
+                        path=str(readme)) from None
+
+
+def _files_in_dir(directory: Path, split: str, subset: str | None = None) -> list[Path]:
     """Supported files under a directory (recursively, sorted).
 
-    When files are named after splits (train.jsonl.gz, test.jsonl.gz, as in a clone of
-    Anthropic/hh-rlhf), only those of ``split`` are taken, so train and test never mix.
+    A folder laid out like a hub dataset (a README.md with configs, or files named after splits:
+    train.jsonl.gz, data/test-00000-of-00001.parquet, as in a clone of Anthropic/hh-rlhf or of
+    trl-lib/ultrafeedback_binarized) gives only the files of ``split`` (and ``subset``), read as
+    dpo.hub_data reads a hub repo, so train and test never mix. Otherwise every file is read.
     """
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and _suffix(p))
-    stems = {p: p.name[: -len(_suffix(p))] for p in files}
-    named = {s for s in stems.values() if s in SPLIT_NAMES}
-    if named:
-        if split not in named:
-            raise DataError(f"no {split!r} split here; the directory has splits {sorted(named)} "
-                            f"(pass split=...)", path=str(directory))
-        files = [p for p in files if stems[p] == split]
+    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and _suffix(p))
+    card = _dataset_card(directory / "README.md")
+    if (card or {}).get("configs") or subset is not None:
+        try:
+            files = hub_data.split_files(str(directory), files, card, split, subset, _data_suffix)
+        except hub_data.LayoutError as e:
+            raise DataError(str(e)) from None
+    else:
+        splits = {f: hub_data.split_of(f, _data_suffix) for f in files}
+        named = {s for s in splits.values() if s in SPLIT_NAMES}
+        if named:
+            if split not in named:
+                raise DataError(f"no {split!r} split here; the directory has splits {sorted(named)} "
+                                f"(pass split=...)", path=str(directory))
+            files = [f for f in files if splits[f] == split]
     if not files:
         raise DataError(f"no {', '.join(SUFFIXES)} files in the directory", path=str(directory))
-    return files
+    return [directory / f for f in files]
 
 
 def _looks_like_hub_name(name: str) -> bool:
@@ -538,51 +621,67 @@ def _display(path: Path) -> str:
     return f"{path.parent.name}/{path.name}"
 
 
-def _hub_files(name: str, split: str, report: LoadReport, offline_fallback: bool) -> list[tuple[Path, str]]:
-    """Download a hub dataset name and return [(local path, display name)].
+def _hub_files(name: str, split: str, subset: str | None, report: LoadReport, offline_fallback: bool
+               ) -> list[tuple[Path, str]]:
+    """Download the files of a hub dataset name and return [(local path, display name)].
 
-    When the name is exactly "Anthropic/hh-rlhf", the hub cannot be reached
-    (smollm.hub.HubOfflineError) and offline_fallback is on, the bundled test splits are
+    The name is ``owner/name`` (optionally ``owner/name@revision``), then optionally ``/<subset>``
+    or ``/<path of one file in the repo>``. The repo's file list and its dataset card say which
+    files hold ``split`` (dpo.hub_data); only those are downloaded, with huggingface_hub
+    (smollm.sources.snapshot: its cache, HF_ENDPOINT, HF_HUB_OFFLINE and HF_TOKEN apply).
+
+    When the name is exactly "Anthropic/hh-rlhf", its files are neither cached nor downloadable
+    (smollm.sources.HubOfflineError) and offline_fallback is on, the bundled test splits are
     returned instead and report.fallback says so.
     """
-    parts = name.split("/")
-    repo_id, rest = "/".join(parts[:2]), "/".join(parts[2:])
-    if rest and _suffix(Path(rest)):
-        filenames = [rest]
-    elif repo_id == HH_REPO:
-        subsets = [rest] if rest else list(HH_DEFAULT_SUBSETS)
-        filenames = [f"{s}/{split}.jsonl.gz" for s in subsets]
-    else:
-        raise DataError(
-            f"{name!r} is not a local path, and not a known hub dataset: use {HH_REPO!r}, "
-            f"'{HH_REPO}/<subset>' or '<owner>/<repo>/<file{SUFFIXES[1]}>'")
-    hub = importlib.import_module("smollm.hub")  # lazy: only hub names need it
-    out = []
+    sources = importlib.import_module("smollm.sources")  # lazy: only hub names need it (and huggingface_hub)
+    owner, _, rest = name.partition("/")
+    repo_name, _, rest = rest.partition("/")
+    repo = sources.parse_repo_id(f"{owner}/{repo_name}")
+    if repo is None:
+        raise DataError(f"{name!r} is not a local path, and not a hub dataset id like "
+                        f"'trl-lib/ultrafeedback_binarized' or {HH_REPO!r}")
+    repo_id, revision = repo
+    one_file = rest if rest and _suffix(Path(rest)) else None
+    if rest and one_file is None:
+        subset = rest  # "owner/name/<subset>" names the subset itself
     try:
-        for filename in filenames:
-            local = hub.download_file(repo_id, filename, repo_type="dataset")
-            out.append((Path(local), f"{repo_id}/{filename}"))
-    except hub.HubOfflineError:
-        if not (offline_fallback and name == HH_REPO):
+        if one_file is not None:
+            wanted = [one_file]
+        else:
+            listing, folder = sources.repo_files(repo_id, repo_type="dataset", revision=revision)
+            try:
+                wanted = hub_data.split_files(
+                    repo_id, listing, _dataset_card(folder / "README.md"), split, subset, _data_suffix,
+                    default_subsets=HH_DEFAULT_SUBSETS if repo_id == HH_REPO else ())
+            except hub_data.LayoutError as e:
+                raise DataError(str(e)) from None
+        folder = sources.snapshot(repo_id, repo_type="dataset", revision=revision, allow_patterns=wanted)
+    except sources.HubOfflineError as e:
+        if not (offline_fallback and repo_id == HH_REPO and revision is None and not rest and subset is None):
             raise
         # All or nothing: never mix a cached train file with the bundled test files.
-        report.fallback = OFFLINE_FALLBACK_MESSAGE.format(rows=BUNDLED_HH_ROWS, repo=HH_REPO, split=split)
+        report.fallback = OFFLINE_FALLBACK_MESSAGE.format(reason=e.reason, rows=BUNDLED_HH_ROWS, repo=HH_REPO,
+                                                          split=split)
         return [(path, _display(path)) for path in bundled_hh_files()]
-    return out
+    missing = [f for f in wanted if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"the hub dataset {repo_id} has no file {missing[0]!r}")
+    return [(folder / f, f"{repo_id}/{f}") for f in wanted]
 
 
-def _resolve(item: PathLike, split: str, report: LoadReport, offline_fallback: bool
+def _resolve(item: PathLike, split: str, subset: str | None, report: LoadReport, offline_fallback: bool
              ) -> list[tuple[Path, str]]:
     path = Path(item)
     if path.is_dir():
-        return [(p, _display(p)) for p in _files_in_dir(path, split)]
+        return [(p, _display(p)) for p in _files_in_dir(path, split, subset)]
     if path.exists():
         if not _suffix(path):
             raise DataError(f"unsupported file type (expected one of {', '.join(SUFFIXES)})",
                             path=str(path))
         return [(path, _display(path))]
     if isinstance(item, str) and _looks_like_hub_name(item):
-        return _hub_files(item, split, report, offline_fallback)
+        return _hub_files(item, split, subset, report, offline_fallback)
     raise DataError("no such file or directory", path=str(path))
 
 
@@ -626,16 +725,16 @@ def load_preferences_with_report(path_or_name: PathLike | Sequence[PathLike], **
     return _load(path_or_name, **options)
 
 
-def _load(path_or_name: PathLike | Sequence[PathLike], *, split: str = "train", skip_bad_records: bool = False,
-          limit: int | None = None, max_line_bytes: int = MAX_LINE_BYTES, skip_unusable: bool = True,
-          offline_fallback: bool = True) -> tuple[list[PreferencePair], LoadReport]:
+def _load(path_or_name: PathLike | Sequence[PathLike], *, split: str = "train", subset: str | None = None,
+          skip_bad_records: bool = False, limit: int | None = None, max_line_bytes: int = MAX_LINE_BYTES,
+          skip_unusable: bool = True, offline_fallback: bool = True) -> tuple[list[PreferencePair], LoadReport]:
     items = [path_or_name] if isinstance(path_or_name, (str, os.PathLike)) else list(path_or_name)
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
     pairs: list[PreferencePair] = []
     report = LoadReport()
     for item in items:
-        for path, display in _resolve(item, split, report, offline_fallback):
+        for path, display in _resolve(item, split, subset, report, offline_fallback):
             _read_file(path, display, report, skip_bad_records, max_line_bytes, limit, pairs, skip_unusable)
             if limit is not None and len(pairs) >= limit:
                 break
@@ -656,6 +755,7 @@ def load_preferences(
     path_or_name: PathLike | Sequence[PathLike],
     *,
     split: str = "train",
+    subset: str | None = None,
     skip_bad_records: bool = False,
     limit: int | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
@@ -664,12 +764,17 @@ def load_preferences(
 ) -> list[PreferencePair]:
     """Load (prompt, chosen, rejected) pairs from files, directories or hub names.
 
-    path_or_name: one path/name or a list. Files: .jsonl, .jsonl.gz, .json (a list),
-        .parquet. A directory: its supported files, recursively, sorted (only the
-        ``split`` files when they are named after splits). Hub names (used only when no
-        local path of that name exists): "Anthropic/hh-rlhf" -> helpful-base and
-        harmless-base ``{subset}/{split}.jsonl.gz``; "Anthropic/hh-rlhf/<subset>";
-        "<owner>/<repo>/<file>". ``split`` does not apply to explicit files.
+    path_or_name: one path/name or a list. Files: .jsonl, .jsonl.gz, .json (a list, or
+        JSON Lines), .parquet. A directory: its supported files, recursively, sorted (only
+        those of ``split`` when it is laid out like a hub dataset, see dpo.hub_data). Hub
+        dataset ids (used only when no local path of that name exists), downloaded with
+        huggingface_hub: "<owner>/<name>" (its ``split``, from its dataset card or its file
+        names: "trl-lib/ultrafeedback_binarized"), "<owner>/<name>@<revision>",
+        "<owner>/<name>/<subset>", "<owner>/<name>/<path of one file>". "Anthropic/hh-rlhf"
+        alone is helpful-base + harmless-base. ``split`` does not apply to explicit files.
+    split: the split of directories and hub datasets ("train", "test", "train_prefs", ...).
+    subset: the subset (the `datasets` library's config name) of directories and hub
+        datasets, e.g. "helpful-base" for Anthropic/hh-rlhf; default: the card's default.
     skip_unusable: skip (and count, see load_preferences_with_report) well-formed rows
         without a usable preference (UNUSABLE_REASONS: an empty answer, transcripts that
         differ before the last answer, chosen == rejected). On by default, because real
@@ -678,14 +783,14 @@ def load_preferences(
         bad JSON, a missing field, a bad chat message, ...) instead of raising.
     limit: stop after this many pairs.
     max_line_bytes: a longer JSONL line is a bad record (it is never held in memory whole).
-    offline_fallback: when "Anthropic/hh-rlhf" cannot be downloaded (the hub is
-        unreachable, or SMOLLM_OFFLINE=1 and it is not cached), read the HH-RLHF test
-        splits bundled with dpo instead (bundled_hh_files), with a warning. False lets
-        smollm.hub.HubOfflineError through.
+    offline_fallback: when "Anthropic/hh-rlhf" is neither cached nor downloadable (the hub
+        is unreachable, or HF_HUB_OFFLINE=1), read the HH-RLHF test splits bundled with dpo
+        instead (bundled_hh_files), with a warning. False lets
+        smollm.sources.HubOfflineError through.
 
     Raises DataError naming the file, line and field; also when nothing was loaded.
     """
-    pairs, report = _load(path_or_name, split=split, skip_bad_records=skip_bad_records, limit=limit,
+    pairs, report = _load(path_or_name, split=split, subset=subset, skip_bad_records=skip_bad_records, limit=limit,
                           max_line_bytes=max_line_bytes, skip_unusable=skip_unusable,
                           offline_fallback=offline_fallback)
     if report.fallback:  # the report is not returned here, so say it as a warning

@@ -154,7 +154,8 @@ class FileServer:
         with self._lock:
             self._requests.append(record)
 
-    def _lookup(self, path: str) -> Route | None:
+    def _lookup(self, path: str, headers: Mapping[str, str] | None = None) -> Route | None:
+        """The route for a request (a subclass may answer from the request headers too)."""
         route = self.routes.get(path)
         if route is not None or self.root is None:
             return route
@@ -198,7 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
         range_header = self.headers.get("Range")
         owner._record(RequestRecord(self.command, path, range_header, dict(self.headers.items())))
 
-        route = owner._lookup(path)
+        route = owner._lookup(path, self.headers)
         if route is None:
             return self._reply(404, b"not found", {}, send_body)
         if route.redirect is not None:

@@ -1,5 +1,6 @@
 """Tests for dpo.data: HH transcript splitting, file formats, TRL conversational rows, bad and
-unusable records, the bundled HH-RLHF test splits, hub names and the offline fallback, splits."""
+unusable records, the bundled HH-RLHF test splits, hub datasets (from tests/hub_server.py, a hub on
+127.0.0.1, through huggingface_hub) and the offline fallback, splits."""
 from __future__ import annotations
 
 import gzip
@@ -8,7 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
-from http_server import FileServer
+from http_server import unused_port
+from hub_server import HubServer, hub, isolate_hub_env  # noqa: F401 (hub is a fixture)
 
 from dpo import data as data_module
 from dpo.data import (
@@ -404,134 +406,6 @@ def test_wheel_ships_the_bundled_data(tmp_path):
     assert expected and expected <= names, sorted(expected - names)
 
 
-# ---------------------------------------------------------------------------- hub names
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    """smollm.hub.download_file replaced by a function serving files from tmp_path/hub."""
-    import smollm.hub
-
-    root = tmp_path / "hub"
-    calls = []
-
-    def download_file(repo_id, filename, *, repo_type="model", **kwargs):
-        calls.append((repo_id, filename, repo_type))
-        return root / repo_id / filename
-
-    monkeypatch.setattr(smollm.hub, "download_file", download_file)
-    for sub, row in (("helpful-base", HH_ROW), ("harmless-base", HH_ROW2)):
-        for split in ("train", "test"):
-            (root / "Anthropic/hh-rlhf" / sub).mkdir(parents=True, exist_ok=True)
-            write_jsonl(root / "Anthropic/hh-rlhf" / sub / f"{split}.jsonl.gz", [row], gz=True)
-    return calls
-
-
-def test_hub_name_both_subsets(fake_hub, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # no local path named "Anthropic/hh-rlhf" here
-    pairs = load_preferences("Anthropic/hh-rlhf", split="test")
-    assert fake_hub == [("Anthropic/hh-rlhf", "helpful-base/test.jsonl.gz", "dataset"),
-                        ("Anthropic/hh-rlhf", "harmless-base/test.jsonl.gz", "dataset")]
-    assert [p.source for p in pairs] == ["Anthropic/hh-rlhf/helpful-base/test.jsonl.gz:1",
-                                         "Anthropic/hh-rlhf/harmless-base/test.jsonl.gz:1"]
-
-
-def test_hub_name_one_subset_and_file(fake_hub, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    (pair,) = load_preferences("Anthropic/hh-rlhf/harmless-base")
-    assert fake_hub[-1] == ("Anthropic/hh-rlhf", "harmless-base/train.jsonl.gz", "dataset")
-    assert pair.chosen == " An apple."
-    load_preferences("Anthropic/hh-rlhf/helpful-base/test.jsonl.gz")
-    assert fake_hub[-1] == ("Anthropic/hh-rlhf", "helpful-base/test.jsonl.gz", "dataset")
-    with pytest.raises(DataError, match="'someone/else' is not a local path, and not a known hub dataset"):
-        load_preferences("someone/else")
-    assert len(fake_hub) == 2
-
-
-def test_local_path_wins_over_hub_name(fake_hub, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    local = tmp_path / "Anthropic" / "hh-rlhf"
-    local.mkdir(parents=True)
-    write_jsonl(local / "mine.jsonl", [PCR_ROW])
-    (pair,) = load_preferences("Anthropic/hh-rlhf")
-    assert pair.rejected == " Five." and fake_hub == []
-
-
-def test_hub_download_through_local_server(monkeypatch, tmp_path):
-    """The real smollm.hub.download_file against tests/http_server.py."""
-    from smollm.hub import CACHE_ENV, HUB_URL_ENV, OFFLINE_ENV, HubOfflineError
-
-    data = gzip.compress((json.dumps(HH_ROW) + "\n" + json.dumps(HH_ROW2) + "\n").encode())
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(OFFLINE_ENV, raising=False)
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(name, "127.0.0.1,localhost")
-    with FileServer({"/datasets/Anthropic/hh-rlhf/resolve/main/helpful-base/test.jsonl.gz": data}) as server:
-        monkeypatch.setenv(HUB_URL_ENV, server.url)
-        pairs = load_preferences("Anthropic/hh-rlhf/helpful-base", split="test")
-    assert [p.chosen for p in pairs] == [" It is 4.", " An apple."]
-    # offline and not cached: the hub's own error propagates unchanged
-    monkeypatch.setenv(OFFLINE_ENV, "1")
-    with pytest.raises(HubOfflineError):
-        load_preferences("Anthropic/hh-rlhf/harmless-base", split="test")
-    assert len(load_preferences("Anthropic/hh-rlhf/helpful-base", split="test")) == 2  # cached
-
-
-FALLBACK = ("the hub is unreachable: using the HH-RLHF test splits bundled with dpo "
-            "(helpful-base + harmless-base, 4,666 pairs) instead of Anthropic/hh-rlhf train")
-
-
-@pytest.fixture
-def unreachable_hub(monkeypatch, tmp_path):
-    """The hub at a closed local port (connection refused at once), with an empty cache."""
-    from smollm.hub import CACHE_ENV, HUB_URL_ENV, OFFLINE_ENV
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(HUB_URL_ENV, "http://127.0.0.1:9")
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(OFFLINE_ENV, raising=False)
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(name, "127.0.0.1,localhost")
-    return tmp_path / "cache"
-
-
-def test_offline_fallback_to_the_bundled_test_splits(unreachable_hub, hh_files):
-    pairs, report = load_preferences_with_report("Anthropic/hh-rlhf")
-    assert report.fallback == FALLBACK
-    assert str(report).splitlines()[0] == "loaded 4642 pairs from 2 file(s), skipped 24"
-    assert report.files == [str(p) for p in hh_files]
-    assert pairs == load_preferences(hh_files)  # same sources: "helpful-base/test.jsonl.gz:1", ...
-    # the report-less call warns instead
-    with pytest.warns(RuntimeWarning, match="the hub is unreachable: using the HH-RLHF test splits"):
-        assert len(load_preferences("Anthropic/hh-rlhf", limit=5)) == 5
-    _, report = load_preferences_with_report("Anthropic/hh-rlhf", split="test", limit=3)
-    assert report.fallback.endswith("instead of Anthropic/hh-rlhf test")
-
-
-def test_offline_fallback_can_be_switched_off(unreachable_hub):
-    from smollm.hub import HubOfflineError
-
-    with pytest.raises(HubOfflineError, match="could not reach http://127.0.0.1:9/datasets/Anthropic/hh-rlhf"):
-        load_preferences("Anthropic/hh-rlhf", offline_fallback=False)
-    # only the whole "Anthropic/hh-rlhf" falls back: a subset or a file asked for by name does not
-    for name in ("Anthropic/hh-rlhf/helpful-base", "Anthropic/hh-rlhf/helpful-base/train.jsonl.gz"):
-        with pytest.raises(HubOfflineError):
-            load_preferences(name)
-
-
-def test_offline_fallback_never_mixes_train_and_test(unreachable_hub, monkeypatch, hh_files):
-    """One train split cached, the other not: both come from the bundled test splits."""
-    from smollm.hub import OFFLINE_ENV, cached_file_path
-
-    cached = cached_file_path("Anthropic/hh-rlhf", "helpful-base/train.jsonl.gz", repo_type="dataset")
-    cached.parent.mkdir(parents=True)
-    write_jsonl(cached, [HH_ROW], gz=True)
-    pairs, report = load_preferences_with_report("Anthropic/hh-rlhf")
-    assert report.fallback == FALLBACK and report.files == [str(p) for p in hh_files] and len(pairs) == 4642
-    monkeypatch.setenv(OFFLINE_ENV, "1")  # SMOLLM_OFFLINE=1 and not cached: the same fallback
-    assert load_preferences_with_report("Anthropic/hh-rlhf", limit=1)[1].fallback == FALLBACK
-
-
 # ---------------------------------------------------------------------------- TRL conversational rows
 
 def msg(role, content):
@@ -652,3 +526,307 @@ def test_synthetic_pairs():
         assert p.chosen != p.rejected and len(p.chosen.split()) < 25 and len(p.rejected.split()) < 25
         # the same split as real HH rows: prompt + response is a transcript
         assert split_hh_transcript(p.prompt + p.chosen, p.prompt + p.rejected) == (p.prompt, p.chosen, p.rejected)
+
+
+# ---------------------------------------------------------------------------- TRL's standard rows
+
+def test_standard_implicit_prompt_is_trls(tmp_path):
+    """Plain chosen/rejected texts that are not HH transcripts share their prompt as trl.extract_prompt finds it."""
+    trl_data = pytest.importorskip("trl.data_utils", reason="TRL's extract_prompt is the oracle")
+    rows = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},
+            {"chosen": "Q: 2+2?\nA: 4", "rejected": "Q: 2+2?\nA: 5, maybe"},
+            {"chosen": "Translate 'chat': cat", "rejected": "Translate 'chat': chat"}]
+    pairs = load_preferences(write_jsonl(tmp_path / "s.jsonl", rows))
+    for row, pair in zip(rows, pairs):
+        expected = trl_data.extract_prompt(row)
+        assert (pair.prompt, pair.chosen, pair.rejected) == (expected["prompt"], expected["chosen"], expected["rejected"])
+    assert (pairs[0].prompt, pairs[0].chosen) == ("The sky is", " blue.")
+    err = load_error(tmp_path, [rows[0], {"chosen": "Yes.", "rejected": "No."}], skip_unusable=False)
+    assert (err.reason, err.line) == ("prompt_mismatch", 2) and "share no prompt" in str(err)
+    err = load_error(tmp_path, [rows[0], {"chosen": "The sky", "rejected": "The sky is green."}], skip_unusable=False)
+    assert (err.reason, err.field) == ("empty", "chosen")
+
+
+@pytest.mark.parametrize("rows", [[{"prompt": "Hi", "completion": " Hello"}], [{"messages": [msg("user", "Hi")]}],
+                                  [{"text": "Hi"}, HH_ROW]], ids=["prompt-completion", "messages", "text"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_file_in_no_preference_format_is_one_error(tmp_path, rows, suffix):
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".parquet":
+        pa = pytest.importorskip("pyarrow", reason="pyarrow writes the parquet file")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows[:1]), path)
+    else:
+        write_jsonl(path, rows)
+    with pytest.raises(DataError) as info:
+        load_preferences(path, skip_bad_records=True)  # not a bad record to skip: the whole file is wrong
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and f"d{suffix}: not preference data in a format dpo reads" in message
+    assert f"its records have the columns {sorted(rows[0])}" in message
+    assert "needed: 'chosen' and 'rejected', with or without 'prompt'" in message
+
+
+def test_json_file_of_json_lines(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(HH_ROW) + "\n" + json.dumps(CONV_IMPLICIT) + "\n")
+    first, second = load_preferences(path)
+    assert first.chosen == " It is 4." and second.prompt_messages == (msg("user", "Name a fruit."),)
+    assert second.source.endswith("d.json:2")
+
+
+# ---------------------------------------------------------------------------- hub datasets
+
+GITATTRIBUTES = b"*.parquet filter=lfs diff=lfs merge=lfs -text\n*.gz filter=lfs diff=lfs merge=lfs -text\n"
+
+
+def parquet_bytes(rows: list[dict]) -> bytes:
+    pa = pytest.importorskip("pyarrow", reason="pyarrow writes the parquet files the hub serves")
+    import io
+
+    import pyarrow.parquet as pq
+
+    out = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return out.getvalue()
+
+
+def card(*configs: dict) -> bytes:
+    """A dataset card (README.md) whose YAML header lists `configs`, as push_to_hub writes it."""
+    import yaml
+
+    return ("---\n" + yaml.safe_dump({"configs": list(configs)}, sort_keys=False) + "---\n# A dataset\n").encode()
+
+
+def parquet_repo(train: list[dict], test: list[dict]) -> dict[str, bytes]:
+    """A dataset repo laid out as push_to_hub lays it out (and as trl-lib/ultrafeedback_binarized is)."""
+    return {".gitattributes": GITATTRIBUTES,
+            "README.md": card({"config_name": "default", "data_files": [
+                {"split": "train", "path": "data/train-*"}, {"split": "test", "path": "data/test-*"}]}),
+            "data/train-00000-of-00001.parquet": parquet_bytes(train),
+            "data/test-00000-of-00001.parquet": parquet_bytes(test)}
+
+
+def file_requests(server: HubServer) -> list[str]:
+    """The repo files and listings the server was asked for (not huggingface_hub's other calls)."""
+    return [f"{r.method} {r.path}" for r in server.requests if "/resolve/" in r.path or "/api/datasets/" in r.path]
+
+
+# trl-lib/ultrafeedback_binarized's columns: chosen and rejected are whole conversations (the user's
+# message, then the answer: an implicit prompt), with the judge's scores beside them.
+ULTRAFEEDBACK = [
+    {"chosen": [msg("user", "Name a fruit."), msg("assistant", "An apple.")],
+     "rejected": [msg("user", "Name a fruit."), msg("assistant", "A car.")], "score_chosen": 8.0, "score_rejected": 2.5},
+    {"chosen": [msg("user", "Say hi."), msg("assistant", "Hi!")],
+     "rejected": [msg("user", "Say hi."), msg("assistant", "No.")], "score_chosen": 7.0, "score_rejected": 1.0},
+]
+FORMATS = {  # TRL's four preference formats, each as rows with extra columns a real dataset has
+    "standard-explicit": [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "id": 1}],
+    "standard-implicit": [{"chosen": "The sky is blue.", "rejected": "The sky is green.", "id": 1}],
+    "conversational-explicit": [{"prompt": [msg("user", "What color is the sky?")],
+                                 "chosen": [msg("assistant", "It is blue.")],
+                                 "rejected": [msg("assistant", "It is green.")], "score_chosen": 9.0}],
+    "conversational-implicit": ULTRAFEEDBACK,
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_hub_dataset_in_each_trl_format(hub, tmp_path, fmt):
+    rows = FORMATS[fmt]
+    test_rows = [{**rows[0], "id": 2} if "id" in rows[0] else rows[-1]]
+    hub.add_repo("someone/prefs", parquet_repo(rows, test_rows), repo_type="dataset")
+    pairs = load_preferences("someone/prefs")
+    assert len(pairs) == len(rows) and pairs[0].source == "someone/prefs/data/train-00000-of-00001.parquet:1"
+    if fmt.startswith("standard"):
+        assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected) == ("The sky is", " blue.", " green.")
+        assert pairs[0].prompt_messages is None
+    else:
+        assert pairs[0].prompt_messages == (rows[0]["chosen"][0] if fmt.endswith("implicit") else rows[0]["prompt"][0],)
+        assert pairs[0].chosen_messages[0]["role"] == "assistant" and pairs[0].prompt.endswith("\n\nAssistant:")
+    fetched = file_requests(hub)
+    assert not any("data/test-" in r for r in fetched)  # only the split asked for is downloaded
+    assert len(load_preferences("someone/prefs", split="test")) == 1
+    # The same files in a local folder (a clone of the repo) read the same
+    local = tmp_path / "clone"
+    for name, body in hub.repos[("dataset", "someone/prefs")].files_at[
+            hub.repos[("dataset", "someone/prefs")].revisions["main"]].items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(body)
+    assert [(p.prompt, p.chosen, p.rejected) for p in load_preferences(local)] == [
+        (p.prompt, p.chosen, p.rejected) for p in pairs]
+
+
+def test_ultrafeedback_layout_and_its_explicit_prompt_variant(hub):
+    """trl-lib/ultrafeedback_binarized as the hub has it (card, data/{train,test}-00000-of-00001.parquet,
+    conversations with scores), and the same with the prompt as its own message list."""
+    hub.add_repo("trl-lib/ultrafeedback_binarized", parquet_repo(ULTRAFEEDBACK, ULTRAFEEDBACK[:1]),
+                 repo_type="dataset")
+    explicit = [{"prompt": r["chosen"][:1], "chosen": r["chosen"][1:], "rejected": r["rejected"][1:],
+                 "score_chosen": r["score_chosen"], "score_rejected": r["score_rejected"]} for r in ULTRAFEEDBACK]
+    hub.add_repo("someone/ultrafeedback-explicit", parquet_repo(explicit, explicit[:1]), repo_type="dataset")
+    implicit = load_preferences("trl-lib/ultrafeedback_binarized")
+    assert [(p.prompt, p.chosen, p.rejected) for p in implicit] == [
+        ("\n\nHuman: Name a fruit.\n\nAssistant:", " An apple.", " A car."),
+        ("\n\nHuman: Say hi.\n\nAssistant:", " Hi!", " No.")]
+    assert implicit[0].prompt_messages == (msg("user", "Name a fruit."),)
+    assert implicit[0].chosen_messages == (msg("assistant", "An apple."),)
+    same = load_preferences("someone/ultrafeedback-explicit")
+    assert [(p.prompt_messages, p.chosen_messages, p.rejected_messages) for p in same] == [
+        (p.prompt_messages, p.chosen_messages, p.rejected_messages) for p in implicit]
+    assert [p.source for p in load_preferences("trl-lib/ultrafeedback_binarized", split="test")] == [
+        "trl-lib/ultrafeedback_binarized/data/test-00000-of-00001.parquet:1"]
+
+
+def test_hub_dataset_subsets_splits_and_files(hub):
+    """A card with two configs (one the default), files named after splits, one file by its path."""
+    en = [{"prompt": "Hi", "chosen": " Hello", "rejected": " Go"}]
+    fr = [{"prompt": "Salut", "chosen": " Bonjour", "rejected": " Va"}]
+    hub.add_repo("someone/multi", {
+        ".gitattributes": GITATTRIBUTES,
+        "README.md": card({"config_name": "en", "default": True, "data_files": [
+                               {"split": "train_prefs", "path": "en/train_prefs-*"}]},
+                          {"config_name": "fr", "data_files": "fr/*.jsonl"}),
+        "en/train_prefs-00000-of-00001.parquet": parquet_bytes(en),
+        "fr/a.jsonl": (json.dumps(fr[0]) + "\n").encode()}, repo_type="dataset")
+    assert load_preferences("someone/multi", split="train_prefs")[0].chosen == " Hello"  # the default config
+    assert load_preferences("someone/multi", subset="fr")[0].chosen == " Bonjour"  # data_files without splits: train
+    assert load_preferences("someone/multi/fr")[0].chosen == " Bonjour"  # the subset in the name
+    assert load_preferences("someone/multi/fr/a.jsonl", split="ignored")[0].chosen == " Bonjour"  # one file
+    with pytest.raises(DataError, match=r"someone/multi has no split 'train'; its splits: train_prefs "
+                                        r"\(pick one with --data-split\)"):
+        load_preferences("someone/multi")
+    with pytest.raises(DataError, match=r"someone/multi has no subset 'de'; its subsets: en, fr"):
+        load_preferences("someone/multi", subset="de")
+    with pytest.raises(DataError, match=r"the hub dataset someone/multi has no file 'fr/b.jsonl'"):
+        load_preferences("someone/multi/fr/b.jsonl")
+    # without a card: subsets are folders, splits come from the file names
+    hub.add_repo("someone/plain", {".gitattributes": GITATTRIBUTES,
+                                   "x/train.jsonl": (json.dumps(en[0]) + "\n").encode(),
+                                   "x/test-00000-of-00002.parquet": parquet_bytes(fr),
+                                   "x/test-00001-of-00002.parquet": parquet_bytes(en)}, repo_type="dataset")
+    assert [p.chosen for p in load_preferences("someone/plain", split="test")] == [" Bonjour", " Hello"]
+    with pytest.raises(DataError, match=r"someone/plain has no subset 'y': no data files under y/; "
+                                        r"its folders with data: x"):
+        load_preferences("someone/plain", subset="y")
+
+
+def hh_repo(tmp_path) -> dict[str, bytes]:
+    """Anthropic/hh-rlhf's layout: a folder per subset with {train,test}.jsonl.gz, and a folder
+    of red-team transcripts that are not preference pairs; no configs in the card."""
+    def gz(rows):
+        return gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    files = {".gitattributes": GITATTRIBUTES, "README.md": b"---\nlicense: mit\n---\n# HH-RLHF\n",
+             "red-team-attempts/red_team_attempts.jsonl.gz": gz([{"transcript": "x", "rating": 1}])}
+    for sub, row in (("helpful-base", HH_ROW), ("harmless-base", HH_ROW2)):
+        for split in ("train", "test"):
+            files[f"{sub}/{split}.jsonl.gz"] = gz([row])
+    return files
+
+
+def test_anthropic_hh_rlhf_from_the_hub(hub, tmp_path):
+    hub.add_repo("Anthropic/hh-rlhf", hh_repo(tmp_path), repo_type="dataset")
+    pairs = load_preferences("Anthropic/hh-rlhf", split="test")
+    assert [p.source for p in pairs] == ["Anthropic/hh-rlhf/harmless-base/test.jsonl.gz:1",
+                                         "Anthropic/hh-rlhf/helpful-base/test.jsonl.gz:1"]
+    downloaded = {r.split("/resolve/")[1].split("/", 1)[1] for r in file_requests(hub) if r.startswith("GET /datasets/")}
+    assert downloaded == {".gitattributes", "README.md", "harmless-base/test.jsonl.gz", "helpful-base/test.jsonl.gz"}
+    assert [p.chosen for p in load_preferences("Anthropic/hh-rlhf/harmless-base")] == [" An apple."]
+    assert [p.chosen for p in load_preferences("Anthropic/hh-rlhf", subset="helpful-base")] == [" It is 4."]
+    assert load_preferences("Anthropic/hh-rlhf/helpful-base/test.jsonl.gz")[0].chosen == " It is 4."
+    with pytest.raises(DataError, match=r"red_team_attempts.jsonl.gz: not preference data in a format dpo reads: "
+                                        r"its records have the columns \['rating', 'transcript'\]"):
+        load_preferences("Anthropic/hh-rlhf", subset="red-team-attempts", split="red_team_attempts")
+
+
+def test_local_path_wins_over_hub_name(hub, tmp_path):
+    local = tmp_path / "Anthropic" / "hh-rlhf"  # the hub fixture made tmp_path the current directory
+    local.mkdir(parents=True)
+    write_jsonl(local / "mine.jsonl", [PCR_ROW])
+    (pair,) = load_preferences("Anthropic/hh-rlhf")
+    assert pair.rejected == " Five." and file_requests(hub) == []
+
+
+def test_hub_dataset_errors(hub):
+    from smollm.sources import HubError
+
+    with pytest.raises(HubError, match=r"dataset someone/missing: no such repo at http://127.0.0.1:\d+"):
+        load_preferences("someone/missing")
+    with pytest.raises(DataError, match=r"'some one/x' is not a local path, and not a hub dataset id"):
+        load_preferences("some one/x")
+
+
+def test_hub_dataset_revisions_and_offline_cache(hub, monkeypatch):
+    """A revision by name, then everything again offline: from the cache huggingface_hub wrote, no request."""
+    from smollm.sources import HubOfflineError
+
+    old = [{"prompt": "Hi", "chosen": " Old", "rejected": " Bad"}]
+    new = [{"prompt": "Hi", "chosen": " New", "rejected": " Bad"}]
+    hub.add_repo("someone/versions", parquet_repo(old, old), repo_type="dataset", revision="v1")
+    hub.add_repo("someone/versions", parquet_repo(new, new), repo_type="dataset")
+    assert load_preferences("someone/versions")[0].chosen == " New"
+    assert load_preferences("someone/versions@v1")[0].chosen == " Old"
+    hub.clear_requests()
+    for variable in ("HF_HUB_OFFLINE", "SMOLLM_OFFLINE"):  # SMOLLM_OFFLINE: the old name, an alias
+        monkeypatch.setenv(variable, "1")
+        assert load_preferences("someone/versions")[0].chosen == " New"
+        assert load_preferences("someone/versions@v1")[0].chosen == " Old"
+        with pytest.raises(HubOfflineError, match=rf"dataset someone/versions is only partly in the cache .*"
+                                                  rf"and {variable}=1"):
+            load_preferences("someone/versions", split="test")  # never downloaded
+        monkeypatch.delenv(variable)
+    assert hub.requests == []
+    hub.stop()  # the hub is gone: the cache still serves what it holds
+    assert load_preferences("someone/versions")[0].chosen == " New"
+
+
+FALLBACK_END = ": using the HH-RLHF test splits bundled with dpo (helpful-base + harmless-base, 4,666 pairs) " \
+               "instead of Anthropic/hh-rlhf train"
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """The hub at a closed local port (connection refused at once), with an empty cache."""
+    port = unused_port()
+    isolate_hub_env(monkeypatch, tmp_path / "hf", f"http://127.0.0.1:{port}")
+    monkeypatch.chdir(tmp_path)
+    return port
+
+
+def test_offline_fallback_to_the_bundled_test_splits(unreachable_hub, hh_files):
+    pairs, report = load_preferences_with_report("Anthropic/hh-rlhf")
+    assert report.fallback == (f"the hub (http://127.0.0.1:{unreachable_hub}) cannot be reached "
+                               f"(ConnectError: [Errno 111] Connection refused)" + FALLBACK_END)
+    assert str(report).splitlines()[0] == "loaded 4642 pairs from 2 file(s), skipped 24"
+    assert report.files == [str(p) for p in hh_files]
+    assert pairs == load_preferences(hh_files)  # same sources: "helpful-base/test.jsonl.gz:1", ...
+    # the report-less call warns instead
+    with pytest.warns(RuntimeWarning, match="cannot be reached .*: using the HH-RLHF test splits"):
+        assert len(load_preferences("Anthropic/hh-rlhf", limit=5)) == 5
+    _, report = load_preferences_with_report("Anthropic/hh-rlhf", split="test", limit=3)
+    assert report.fallback.endswith("instead of Anthropic/hh-rlhf test")
+
+
+def test_offline_fallback_can_be_switched_off(unreachable_hub):
+    from smollm.sources import HubOfflineError
+
+    with pytest.raises(HubOfflineError, match=rf"dataset Anthropic/hh-rlhf is not in the cache .* and the hub "
+                                              rf"\(http://127.0.0.1:{unreachable_hub}\) cannot be reached"):
+        load_preferences("Anthropic/hh-rlhf", offline_fallback=False)
+    # only the whole "Anthropic/hh-rlhf" falls back: a subset or a file asked for by name does not
+    for name in ("Anthropic/hh-rlhf/helpful-base", "Anthropic/hh-rlhf/helpful-base/train.jsonl.gz"):
+        with pytest.raises(HubOfflineError):
+            load_preferences(name)
+
+
+def test_offline_fallback_never_mixes_train_and_test(hub, monkeypatch, tmp_path, hh_files):
+    """One train split cached (its subset was asked for), the other not: offline, both come from
+    the bundled test splits; with HF_HUB_OFFLINE=1 too."""
+    hub.add_repo("Anthropic/hh-rlhf", hh_repo(tmp_path), repo_type="dataset")
+    assert len(load_preferences("Anthropic/hh-rlhf/helpful-base")) == 1
+    hub.stop()
+    pairs, report = load_preferences_with_report("Anthropic/hh-rlhf")
+    assert report.fallback.endswith(FALLBACK_END) and "cannot be reached" in report.fallback
+    assert report.files == [str(p) for p in hh_files] and len(pairs) == 4642
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert load_preferences_with_report("Anthropic/hh-rlhf", limit=1)[1].fallback == "HF_HUB_OFFLINE=1" + FALLBACK_END
