@@ -47,12 +47,18 @@ OUTPUTS = (METRICS_NAME, FINAL_DIR, CHECKPOINTS_DIR, EVAL_NAME)
 
 
 # ----------------------------------------------------------------------- data
+def tokenize_settings(config: TrainConfig, tokenizer) -> dict:
+    """How the pairs are tokenized and truncated (dpo.tokenization.tokenize_pairs' settings); python -m
+    dpo.inspect shows the pairs with these very settings."""
+    return dict(max_length=config.max_length, eos_token_id=tokenizer.eos_token_id,
+                max_prompt_length=config.max_prompt_length)
+
+
 def prepare_data(config: TrainConfig, tokenizer, model_config: SmolLMConfig
                  ) -> tuple[list[TokenizedPair], list[TokenizedPair], dict]:
     """Load, filter, split and tokenize; the held-out pairs never enter training."""
     train_raw, eval_raw, info = cli.load_and_split(config, tokenizer)
-    eos = tokenizer.eos_token_id
-    kwargs = dict(max_length=config.max_length, eos_token_id=eos, max_prompt_length=config.max_prompt_length)
+    kwargs = tokenize_settings(config, tokenizer)
     eval_pairs, eval_stats = tokenize_pairs(tokenizer, eval_raw, **kwargs)
     train_pairs, train_stats = tokenize_pairs(tokenizer, train_raw, **kwargs)
     train_pairs = train_pairs[:config.num_pairs]
