@@ -344,6 +344,27 @@ def test_dpo_sft_logs_what_metrics_and_eval_hold(tiny, tmp_path, capsys):
     assert scalars["eval/perplexity"][1] == (4, pytest.approx(ev["after"]["perplexity"]))
 
 
+def test_a_resumed_run_continues_its_curves_and_overwrite_starts_afresh(tiny, tmp_path, capsys):
+    needs("tensorboard")
+    out = tmp_path / "sft"
+    args = common_args(tiny, out) + ["--train-last-n", "1", "--save-every", "1"]
+    assert dpo.sft.main(args + ["--max-steps", "2"]) == 0
+    # the interrupted run had logged steps 3 and 4 after the checkpoint at step 2: the resumed run hides them
+    tracker = open_tracker(["tensorboard"], out, config={}, command="dpo.sft", start_step=0, log=lambda m: None)
+    tracker.log_row({"step": 3, "loss": 99.0, "tokens": 1})
+    tracker.close()
+    assert dpo.sft.main(["--resume", str(out), "--no-progress", "--max-steps", "4", "--report-to", "tensorboard"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scalars, _ = read_tensorboard(out)
+    assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in rows]  # 99.0 is gone
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["train/num_tokens"]] == pytest.approx(  # counted on from metrics.jsonl
+        [sum(r["tokens"] for r in rows[:k + 1]) for k in range(4)])
+    assert dpo.sft.main(args + ["--max-steps", "1", "--overwrite"]) == 0, capsys.readouterr().err[-2000:]
+    scalars, _ = read_tensorboard(out)
+    assert [s for s, _ in scalars["train/loss"]] == [1]  # the previous run's event files went with it
+
+
 @pytest.mark.slow
 def test_torchrun_rank_0_alone_logs_the_reduced_rows(tiny, tmp_path):
     needs("tensorboard")
