@@ -128,6 +128,14 @@ def test_a_missing_backend_is_one_line_before_any_work(tmp_path, monkeypatch, ca
     assert not out.exists()  # refused before the model, the data or the output directory
 
 
+def test_the_backends_are_imported_only_when_asked_for():
+    code = ("import sys, dpo.train, dpo.sft, dpo.inspect, dpo.tracking; "
+            "print(sorted(m for m in ('tensorboard', 'wandb', 'trackio') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
+
+
 def test_other_ranks_log_nothing(tmp_path):
     needs("tensorboard")
     tracker = open_tracker(["tensorboard"], tmp_path, config={}, command="dpo.train", is_main=False)
