@@ -113,6 +113,14 @@ def _pairs_from_json(data: list) -> tuple[list, list, dict]:
 
 
 def _load_and_split(config: RunConfig, tokenizer) -> tuple[list, list, dict]:
+    train_raw, eval_raw, info = select_pairs(config, load_pairs(config))
+    train_raw = format_for_model(train_raw, tokenizer, config.chat_template, "train")
+    eval_raw = format_for_model(eval_raw, tokenizer, config.chat_template, "eval")
+    return train_raw, eval_raw, info
+
+
+def load_pairs(config: RunConfig) -> list:
+    """Every usable pair of --data, in file order (bad records per --skip-bad-records)."""
     pairs, load_report = load_preferences_with_report(
         config.data, split=config.data_split, subset=config.data_subset, skip_bad_records=config.skip_bad_records,
         skip_unusable=True)
@@ -122,6 +130,14 @@ def _load_and_split(config: RunConfig, tokenizer) -> tuple[list, list, dict]:
     log(f"loaded {len(pairs)} preference pairs from {source}")
     if load_report.total_skipped:
         log(str(load_report))
+    return pairs
+
+
+def select_pairs(config: RunConfig, pairs: list) -> tuple[list, list, dict]:
+    """(train candidates, held-out pairs, info) in their plain text: shuffle by --seed, NLTK-filter,
+    hold out --eval-pairs. The train candidates are the first --num-pairs x 1.05 + 8 (tokenization may
+    drop a few): a superset of the pairs the run trains on, which `dpo.judge` relies on."""
+    pairs = list(pairs)
     info: dict = {"loaded": len(pairs)}
     random.Random(config.seed).shuffle(pairs)
     kept = pairs
@@ -144,10 +160,7 @@ def _load_and_split(config: RunConfig, tokenizer) -> tuple[list, list, dict]:
         raise DataError(f"only {len(kept)} usable pairs were loaded; {need_msg}. "
                         "Use more data or fewer --eval-pairs.")
     train_raw, eval_raw = train_eval_split(kept, config.eval_pairs, seed=config.seed)
-    train_raw = format_for_model(train_raw[:math.ceil(config.num_pairs * 1.05) + 8], tokenizer,
-                                 config.chat_template, "train")
-    eval_raw = format_for_model(eval_raw, tokenizer, config.chat_template, "eval")
-    return train_raw, eval_raw, info
+    return train_raw[:math.ceil(config.num_pairs * 1.05) + 8], eval_raw, info
 
 
 def format_for_model(pairs: list, tokenizer, chat_template: str, name: str) -> list:

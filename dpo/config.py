@@ -251,8 +251,9 @@ class TrainConfig(RunConfig):
     # --- evaluation and health
     eval_every: int | None = _f(None, "evaluate accuracy and health on the held-out pairs every N steps "
                                       "(default: 4 evaluations per run, before and after included; 0: only before and after)")
-    sample_prompts: int = _f(8, "held-out prompts that reference and policy answer at each evaluation "
-                                "(greedy; written to samples.md and samples.jsonl at the end)")
+    sample_prompts: int = _f(32, "held-out prompts that reference and policy answer at each evaluation, half of "
+                                 "them single-turn; their end-of-turn, loop and empty shares are health bounds "
+                                 "(greedy; written to samples.md and samples.jsonl at the end)")
     sample_tokens: int = _f(128, "longest answer generated for those prompts, in tokens")
     max_chosen_logp_drop: float = _f(1.0, "health bound: the policy's held-out per-token log p(chosen) may "
                                           "fall at most this many nats below the reference's (mean reduction)")

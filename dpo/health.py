@@ -4,21 +4,25 @@ Preference accuracy can rise while the model breaks: on SmolLM2-135M-Instruct wi
 assignment's settings, held-out accuracy went from 68% to 93.5% while the policy's greedy
 answers became nothing but spaces (its per-token log p(chosen) fell from -2.7 to -10.8).
 DPO only needs log p(chosen) - log p(rejected) to grow, and pushing both down, rejected
-faster, does that. So next to the accuracy we measure:
+faster, does that. Subtler, and as bad for a reader: the old default rose from 62.5% to 88%
+while its answers stopped ending their turn (0% against the reference's 38%) and looped more,
+and two blind judges preferred the starting model's answers 85% of the time. So next to the
+accuracy we measure:
 
 * log p(chosen) on the held-out pairs (from `dpo.evaluate.EvalResult`): how far the policy
   has moved away from the answers it was told to prefer;
 * the policy's own greedy answers to held-out prompts, against the reference's
-  (`dpo.samples`): their length, the share that is empty or whitespace, distinct-2 (the
-  variety of token bigrams) and repetition;
+  (`dpo.samples`, `dpo.answers`): the share that ends its turn, the share that loops, their
+  length, the share that is empty or whitespace, and distinct-2 (the variety of token bigrams);
 * the reference model's NLL of those answers, a judge-free fluency proxy: "how surprised is
   the starting model by what the policy now says", with the reference's NLL of its own
   answers as the baseline;
 * KL(policy || reference) on the policy's own answers, exact over the vocabulary: how far the
   policy has drifted where it actually goes (DPO's implicit constraint, measured).
 
-`assess` turns those numbers into a list of one-line problems against `HealthThresholds`;
-`health_report` computes them all for a trainer.
+`check_bounds` judges those numbers against `HealthThresholds`, each bound relative to the
+reference and judged only where the reference's own figure is a meaningful baseline; `assess`
+lists the problems, one line each. `health_report` computes the numbers for a trainer.
 
 Shapes: B batch, T padded sequence length, N answer positions in a batch, V vocabulary.
 The pure functions take plain lists; the model functions batch with right padding and an
@@ -27,9 +31,7 @@ for the prompt tokens is ever made).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
@@ -38,94 +40,12 @@ import torch.nn.functional as F
 
 from smollm import SmolLM
 
+from .answers import eval_mode, text_stats
 from .distributed import same_values
 from .precision import autocast_context
-
-# --------------------------------------------------------------------------- text statistics
-
-
-def _is_blank(text: str) -> bool:
-    return text.strip() == ""
-
-
-def distinct_n(answers_ids: Sequence[Sequence[int]], n: int = 2) -> float:
-    """Distinct token n-grams / all token n-grams, pooled over the answers.
-
-    n-grams never cross from one answer into the next. An answer shorter than n tokens has
-    no n-gram and adds nothing to either count. When no answer has n tokens (all empty, or
-    all single tokens for n = 2) the set has no variety to measure and the result is 0.0:
-    such a set is as degenerate as it gets, and 0.0 makes `assess` say so.
-    """
-    grams: list[tuple[int, ...]] = []
-    for ids in answers_ids:
-        ids = list(ids)
-        grams += [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def _is_repetitive(ids: Sequence[int], n: int = 4, cover: float = 0.5) -> bool:
-    """Whether one token n-gram, occurring at least twice, covers more than `cover` of the answer.
-
-    Covered = the token positions inside any occurrence of the answer's most frequent n-gram
-    (occurrences may overlap: 128 identical tokens are one 4-gram covering all 128).
-    One occurrence never counts, or every answer of 4-7 tokens would be "repetitive".
-    """
-    ids = list(ids)
-    if len(ids) < n + 1:  # two occurrences need at least n + 1 tokens
-        return False
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    gram, count = Counter(grams).most_common(1)[0]
-    if count < 2:
-        return False
-    covered = set()
-    for i, g in enumerate(grams):
-        if g == gram:
-            covered.update(range(i, i + n))
-    return len(covered) > cover * len(ids)
-
-
-def text_stats(answers_ids: Sequence[Sequence[int]], answers_text: Sequence[str]) -> dict[str, float]:
-    """Statistics of a set of generated answers (one model's samples).
-
-    answers_ids: per answer its generated token ids, without the stop token.
-    answers_text: the same answers decoded (special tokens skipped).
-    Returns
-        mean_length: mean number of tokens per answer;
-        empty_share: share of answers whose text is empty or whitespace only;
-        distinct_2: distinct token bigrams / all token bigrams over the set (`distinct_n`;
-            0.0 when no answer has two tokens);
-        repetition: share of answers in which one token 4-gram, occurring at least twice,
-            covers more than half of the tokens (a loop).
-    An empty set gives nan for each.
-    """
-    if len(answers_ids) != len(answers_text):
-        raise ValueError(f"{len(answers_ids)} token lists but {len(answers_text)} texts")
-    n = len(answers_ids)
-    if n == 0:
-        return {"mean_length": math.nan, "empty_share": math.nan, "distinct_2": math.nan, "repetition": math.nan}
-    return {
-        "mean_length": sum(len(a) for a in answers_ids) / n,
-        "empty_share": sum(_is_blank(t) for t in answers_text) / n,
-        "distinct_2": distinct_n(answers_ids, 2),
-        "repetition": sum(_is_repetitive(a) for a in answers_ids) / n,
-    }
-
+from .samples import generate_samples, user_turns
 
 # --------------------------------------------------------------------------- model measurements
-
-
-@contextlib.contextmanager
-def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
-    """Put the models in eval mode without gradients; give each back its own mode afterwards."""
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
 
 
 def _check_inputs(prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]]) -> None:
@@ -246,10 +166,15 @@ def kl_and_reference_nll(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence
 
 @dataclass
 class HealthThresholds:
-    """When a trained policy counts as broken. Each bound is one line of `assess`.
+    """When a trained policy counts as degraded. Each bound is one `BoundCheck` of `check_bounds`.
 
-    The bounds are relative to the reference (its log-probs, its own samples), so they
-    carry across models and prompt sets; the figures behind each are in its comment.
+    Every bound is relative to the reference (its log-probs, its own answers to the same
+    prompts), so it carries across models and prompt sets; the figures behind each are in its
+    comment. A bound is judged only where the reference's own figure gives it a meaningful
+    baseline. The bounds on differences (nats) always have one; a bound on a share or a ratio
+    does not when the reference's figure is degenerate: half of a 3% end-of-turn share, or half
+    of a distinct-2 of 0.003 (a random model repeating one word), is noise. Such a bound says
+    that it cannot be judged, and the run trains on.
     """
 
     # nats/token the policy's mean held-out log p(chosen) may fall below the reference's.
@@ -262,13 +187,32 @@ class HealthThresholds:
     # every held-out HH prompt with text (its share is ~0); the collapsed run's was 1.0.
     # A quarter of the answers gone is broken by any reading, while a few empty answers to
     # odd prompts (a truncated prompt, a harmful request answered by stopping) are not.
+    # Judged when the reference's own empty share is not above it.
     max_empty_share: float = 0.25
+    # The policy must end its turn in at least this fraction of the reference's end-of-turn
+    # share. The old default ended 0% of its answers against the reference's 38%, and two
+    # blind judges preferred the reference 85% of the time: an answer that runs to the token
+    # limit rambles, and it cannot decline in one sentence. Judged when the reference ended at
+    # least `min_ended_baseline` of its answers (and 3 answers).
+    min_ended_ratio: float = 0.5
+    min_ended_baseline: float = 0.15
+    # The policy's loop share (`dpo.answers.loops`: a word 4-gram 3+ times) may rise above the
+    # reference's by at most this fraction of the room above it: bound = ref + 0.5 x (1 - ref),
+    # 84% for the reference's 68%, where the old default's 95% is degraded. SmolLM2-135M loops
+    # itself, so the bound is relative. Judged when the reference loops in at most
+    # `max_loop_baseline` of its answers, and 3 of them do not (a reference that always loops
+    # leaves no room to rise), and when its answers are language at all (distinct-2 at least
+    # `min_distinct_2_baseline`: a random model's "::::::::" has no words, so no loops either).
+    max_loop_rise: float = 0.5
+    max_loop_baseline: float = 0.8
     # The policy's distinct-2 must stay at least this fraction of the reference's samples'
     # distinct-2 (relative, because the absolute value depends on the model, the prompts
     # and max_new_tokens). A loop or a run of one token drives distinct-2 towards 1 / the
     # number of bigrams (0.01 for 128 spaces); halving it means most of the answers'
-    # bigrams are repeats, while DPO's longer, more formulaic answers lose far less.
+    # bigrams are repeats. Judged when the reference's own distinct-2 is at least
+    # `min_distinct_2_baseline`: below it the reference repeats itself (a random model: 0.003).
     min_distinct_2_ratio: float = 0.5
+    min_distinct_2_baseline: float = 0.1
     # nats/token by which the reference's NLL of the policy's answers may exceed its NLL of
     # its own greedy answers (the baseline: a model's greedy text is what it finds most
     # likely). 1.5 nats is e^1.5 = 4.5x less likely per token: text the starting model
@@ -279,8 +223,17 @@ class HealthThresholds:
         return asdict(self)
 
 
+@dataclass
+class BoundCheck:
+    """One bound at one evaluation: its name, "ok", "degraded" or "not judged", and why."""
+
+    name: str
+    status: str
+    message: str = ""
+
+
 def _value(health: dict[str, Any], key: str) -> float | None:
-    """health[key] as a float, or None when missing or nan (not judged)."""
+    """health[key] as a float, or None when missing or nan (nothing to judge)."""
     v = health.get(key)
     if v is None:
         return None
@@ -288,44 +241,98 @@ def _value(health: dict[str, Any], key: str) -> float | None:
     return None if math.isnan(v) else v
 
 
-def assess(health: dict[str, Any], thresholds: HealthThresholds | None = None) -> list[str]:
-    """The problems in a health dict (as `health_report` returns), one line each; [] = healthy.
+def check_bounds(health: dict[str, Any], thresholds: HealthThresholds | None = None) -> list[BoundCheck]:
+    """Every bound whose figures are in `health` (as `health_report` returns it), judged or not.
 
-    A bound is judged only when every metric it needs is in `health` and not nan. The
-    log p(chosen) bound is in nats per token, so it is judged only when the log-probs are
-    per-token means (`health["logp_reduction"]` absent or "mean"), not with "sum".
+    A bound whose figures are missing or nan is left out. The log p(chosen) bound is in nats
+    per token, so it is judged only when the log-probs are per-token means
+    (`health["logp_reduction"]` absent or "mean"), not with "sum".
     """
     t = thresholds or HealthThresholds()
-    problems: list[str] = []
+    checks: list[BoundCheck] = []
+
+    def judge(name: str, bad: bool, message: str) -> None:
+        checks.append(BoundCheck(name, "degraded" if bad else "ok", message if bad else ""))
+
+    def not_judged(name: str, why: str) -> None:
+        checks.append(BoundCheck(name, "not judged", f"the {name} bound cannot be judged: {why}"))
 
     pol, ref = _value(health, "policy_chosen_logp"), _value(health, "reference_chosen_logp")
     if pol is not None and ref is not None and health.get("logp_reduction", "mean") == "mean":
         drop = ref - pol
-        if drop > t.max_chosen_logp_drop:
-            problems.append(f"held-out log p(chosen) fell {drop:.2f} nats/token below the reference's "
-                            f"({pol:.2f} vs {ref:.2f}; bound {t.max_chosen_logp_drop:.2f})")
+        judge("log p(chosen)", drop > t.max_chosen_logp_drop,
+              f"held-out log p(chosen) fell {drop:.2f} nats/token below the reference's "
+              f"({pol:.2f} vs {ref:.2f}; bound {t.max_chosen_logp_drop:.2f})")
 
-    empty = _value(health, "policy_sample_empty_share")
-    if empty is not None and empty > t.max_empty_share:
-        n = health.get("n_samples")
-        of = f" of {n}" if n is not None else ""
-        problems.append(f"policy samples empty or whitespace only: {empty:.0%}{of} "
-                        f"(bound {t.max_empty_share:.0%})")
+    n = health.get("n_samples")
+
+    def share(x: float) -> str:  # "38% (12 of 32)"
+        return f"{x:.0%} ({round(x * n)} of {n})" if n else f"{x:.0%}"
+    empty, empty_ref = _value(health, "policy_sample_empty_share"), _value(health, "reference_sample_empty_share")
+    if empty is not None:
+        if empty_ref is not None and empty_ref > t.max_empty_share:
+            not_judged("empty-answer", f"the reference's own answers are empty in {share(empty_ref)} "
+                                       f"(above the bound, {t.max_empty_share:.0%})")
+        else:
+            judge("empty-answer", empty > t.max_empty_share,
+                  f"policy answers empty or whitespace only: {share(empty)} (bound {t.max_empty_share:.0%})")
+
+    e_pol, e_ref = _value(health, "policy_sample_ended_share"), _value(health, "reference_sample_ended_share")
+    if e_pol is not None and e_ref is not None:
+        ended_ref = round(e_ref * n) if n else None
+        if e_ref < t.min_ended_baseline or (ended_ref is not None and ended_ref < 3):
+            not_judged("end-of-turn", f"the reference itself ended its turn in only {share(e_ref)} of its "
+                                      f"answers (a baseline needs {t.min_ended_baseline:.0%} and 3 answers)")
+        else:
+            floor = t.min_ended_ratio * e_ref
+            judge("end-of-turn", e_pol < floor,
+                  f"the policy ends its turn in {share(e_pol)} of its answers against the reference's "
+                  f"{e_ref:.0%} (bound {floor:.0%} = {t.min_ended_ratio:g} x the reference's): "
+                  "its answers run on to the token limit")
 
     d_pol, d_ref = _value(health, "policy_sample_distinct_2"), _value(health, "reference_sample_distinct_2")
+    repeats = d_ref is not None and d_ref < t.min_distinct_2_baseline  # the reference's answers are not language
+    l_pol, l_ref = _value(health, "policy_sample_loop_share"), _value(health, "reference_sample_loop_share")
+    if l_pol is not None and l_ref is not None:
+        if repeats:
+            not_judged("loop", f"the reference's own answers repeat themselves (distinct-2 {d_ref:.3f}, below "
+                               f"{t.min_distinct_2_baseline:g}): their loop share of {l_ref:.0%} is no baseline")
+        elif l_ref > t.max_loop_baseline or (n and (1 - l_ref) * n < 3):
+            not_judged("loop", f"the reference's own answers loop in {share(l_ref)} (a baseline needs at "
+                               f"most {t.max_loop_baseline:.0%}, and 3 answers that do not loop: room to rise)")
+        else:
+            ceiling = l_ref + t.max_loop_rise * (1 - l_ref)
+            judge("loop", l_pol > ceiling,
+                  f"the policy's answers loop (a word 4-gram 3+ times) in {share(l_pol)} against the "
+                  f"reference's {l_ref:.0%} (bound {ceiling:.0%})")
+
     if d_pol is not None and d_ref is not None:
-        floor = t.min_distinct_2_ratio * d_ref
-        if d_pol < floor:
-            problems.append(f"policy samples' distinct-2 {d_pol:.3f} is below {t.min_distinct_2_ratio:g} x the "
-                            f"reference's {d_ref:.3f} (bound {floor:.3f})")
+        if repeats:
+            not_judged("distinct-2", f"the reference's own distinct-2 is {d_ref:.3f} (below "
+                                     f"{t.min_distinct_2_baseline:g}: its answers repeat themselves already)")
+        else:
+            floor = t.min_distinct_2_ratio * d_ref
+            judge("distinct-2", d_pol < floor,
+                  f"policy answers' distinct-2 {d_pol:.3f} is below {t.min_distinct_2_ratio:g} x the "
+                  f"reference's {d_ref:.3f} (bound {floor:.3f})")
 
     n_pol, n_ref = _value(health, "policy_sample_reference_nll"), _value(health, "reference_sample_reference_nll")
     if n_pol is not None and n_ref is not None:
         rise = n_pol - n_ref
-        if rise > t.max_reference_nll_rise:
-            problems.append(f"the reference's NLL of the policy's samples is {rise:.2f} nats/token above its NLL "
-                            f"of its own ({n_pol:.2f} vs {n_ref:.2f}; bound {t.max_reference_nll_rise:.2f})")
-    return problems
+        judge("reference NLL", rise > t.max_reference_nll_rise,
+              f"the reference's NLL of the policy's answers is {rise:.2f} nats/token above its NLL "
+              f"of its own ({n_pol:.2f} vs {n_ref:.2f}; bound {t.max_reference_nll_rise:.2f})")
+    return checks
+
+
+def assess(health: dict[str, Any], thresholds: HealthThresholds | None = None) -> list[str]:
+    """The problems in a health dict, one line each; [] = within the bounds (`check_bounds`)."""
+    return [c.message for c in check_bounds(health, thresholds) if c.status == "degraded"]
+
+
+def not_judged(health: dict[str, Any], thresholds: HealthThresholds | None = None) -> list[str]:
+    """The bounds that cannot be judged for want of a meaningful baseline, one line each."""
+    return [c.message for c in check_bounds(health, thresholds) if c.status == "not judged"]
 
 
 # --------------------------------------------------------------------------- the report
@@ -347,19 +354,21 @@ class HealthProbe:
     its KL is 0: nothing is generated twice. The numbers are those of `health_report`.
     """
 
-    def __init__(self, reference: SmolLM | None, tokenizer, eval_pairs, *, n_prompts: int = 16,
+    def __init__(self, reference: SmolLM | None, tokenizer, eval_pairs, *, n_prompts: int = 32,
                  max_new_tokens: int = 128, device: torch.device | str = "cpu",
                  autocast_dtype: torch.dtype | None = None, batch_size: int = 8,
                  logp_reduction: str = "mean", stop_ids: Sequence[int] | None = None):
         if logp_reduction not in ("mean", "sum"):
             raise ValueError(f"logp_reduction must be 'mean' or 'sum', got {logp_reduction!r}")
-        pairs = list(eval_pairs)[:n_prompts]
-        if not pairs:
-            raise ValueError("health_report needs at least one held-out pair (n_prompts >= 1)")
+        if n_prompts < 1:
+            raise ValueError(f"n_prompts must be >= 1, got {n_prompts}")
         if stop_ids is None:
             stop_ids = list(dict.fromkeys(list(tokenizer.stop_token_ids) + [tokenizer.eos_token_id]))
         self.reference, self.tokenizer = reference, tokenizer
-        self.prompts = [list(p.chosen_ids[:p.prompt_len]) for p in pairs]
+        self.prompts, self.selection = sample_prompts(eval_pairs, n_prompts, tokenizer)
+        if not self.prompts:
+            raise ValueError(f"no held-out prompt to sample: all {self.selection['empty_skipped']} were cut "
+                             "away by the length limit")
         self.max_new_tokens, self.logp_reduction, self.stop_ids = max_new_tokens, logp_reduction, list(stop_ids)
         self.kwargs = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
         self._reference_side: tuple | None = None  # (answers, stats, tensor versions when computed)
@@ -377,8 +386,6 @@ class HealthProbe:
         KL and the reference's NLL of the policy's answers need a reference forward that such a
         run never makes: they are None (not judged).
         """
-        from .samples import generate_samples  # samples imports this module's eval_mode
-
         cached = self._reference_side
         if cached is not None and cached[2] != self._versions():
             cached = None
@@ -393,8 +400,8 @@ class HealthProbe:
             stats = self._side_stats(samples, "reference", start)
             cached = self._reference_side = (
                 [(s.reference_ids, s.reference_stopped) for s in samples], stats, self._versions())
-        health: dict[str, Any] = {"n_samples": len(samples), "max_new_tokens": self.max_new_tokens,
-                                  "logp_reduction": self.logp_reduction}
+        health: dict[str, Any] = {"n_samples": len(samples), **self.selection,
+                                  "max_new_tokens": self.max_new_tokens, "logp_reduction": self.logp_reduction}
         if eval_result is not None:
             for key in ("policy_chosen_logp", "policy_rejected_logp", "reference_chosen_logp",
                         "reference_rejected_logp"):
@@ -417,8 +424,6 @@ class HealthProbe:
     def prime(self, start_model: SmolLM) -> None:
         """Compute the reference side now, with `start_model` as the reference (a reference-free
         run resumed after its first step: the starting weights, loaded again and then dropped)."""
-        from .samples import generate_samples
-
         samples = generate_samples(start_model, start_model, self.tokenizer, self.prompts,
                                    max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                                    same_weights=True, **self.kwargs)
@@ -428,21 +433,43 @@ class HealthProbe:
     def _side_stats(self, samples: list, side: str, reference: SmolLM | None = None) -> dict[str, float]:
         """Text statistics of one side's answers (and, for the reference's, its NLL of them)."""
         ids = [getattr(s, f"{side}_ids") for s in samples]
-        stats = text_stats(ids, [getattr(s, side) for s in samples])
-        stats["stopped_share"] = sum(getattr(s, f"{side}_stopped") for s in samples) / len(samples)
+        stats = text_stats(ids, [getattr(s, side) for s in samples], [getattr(s, f"{side}_stopped") for s in samples])
         if side == "reference":
             stats["reference_nll"] = reference_nll(reference, self.prompts, ids, **self.kwargs)
         return stats
 
 
-def health_report(policy: SmolLM, reference: SmolLM, tokenizer, eval_pairs, *, n_prompts: int = 16,
+def sample_prompts(eval_pairs, n: int, tokenizer) -> tuple[list[list[int]], dict[str, int]]:
+    """The prompts that the models answer at each evaluation, and how they were chosen.
+
+    Up to `n` held-out prompts (`chosen_ids[:prompt_len]`, in the run's chat format), half of
+    them single-turn where the held-out pairs have enough (the judge's prompts are single-turn;
+    the rest keep the multi-turn conversations HH is made of), in held-out order. A prompt that
+    the length limit cut away entirely has nothing to answer: it is skipped and counted.
+    Returns (prompts, {"single_turn": k, "empty_skipped": m}).
+    """
+    candidates, empty = [], 0
+    for pair in eval_pairs:
+        if pair.prompt_len == 0:
+            empty += 1
+            continue
+        prompt = list(pair.chosen_ids[:pair.prompt_len])
+        candidates.append((len(candidates), prompt, user_turns(tokenizer.decode(prompt, skip_special_tokens=False))))
+    single = [c for c in candidates if c[2] == 1]
+    multi = [c for c in candidates if c[2] != 1]
+    k = min(len(single), max((n + 1) // 2, n - len(multi)))
+    chosen = sorted(single[:k] + multi[:n - k])
+    return [c[1] for c in chosen], {"single_turn": sum(c[2] == 1 for c in chosen), "empty_skipped": empty}
+
+
+def health_report(policy: SmolLM, reference: SmolLM, tokenizer, eval_pairs, *, n_prompts: int = 32,
                   max_new_tokens: int = 128, eval_result=None, device: torch.device | str = "cpu",
                   autocast_dtype: torch.dtype | None = None, batch_size: int = 8,
                   logp_reduction: str = "mean", stop_ids: Sequence[int] | None = None):
     """Greedy samples from both models on held-out prompts, and the health numbers of them.
 
-    eval_pairs: held-out `TokenizedPair`s; the first `n_prompts` give the prompts
-        (`chosen_ids[:prompt_len]`, already in the run's chat format).
+    eval_pairs: held-out `TokenizedPair`s; `sample_prompts` picks `n_prompts` of them
+        (`chosen_ids[:prompt_len]`, already in the run's chat format; half single-turn).
     eval_result: a `dpo.evaluate.EvalResult` of the same run, or None. Its log-probs are
         copied as they are; they are per-token means when the run's reduction is "mean"
         and per-answer sums with "sum". Pass the run's `logp_reduction`: it is recorded in
@@ -450,9 +477,10 @@ def health_report(policy: SmolLM, reference: SmolLM, tokenizer, eval_pairs, *, n
     stop_ids: ids that end an answer (default: `tokenizer.stop_token_ids` plus EOS).
 
     Returns (health, samples). health is flat, with keys
-        n_samples, max_new_tokens, logp_reduction,
+        n_samples, single_turn, empty_skipped (`sample_prompts`), max_new_tokens, logp_reduction,
         {policy,reference}_{chosen,rejected}_logp                    (when eval_result is given)
-        {policy,reference}_sample_{mean_length,empty_share,distinct_2,repetition,stopped_share}
+        {policy,reference}_sample_{mean_length,ended_share,loop_share,empty_share,distinct_2}
+                                                  (`dpo.answers.text_stats`)
         {policy,reference}_sample_reference_nll   (the reference's NLL of each side's samples;
                                                    the reference's own is the baseline)
         kl_policy_reference   (KL(policy || reference) on the policy's samples; for the

@@ -3,11 +3,13 @@
 Preference accuracy alone lies. On SmolLM2-135M-Instruct the assignment's settings raise it
 from 68% to 93.5% while the policy's greedy answers turn into whitespace. So each evaluation
 here measures, beside the accuracy (`dpo.evaluate`), the health numbers of `dpo.health`: the
-held-out log p(chosen), the policy's own greedy answers to a few held-out prompts (length,
-empty share, distinct-2), the reference's NLL of them, and KL(policy || reference). Then:
+held-out log p(chosen), both models' greedy answers to held-out prompts (the share that ends
+its turn, the share that loops, length, empty share, distinct-2), the reference's NLL of them,
+and KL(policy || reference). Then:
 
-* `assess` compares them with the run's bounds; a problem is a warning in the log and on the
-  progress bar, and the final table says plainly that the model collapsed;
+* `check_bounds` compares them with the run's bounds; a problem is a warning in the log and on
+  the progress bar, and the final table says plainly that the policy degraded. A bound that has
+  no meaningful baseline in the reference's own figures says so once, and is not judged;
 * the best healthy evaluation (highest held-out accuracy among those within the bounds, the
   starting model included) is kept as `best/`, a HuggingFace folder like `final/`.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .evaluate import EvalResult
-from .health import HealthProbe, HealthThresholds, assess
+from .health import HealthProbe, HealthThresholds, check_bounds
 from .policy import save_policy
 from .samples import Sample
 
@@ -39,6 +41,7 @@ class Evaluation:
     health: dict
     problems: list[str]
     samples: list[Sample] = field(default_factory=list)
+    not_judged: list[str] = field(default_factory=list)  # bounds without a meaningful baseline
 
     @property
     def healthy(self) -> bool:
@@ -47,7 +50,7 @@ class Evaluation:
     def record(self) -> dict:
         """What eval.json's history (and a checkpoint) keeps of it."""
         return {"step": self.step, **self.result.to_dict(), "healthy": self.healthy,
-                "problems": self.problems, "health": self.health}
+                "problems": self.problems, "not_judged": self.not_judged, "health": self.health}
 
 
 def evaluation_interval(eval_every: int | None, total_steps: int) -> int:
@@ -72,13 +75,23 @@ class RunMonitor:
         self.save = save or (lambda directory, **kw: save_policy(trainer.policy, directory, tokenizer=tokenizer, **kw))
         self.thresholds = HealthThresholds(max_chosen_logp_drop=config.max_chosen_logp_drop,
                                            max_empty_share=config.max_empty_share)
-        self.probe = HealthProbe(  # keeps the reference's answers between evaluations
-            trainer.reference, tokenizer, eval_pairs, n_prompts=config.sample_prompts,
-            max_new_tokens=config.sample_tokens, device=trainer.device, autocast_dtype=trainer.autocast_dtype,
-            batch_size=config.batch_size, logp_reduction=config.logp_reduction,
-        ) if config.sample_prompts and eval_pairs else None
+        self.probe = None
+        if config.sample_prompts and eval_pairs:
+            try:
+                self.probe = HealthProbe(  # keeps the reference's answers between evaluations
+                    trainer.reference, tokenizer, eval_pairs, n_prompts=config.sample_prompts,
+                    max_new_tokens=config.sample_tokens, device=trainer.device,
+                    autocast_dtype=trainer.autocast_dtype, batch_size=config.batch_size,
+                    logp_reduction=config.logp_reduction)
+            except ValueError as e:  # every held-out prompt was cut away: judge the log-probs alone
+                log(f"note: no sample answers at the evaluations: {e}")
+            else:
+                if self.probe.selection["empty_skipped"]:
+                    log(f"note: {self.probe.selection['empty_skipped']} held-out prompts were cut away entirely by "
+                        f"--max-length {config.max_length} and are not answered at the evaluations")
         self.history: list[dict] = list(history or [])  # records of the evaluations so far
         self.seconds: list[list] = []  # [step, seconds] of each evaluation of this session
+        self._said_not_judged: set[str] = set()
         healthy = [e for e in self.history if e.get("healthy", True)]
         self.best: dict | None = max(healthy, key=lambda e: e["policy_accuracy"], default=None)
 
@@ -102,9 +115,15 @@ class RunMonitor:
             health, samples = {"logp_reduction": c.logp_reduction, **{
                 k: getattr(result, k) for k in ("policy_chosen_logp", "policy_rejected_logp",
                                                 "reference_chosen_logp", "reference_rejected_logp")}}, []
-        evaluation = Evaluation(t.step, result, health, assess(health, self.thresholds), samples)
+        checks = check_bounds(health, self.thresholds)
+        evaluation = Evaluation(t.step, result, health, [c.message for c in checks if c.status == "degraded"],
+                                samples, [c.message for c in checks if c.status == "not judged"])
         self.seconds.append([t.step, round(time.perf_counter() - started, 1)])  # not in the record: not exact
         self.history.append(evaluation.record())
+        for check in checks:  # said once per run: the reference's side does not change
+            if check.status == "not judged" and check.name not in self._said_not_judged:
+                self._said_not_judged.add(check.name)
+                self.log(f"note: {check.message}; the run trains on")
         for problem in evaluation.problems:
             self.log(f"warning: step {t.step}: the policy looks unhealthy: {problem}")
         if evaluation.healthy and (self.best is None or result.policy_accuracy > self.best["policy_accuracy"]):
@@ -127,11 +146,12 @@ class RunMonitor:
         self.best = evaluation.record()
 
     def summary(self) -> dict:
-        """For eval.json: the best healthy evaluation, and whether the final one collapsed."""
+        """For eval.json: the best healthy evaluation, and whether the final one degraded."""
         last = self.history[-1] if self.history else None
         return {
-            "collapsed": bool(last and not last["healthy"]),
+            "degraded": bool(last and not last["healthy"]),
             "problems": last["problems"] if last else [],
+            "not_judged": last.get("not_judged", []) if last else [],
             "health": last["health"] if last else {},
             "best": None if self.best is None else {
                 "step": self.best["step"], "policy_accuracy": self.best["policy_accuracy"],
@@ -151,6 +171,8 @@ def health_table(health: dict) -> str:
     rows = [
         (f"answer tokens ({health.get('n_samples', 0)})", num("reference_sample_mean_length", ".1f"),
          num("policy_sample_mean_length", ".1f")),
+        ("ended their turn", num("reference_sample_ended_share", ".0%"), num("policy_sample_ended_share", ".0%")),
+        ("loop (4-gram 3+ x)", num("reference_sample_loop_share", ".0%"), num("policy_sample_loop_share", ".0%")),
         ("empty answers", num("reference_sample_empty_share", ".0%"), num("policy_sample_empty_share", ".0%")),
         ("distinct-2", num("reference_sample_distinct_2", ".3f"), num("policy_sample_distinct_2", ".3f")),
         ("ref. NLL of answers", num("reference_sample_reference_nll", ".3f"),
@@ -161,12 +183,12 @@ def health_table(health: dict) -> str:
 
 
 def verdict(summary: dict, run_dir: str | os.PathLike = ".") -> str:
-    """One paragraph: collapsed or healthy, and where the best healthy model is."""
+    """One paragraph: degraded or within the bounds, and where the best healthy model is."""
     best = summary["best"]
     where = (f"The best healthy evaluation is step {best['step']} (held-out accuracy "
              f"{best['policy_accuracy']:.1%}), saved in {Path(run_dir) / best['dir']}/." if best else
              "No evaluation was within the health bounds, so there is no best/.")
-    if summary["collapsed"]:
-        return ("THE MODEL COLLAPSED: its accuracy is not a success.\n  - "
+    if summary["degraded"]:
+        return ("THE POLICY DEGRADED: its accuracy is not a success.\n  - "
                 + "\n  - ".join(summary["problems"]) + f"\n{where} Read samples.md.")
     return f"health: within the bounds. {where}"

@@ -20,11 +20,10 @@ from typing import Sequence
 
 import torch
 
-from smollm import SmolLM, generate
+from smollm import SmolLM
 from smollm.checkpoint import atomic_path
 
-from .precision import autocast_context
-from .health import eval_mode
+from .answers import Answer, eval_mode, greedy_answers
 
 SAMPLES_MD = "samples.md"
 SAMPLES_JSONL = "samples.jsonl"
@@ -55,43 +54,12 @@ class Sample:
 # --------------------------------------------------------------------------- generation
 
 
-def _greedy_answers(model: SmolLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                    stop_ids: Sequence[int], batch_size: int, device: torch.device,
-                    autocast_dtype: torch.dtype | None) -> list[tuple[list[int], bool]]:
-    """Greedy answers (ids without the stop token, stopped?) for each prompt, in order.
-
-    Prompts are batched longest first (little padding), left-padded, with an attention
-    mask: every row's new tokens then sit in the same columns, and positions count from each
-    row's first real token, so a row's answer equals the answer it gets alone.
-    """
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    stops = set(stop_ids)
-    answers: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        T = max(len(prompts[i]) for i in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)  # the pad id is never attended to
-        mask = torch.zeros(len(chunk), T, dtype=torch.long)
-        for b, i in enumerate(chunk):
-            ids[b, T - len(prompts[i]):] = torch.tensor(list(prompts[i]), dtype=torch.long)
-            mask[b, T - len(prompts[i]):] = 1
-        with autocast_context(device, autocast_dtype):
-            out = generate(model, ids.to(device), max_new_tokens, eos_token_id=list(stop_ids),
-                           attention_mask=mask.to(device))
-        for b, i in enumerate(chunk):
-            new = out[b, T:].tolist()
-            end = next((k for k, t in enumerate(new) if t in stops), None)
-            answers[i] = (new, False) if end is None else (new[:end], True)
-    return answers
-
-
-Answers = list[tuple[list[int], bool]]  # per prompt: (answer ids without the stop id, stopped)
 
 
 def generate_samples(policy: SmolLM, reference: SmolLM, tokenizer, prompt_ids: Sequence[Sequence[int]], *,
                      max_new_tokens: int = 128, stop_ids: Sequence[int], batch_size: int = 8,
                      device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-                     reference_answers: Answers | None = None, same_weights: bool = False) -> list[Sample]:
+                     reference_answers: list[Answer] | None = None, same_weights: bool = False) -> list[Sample]:
     """Answer every prompt greedily with both models; returns one `Sample` per prompt, in order.
 
     prompt_ids: token lists, already in the run's format (a held-out pair's
@@ -107,19 +75,13 @@ def generate_samples(policy: SmolLM, reference: SmolLM, tokenizer, prompt_ids: S
     same_weights: the policy's weights equal the reference's (before the first step), so its
         greedy answers are the reference's and are not generated a second time.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for i, p in enumerate(prompt_ids):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} has no tokens")
-    device = torch.device(device)
     kwargs = dict(max_new_tokens=max_new_tokens, stop_ids=stop_ids, batch_size=batch_size, device=device,
                   autocast_dtype=autocast_dtype)
     if reference_answers is not None and len(reference_answers) != len(prompt_ids):
         raise ValueError(f"reference_answers has {len(reference_answers)} answers for {len(prompt_ids)} prompts")
     with eval_mode(policy, reference):
-        ref = reference_answers if reference_answers is not None else _greedy_answers(reference, prompt_ids, **kwargs)
-        pol = ref if same_weights else _greedy_answers(policy, prompt_ids, **kwargs)
+        ref = reference_answers if reference_answers is not None else greedy_answers(reference, prompt_ids, **kwargs)
+        pol = ref if same_weights else greedy_answers(policy, prompt_ids, **kwargs)
     return [Sample(prompt=tokenizer.decode(list(p), skip_special_tokens=False),
                    reference=tokenizer.decode(r_ids, skip_special_tokens=True),
                    policy=tokenizer.decode(p_ids, skip_special_tokens=True),
@@ -144,6 +106,12 @@ def last_user_turn(prompt: str) -> str:
     if turns:
         return prompt[turns[-1].end():].split("\n\nAssistant:", 1)[0].strip()
     return prompt.strip()
+
+
+def user_turns(prompt: str) -> int:
+    """How many times the user speaks in a prompt: ChatML user messages, or else HH `Human:` turns."""
+    chatml = prompt.count(_CHATML_USER)
+    return chatml if chatml else len(_HH_HUMAN.findall(prompt))
 
 
 def describe_blank(text: str) -> str | None:

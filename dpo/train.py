@@ -8,7 +8,7 @@
 
 Accuracy alone is not success: a policy can win on held-out preferences while its answers decay
 into whitespace. Every evaluation also measures the policy's health (dpo.health); a problem is
-a warning in the log and on the progress bar, and the final table says the model collapsed.
+a warning in the log and on the progress bar, and the final table says the policy degraded.
 
 Everything that can be checked is checked before the expensive work starts, and the output
 directory is created only once the data and model are known to be usable.
@@ -78,6 +78,17 @@ def prepare_data(config: TrainConfig, tokenizer, model_config: SmolLMConfig
     return train_pairs, eval_pairs, info
 
 
+def stopped_early_note(evals: list[dict], streak: int, step: int, total_steps: int, config: TrainConfig) -> str:
+    """What a resumed run says first when the run it continues had stopped early on health ("" if not)."""
+    if not (config.stop_when_unhealthy and streak >= config.stop_when_unhealthy and step < total_steps and evals):
+        return ""
+    problems = "; ".join(evals[-1].get("problems", [])) or "outside the health bounds"
+    return (f"note: this run stopped early at step {step} of {total_steps}: {streak} evaluation(s) in a row "
+            f"outside the health bounds ({problems}). Resuming trains on from step {step}; it stops again at "
+            f"the next evaluation outside the bounds (--stop-when-unhealthy {config.stop_when_unhealthy}; 0 "
+            "trains to the end)")
+
+
 def run(config: TrainConfig) -> dict:
     """The whole pipeline; returns the final eval dict. Raises the project's clear errors."""
     started = time.perf_counter()
@@ -115,6 +126,9 @@ def run(config: TrainConfig) -> dict:
         cli.restore(trainer, resume_state, out)
         evals = [e for e in resume_state[1].get("evals", []) if e["step"] <= trainer.step]
         monitor = RunMonitor(trainer, tokenizer, eval_pairs, config, out, log, history=evals, save=save_to)
+        stopped = stopped_early_note(evals, monitor.unhealthy_streak, trainer.step, trainer.total_steps, config)
+        if stopped:
+            log(stopped)
         if reference is None and trainer.step > 0:  # the starting model's side, measured once more
             start = load_pretrained(model_dir, device=device)
             monitor.measure_start(start)
@@ -145,7 +159,7 @@ def run(config: TrainConfig) -> dict:
         state["latest"] = evaluation = monitor.evaluate()
         m.update({f"eval_{k}": v for k, v in evaluation.result.to_dict().items()})
         m.update({f"health_{k}": v for k, v in evaluation.health.items() if isinstance(v, (int, float))})
-        state["unhealthy"] = "COLLAPSING: see the log" if evaluation.problems else ""
+        state["unhealthy"] = "DEGRADING: see the log" if evaluation.problems else ""
         if config.stop_when_unhealthy and monitor.unhealthy_streak >= config.stop_when_unhealthy:
             state["stopped_early"] = {"step": trainer.step, "of": trainer.total_steps,
                                       "unhealthy_evaluations": monitor.unhealthy_streak}

@@ -1,4 +1,4 @@
-"""dpo.health: text statistics, the reference's NLL and KL on samples against naive loops,
+"""dpo.health: the reference's NLL and KL on samples against naive loops,
 and the thresholds on hand-made health dicts (the collapsed and a healthy SmolLM2 run)."""
 from __future__ import annotations
 
@@ -11,62 +11,11 @@ import torch.nn.functional as F
 
 from dpo import health
 from dpo.evaluate import EvalResult
-from dpo.health import (HealthThresholds, assess, distinct_n, health_report, kl_on_samples, reference_nll,
-                        text_stats)
+from dpo.health import (HealthThresholds, assess, check_bounds, health_report, kl_on_samples, not_judged,
+                        reference_nll, sample_prompts)
 from dpo.tokenization import TokenizedPair
 from smollm import load_tokenizer
 from tests.model_utils import random_model, small_config
-
-# --------------------------------------------------------------------------- text_stats
-
-
-def test_whitespace_only_answers_are_all_empty():
-    stats = text_stats([[216] * 128, [], [198, 198]], [" " * 128, "", "\n\n"])
-    assert stats["empty_share"] == 1.0
-    assert stats["mean_length"] == pytest.approx((128 + 0 + 2) / 3)
-
-
-def test_repeated_word_has_low_distinct_2_and_counts_as_repetition(tokenizer_json):
-    tok = load_tokenizer(tokenizer_json)
-    text = "the" + " the" * 39
-    ids = tok.encode_ids(text)
-    assert len(ids) == 40  # "the", then " the" 39 times
-    stats = text_stats([ids], [text])
-    assert stats["distinct_2"] == pytest.approx(2 / 39)  # ("the"," the") and (" the"," the") of 39 bigrams
-    assert stats["repetition"] == 1.0
-    assert stats["empty_share"] == 0.0
-
-
-def test_varied_answers_have_distinct_2_of_one(tokenizer_json):
-    tok = load_tokenizer(tokenizer_json)
-    texts = ["Bake the bread at two hundred degrees.", "Paris is the capital of France.", "Use a ladder."]
-    ids = [tok.encode_ids(t) for t in texts]
-    stats = text_stats(ids, texts)
-    assert stats["distinct_2"] == 1.0
-    assert stats["repetition"] == 0.0
-    assert stats["empty_share"] == 0.0
-    assert stats["mean_length"] == pytest.approx(sum(map(len, ids)) / 3)
-
-
-def test_distinct_2_pools_bigrams_and_never_crosses_answers():
-    # bigrams: (1,2) (2,3) | (1,2) | none | none  -> 2 distinct of 3; (3,1) across answers is not one
-    assert distinct_n([[1, 2, 3], [1, 2], [5], []], 2) == pytest.approx(2 / 3)
-    assert distinct_n([[5], [], [7]], 2) == 0.0  # no bigram at all: defined as 0
-    assert text_stats([], [])["mean_length"] != text_stats([], [])["mean_length"]  # nan for no answers
-
-
-def test_repetition_needs_a_repeated_4gram_covering_over_half():
-    once = [1, 2, 3, 4, 5, 6]  # one occurrence of every 4-gram: not a loop
-    loop = [9, 8, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4]  # (1,2,3,4) x3 covers 12 of 14
-    half = [1, 2, 3, 4, 1, 2, 3, 4] + list(range(10, 18))  # covers 8 of 16: not over half
-    stats = text_stats([once, loop, half], ["a", "b", "c"])
-    assert stats["repetition"] == pytest.approx(1 / 3)
-
-
-def test_text_stats_rejects_mismatched_inputs():
-    with pytest.raises(ValueError, match="2 token lists but 1 texts"):
-        text_stats([[1], [2]], ["x"])
-
 
 # --------------------------------------------------------------------------- model measurements
 
@@ -165,7 +114,7 @@ def test_collapsed_run_is_flagged_on_every_metric_with_values_and_bounds():
     logp, empty, distinct, nll = problems
     assert logp == ("held-out log p(chosen) fell 8.10 nats/token below the reference's "
                     "(-10.84 vs -2.74; bound 1.00)")
-    assert "100% of 16" in empty and "bound 25%" in empty
+    assert "100% (16 of 16)" in empty and "bound 25%" in empty
     assert "0.008" in distinct and "0.620" in distinct and "bound 0.310" in distinct
     assert "5.50 nats/token" in nll and "bound 1.50" in nll
 
@@ -196,6 +145,89 @@ def test_missing_nan_and_summed_metrics_are_not_judged():
     assert assess(summed) == []
 
 
+# The README's old default on SmolLM2-135M-Instruct, as two blind judges saw it (60 prompts, 256 tokens):
+# within every old bound, yet the judges preferred the starting model 85% of the time.
+OLD_DEFAULT = {"logp_reduction": "mean", "n_samples": 60,
+               "policy_chosen_logp": -3.53, "reference_chosen_logp": -2.59,
+               "policy_sample_ended_share": 0.0, "reference_sample_ended_share": 23 / 60,
+               "policy_sample_loop_share": 57 / 60, "reference_sample_loop_share": 41 / 60,
+               "policy_sample_empty_share": 0.0, "reference_sample_empty_share": 0.0,
+               "policy_sample_distinct_2": 0.330, "reference_sample_distinct_2": 0.416,
+               "policy_sample_reference_nll": 0.630, "reference_sample_reference_nll": 0.514}
+# A 4-layer random model on the synthetic task: every share and ratio of the reference is degenerate.
+RANDOM = {"logp_reduction": "mean", "n_samples": 32,
+          "policy_chosen_logp": -10.84, "reference_chosen_logp": -10.81,
+          "policy_sample_ended_share": 0.0, "reference_sample_ended_share": 0.0,
+          "policy_sample_loop_share": 1.0, "reference_sample_loop_share": 1.0,
+          "policy_sample_empty_share": 0.0, "reference_sample_empty_share": 0.0,
+          "policy_sample_distinct_2": 0.001, "reference_sample_distinct_2": 0.003,
+          "policy_sample_reference_nll": 9.98, "reference_sample_reference_nll": 9.96}
+
+
+def test_the_old_default_is_degraded_by_its_end_of_turn_and_loop_shares():
+    problems = assess(OLD_DEFAULT)
+    assert len(problems) == 2
+    ended, looping = problems
+    assert ended.startswith("the policy ends its turn in 0% (0 of 60)") and "reference's 38%" in ended
+    assert "bound 19%" in ended
+    assert "95% (57 of 60)" in looping and "reference's 68%" in looping and "bound 84%" in looping
+    assert not_judged(OLD_DEFAULT) == []
+    assert assess(OLD_DEFAULT | {"policy_sample_ended_share": 0.25, "policy_sample_loop_share": 0.8}) == []
+
+
+def test_a_random_models_degenerate_figures_are_not_judged_and_raise_no_alarm():
+    assert assess(RANDOM) == []
+    notes = not_judged(RANDOM)
+    assert [n.split(" bound")[0] for n in notes] == ["the end-of-turn", "the loop", "the distinct-2"]
+    assert "0.003" in notes[2] and "cannot be judged" in notes[2]
+    judged = {c.name for c in check_bounds(RANDOM) if c.status != "not judged"}
+    assert judged == {"log p(chosen)", "empty-answer", "reference NLL"}  # differences are always judged
+
+
+@pytest.mark.parametrize("reference_ended, n, judged", [(0.15, 32, True), (0.10, 32, False), (0.25, 4, False),
+                                                        (0.75, 4, True)])
+def test_the_end_of_turn_bound_needs_a_reference_that_ends_its_turn(reference_ended, n, judged):
+    health = {"n_samples": n, "policy_sample_ended_share": 0.0, "reference_sample_ended_share": reference_ended}
+    (check,) = check_bounds(health)
+    assert check.name == "end-of-turn" and check.status == ("degraded" if judged else "not judged")
+
+
+def test_the_loop_bound_needs_room_to_rise():
+    health = {"n_samples": 32, "reference_sample_loop_share": 0.5}
+    assert check_bounds(health | {"policy_sample_loop_share": 0.75})[0].status == "ok"  # bound: 75%
+    assert check_bounds(health | {"policy_sample_loop_share": 0.78})[0].status == "degraded"
+    few = {"n_samples": 4, "reference_sample_loop_share": 0.75, "policy_sample_loop_share": 1.0}
+    assert check_bounds(few)[0].status == "not judged"  # one answer of room: one flip would be an alarm
+
+
+def test_the_empty_bound_is_not_judged_when_the_reference_is_as_empty():
+    health = {"n_samples": 8, "policy_sample_empty_share": 0.5, "reference_sample_empty_share": 0.375}
+    assert check_bounds(health)[0].status == "not judged"
+    assert check_bounds(health | {"reference_sample_empty_share": 0.0})[0].status == "degraded"
+
+
+# --------------------------------------------------------------------------- which prompts are answered
+
+
+def test_sample_prompts_takes_half_single_turn_and_skips_prompts_cut_away(tokenizer_json):
+    tok = load_tokenizer(tokenizer_json)
+    one = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    two = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n" + one
+    texts = [two, two, two, "", one, two, one, one, one]
+    pairs = [_pair(i, tok.encode_ids(t), [5], [6]) for i, t in enumerate(texts)]
+    prompts, selection = sample_prompts(pairs, 4, tok)
+    assert selection == {"single_turn": 2, "empty_skipped": 1}
+    assert prompts == [pairs[i].chosen_ids[:pairs[i].prompt_len] for i in (0, 1, 4, 6)]
+    prompts, selection = sample_prompts(pairs, 8, tok)  # only 3 multi-turn: single-turn fill the rest
+    assert len(prompts) == 8 and selection["single_turn"] == 4
+
+
+def test_a_probe_whose_prompts_were_all_cut_away_is_a_clear_error(tokenizer_json, models):
+    tok = load_tokenizer(tokenizer_json)
+    with pytest.raises(ValueError, match="all 2 were cut away"):
+        health.HealthProbe(models[0], tok, [_pair(0, [], [5], [6]), _pair(1, [], [7], [8])])
+
+
 # --------------------------------------------------------------------------- health_report
 
 
@@ -221,7 +253,7 @@ def test_health_report_is_flat_and_consistent(models, tokenizer_json):
     assert [s.prompt_ids for s in samples] == [p.chosen_ids[:p.prompt_len] for p in pairs[:2]]
     assert health["policy_chosen_logp"] == -3.5 and health["reference_rejected_logp"] == -3.0
     for side in ("policy", "reference"):
-        for key in ("mean_length", "empty_share", "distinct_2", "repetition", "stopped_share", "reference_nll"):
+        for key in ("mean_length", "ended_share", "loop_share", "empty_share", "distinct_2", "reference_nll"):
             assert f"{side}_sample_{key}" in health
     assert all(isinstance(v, (int, float, str)) for v in health.values())  # flat
     ids = [s.policy_ids for s in samples]
@@ -247,8 +279,8 @@ def test_probe_generates_the_reference_once_and_matches_health_report(models, to
     pairs = _three_pairs(tok)
     expected = health_report(other, model, tok, pairs, n_prompts=3, max_new_tokens=6, batch_size=2)
     calls = []
-    real = samples_module._greedy_answers
-    monkeypatch.setattr(samples_module, "_greedy_answers",
+    real = samples_module.greedy_answers
+    monkeypatch.setattr(samples_module, "greedy_answers",
                         lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
     probe = health.HealthProbe(model, tok, pairs, n_prompts=3, max_new_tokens=6, batch_size=2)
     for _ in range(2):
@@ -268,8 +300,8 @@ def test_probe_with_the_reference_weights_generates_once_and_reports_zero_kl(mod
     with torch.no_grad():
         computed = health_report(twin, model, tok, pairs, n_prompts=3, max_new_tokens=6, batch_size=2)[0]
     calls = []
-    real = samples_module._greedy_answers
-    monkeypatch.setattr(samples_module, "_greedy_answers",
+    real = samples_module.greedy_answers
+    monkeypatch.setattr(samples_module, "greedy_answers",
                         lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
     shortcut, samples = health.HealthProbe(model, tok, pairs, n_prompts=3, max_new_tokens=6,
                                            batch_size=2).report(twin)

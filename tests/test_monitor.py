@@ -54,9 +54,9 @@ def test_a_collapsing_run_warns_keeps_an_earlier_healthy_best_and_says_it_collap
     assert warnings and all("log p(chosen) fell" in w and "bound 1.00" in w for w in warnings), result.stderr
     ev = json.loads((out / "eval.json").read_text())
     assert ev["policy_accuracy"] >= 0.9  # accuracy alone would call this a success ...
-    assert ev["collapsed"] is True and ev["problems"]  # ... the run does not
+    assert ev["degraded"] is True and ev["problems"]  # ... the run does not
     assert ev["policy_chosen_logp"] < ev["reference_chosen_logp"] - 1.0
-    assert "THE MODEL COLLAPSED" in result.stdout and "log p(chosen) fell" in result.stdout
+    assert "THE POLICY DEGRADED" in result.stdout and "log p(chosen) fell" in result.stdout
     best = ev["best"]
     assert best is not None and best["step"] < ev["steps"]  # an earlier evaluation ...
     record = next(e for e in ev["history"] if e["step"] == best["step"])
@@ -83,7 +83,7 @@ def test_a_healthy_run_does_not_warn(setup, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning:" not in result.stderr
     ev = json.loads((out / "eval.json").read_text())
-    assert ev["collapsed"] is False and ev["problems"] == []
+    assert ev["degraded"] is False and ev["problems"] == []
     assert ev["policy_accuracy"] > ev["reference_accuracy"]
     assert "health: within the bounds" in result.stdout and "COLLAPSED" not in result.stdout
     assert all(e["healthy"] for e in ev["history"]) and ev["stopped_early"] is None and ev["steps"] == 12
@@ -100,11 +100,11 @@ def test_evaluation_interval():
 
 
 def test_verdict_names_the_problems_and_best():
-    summary = {"collapsed": True, "problems": ["held-out log p(chosen) fell 8.10 nats/token"],
+    summary = {"degraded": True, "problems": ["held-out log p(chosen) fell 8.10 nats/token"],
                "best": {"step": 40, "policy_accuracy": 0.88, "dir": "best"}}
     text = verdict(summary, "runs/dpo")
-    assert text.startswith("THE MODEL COLLAPSED") and "fell 8.10" in text and "step 40" in text and "runs/dpo/best/" in text
-    assert verdict({**summary, "collapsed": False, "problems": []}).startswith("health: within the bounds")
+    assert text.startswith("THE POLICY DEGRADED") and "fell 8.10" in text and "step 40" in text and "runs/dpo/best/" in text
+    assert verdict({**summary, "degraded": False, "problems": []}).startswith("health: within the bounds")
     assert "no best/" in verdict({**summary, "best": None})
 
 
