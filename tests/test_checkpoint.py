@@ -1,4 +1,5 @@
-"""save_pretrained / load_pretrained: HF-compatible output, strict loading, the hub path.
+"""save_pretrained / load_pretrained: HF-compatible output and strict loading of checkpoint folders
+(hub ids and their cache: tests/test_hub.py).
 
 Every corrupt checkpoint must raise `CheckpointError` with a message naming the tensor or
 file at fault, and must leave the checkpoint directory exactly as it was.
@@ -20,9 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import smollm
 from smollm import CheckpointError, SmolLM, load_pretrained, load_tokenizer, save_pretrained
-from smollm.hub import CACHE_ENV, HUB_URL_ENV, OFFLINE_ENV, HubOfflineError, hub_url
 
-from http_server import FileServer
 from model_utils import random_model, save_random_checkpoint, small_config
 
 # A small vocabulary keeps these files ~1 MB; nothing here decodes text with the model.
@@ -316,46 +315,6 @@ def test_crash_during_save_leaves_the_old_checkpoint(ckpt, tied_model, monkeypat
     assert after["model.safetensors"] == before["model.safetensors"]
     assert sorted(after) == sorted(before)  # no temporary file left behind
     assert torch.equal(logits(load_pretrained(ckpt)), logits(tied_model))
-
-
-# --------------------------------------------------------------------------- hub
-def test_hub_download_then_offline_cache(tmp_path, monkeypatch, tied_model, tokenizer_json):
-    repo = "someone/tiny-smollm"
-    served = tmp_path / "served"  # the server maps /{repo}/resolve/main/{file} onto this tree
-    save_pretrained(tied_model, served / repo / "resolve" / "main", tokenizer=load_tokenizer(tokenizer_json))
-    cache = tmp_path / "cache"
-    monkeypatch.chdir(tmp_path)  # so "someone/tiny-smollm" is not a local directory by accident
-    monkeypatch.setenv(CACHE_ENV, str(cache))
-    monkeypatch.delenv(OFFLINE_ENV, raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(name, "127.0.0.1,localhost")
-
-    with FileServer(served) as server:
-        monkeypatch.setenv(HUB_URL_ENV, server.url)
-        model = smollm.load_pretrained(repo)
-        tokenizer = smollm.load_tokenizer(repo)
-        fetched = {r.path for r in server.requests if r.method == "GET"}
-    assert f"/{repo}/resolve/main/model.safetensors" in fetched
-    assert f"/{repo}/resolve/main/tokenizer.json" in fetched
-    assert torch.equal(logits(model), logits(tied_model))
-    assert tokenizer.vocab_size == 49152 and tokenizer.encode_ids("<|im_start|>") == [1]
-
-    # The server is gone; offline, the cache serves both.
-    monkeypatch.setenv(OFFLINE_ENV, "1")
-    assert torch.equal(logits(smollm.load_pretrained(repo)), logits(tied_model))
-    assert smollm.load_tokenizer(repo).eos_token_id == tokenizer.eos_token_id
-
-    # A repo never downloaded: the error says which files to fetch and where to put them.
-    with pytest.raises(HubOfflineError) as info:
-        smollm.load_pretrained("someone/never-seen")
-    message = str(info.value)
-    folder = cache / "models" / "someone--never-seen" / "main"
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        assert hub_url("someone/never-seen", name) in message
-        assert str(folder / name) in message
-    assert "SMOLLM_OFFLINE=1" in message
-    assert not folder.exists() or not any(folder.iterdir())
 
 
 # ------------------------------------------------------------ header-only verification

