@@ -20,6 +20,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -189,6 +190,8 @@ def read_wandb_log(path: Path) -> list:
             i += block - i % block
             continue
         crc, length, kind = struct.unpack("<IHB", data[i:i + 7])
+        if i + 7 + length > len(data):  # a record still being written
+            break
         chunk = data[i + 7:i + 7 + length]
         i += 7 + length
         if kind == 0:
@@ -219,9 +222,16 @@ def read_wandb(run_dir: Path) -> tuple[list[dict], dict, dict, Path]:
     """(history rows by step, config, summary, the offline run's folder) of the one run in run_dir/wandb."""
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
+    log_file = next(runs[0].glob("run-*.wandb"))
+    # wandb-core writes the log in its own process and may finish it just after run.finish() returns
+    # (before the Python process exits, which waits for it): wait for the run's exit record
+    deadline = time.monotonic() + 30
+    while not any(r.WhichOneof("record_type") == "exit" for r in read_wandb_log(log_file)):
+        assert time.monotonic() < deadline, f"{log_file} holds no exit record after 30 s"
+        time.sleep(0.1)
     history: dict[int, dict] = {}
     config, summary = {}, {}
-    for record in read_wandb_log(next(runs[0].glob("run-*.wandb"))):
+    for record in read_wandb_log(log_file):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row = wandb_items(record.history.item)
