@@ -1,4 +1,4 @@
-"""Preference data: load (prompt, chosen, rejected) triples from HH-RLHF style files.
+"""Preference data: load (prompt, chosen, rejected) triples from files and hub datasets.
 
 Anthropic's HH-RLHF rows are two whole transcripts that share every turn but the last::
 
@@ -12,25 +12,36 @@ the same text either way).
 
 What is accepted (``load_preferences``):
 
-* files ``.jsonl``, ``.jsonl.gz``, ``.json`` (one JSON list), ``.parquet`` (needs pyarrow),
-  a directory of such files, or a list of any of these;
-* rows ``{"chosen", "rejected"}`` (HH transcripts) or ``{"prompt", "chosen", "rejected"}``
-  (Dahoas/full-hh-rlhf style: chosen/rejected are already the responses; extra keys such
-  as ``response`` are ignored);
+* files ``.jsonl``, ``.jsonl.gz``, ``.json`` (one JSON list, or JSON Lines), ``.parquet``
+  (needs pyarrow, an optional dependency), a directory of such files (laid out like a hub
+  dataset, it gives one split: see below), or a list of any of these;
+* TRL's standard rows, strings: ``{"prompt", "chosen", "rejected"}`` (an explicit prompt;
+  chosen/rejected are the responses; extra keys such as ``response`` or scores are ignored),
+  or ``{"chosen", "rejected"}`` with the prompt implicit: HH-RLHF transcripts are cut at the
+  last ``"\n\nAssistant:"`` (``split_hh_transcript``), other texts at the end of their
+  common beginning, as trl.extract_prompt cuts them (``split_implicit_prompt``);
 * TRL's conversational rows, where the fields are lists of ``{"role", "content"}``
   messages: ``{"prompt": [user, ...], "chosen": [assistant], "rejected": [assistant]}``,
   or, without ``prompt``, two whole conversations that share every message before the
-  answers (the shared messages become the prompt). Such a pair keeps its messages
-  (``prompt_messages``, ``chosen_messages``, ``rejected_messages``, for
-  ``dpo.chat.apply_chat_format``) and also gets HH-style text fields, so that plain-text
+  answers (the shared messages become the prompt; trl-lib/ultrafeedback_binarized). Such a
+  pair keeps its messages (``prompt_messages``, ``chosen_messages``, ``rejected_messages``,
+  for ``dpo.chat.apply_chat_format``) and also gets HH-style text fields, so that plain-text
   consumers (the NLTK filter, training without a chat template) see
-  ``"\\n\\nHuman: ...\\n\\nAssistant:"`` and ``" answer"`` as for HH rows;
-* hub names ``"Anthropic/hh-rlhf"`` (subsets helpful-base + harmless-base),
-  ``"Anthropic/hh-rlhf/<subset>"``, or ``"<owner>/<repo>/<path/to/file.jsonl.gz>"``,
-  downloaded through ``smollm.hub.download_file``. A name is a hub name only when no
-  local path of that name exists. When the hub cannot be reached, ``"Anthropic/hh-rlhf"``
-  falls back to the HH-RLHF test splits bundled with this package (``bundled_hh_files``),
-  and the ``LoadReport`` says so (``offline_fallback=False`` turns this off).
+  ``"\n\nHuman: ...\n\nAssistant:"`` and ``" answer"`` as for HH rows;
+* hub dataset ids ``"<owner>/<name>"`` (``@<revision>`` after it pins a branch, tag or commit),
+  such as ``"trl-lib/ultrafeedback_binarized"``: the files of ``split`` (and ``subset``), as
+  its dataset card or its file names say (``dpo.hub_data``), downloaded with huggingface_hub
+  into its cache (``smollm.sources.snapshot``; HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN apply);
+  ``"<owner>/<name>/<subset>"`` and ``"<owner>/<name>/<path/to/one/file>"`` too.
+  ``"Anthropic/hh-rlhf"`` alone is its helpful-base + harmless-base subsets. A name is a hub
+  id only when no local path of that name exists. When it is neither cached nor
+  downloadable, ``"Anthropic/hh-rlhf"`` falls back to the HH-RLHF test splits bundled with
+  this package (``bundled_hh_files``), and the ``LoadReport`` says so
+  (``offline_fallback=False`` turns this off).
+
+A file whose first record has neither ``chosen`` nor ``rejected`` (a parquet file: whose
+columns lack either) is in none of these formats: one ``DataError`` names the columns it has
+and the ones it needs.
 
 Two kinds of bad rows:
 
