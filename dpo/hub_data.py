@@ -119,6 +119,9 @@ def split_files(repo: str, files: Sequence[str], card: dict | None, split: str, 
     data = [f for f in files if suffix_of(f.rsplit("/", 1)[-1])]
     where = f"{repo}" + (f" (subset {subset})" if subset else "")
     configs = (card or {}).get("configs") if not (default_subsets and subset is None) else None
+    if (configs and subset is not None and any(f.startswith(subset + "/") for f in data)
+            and subset not in [str(c.get("config_name", "default")) for c in configs if isinstance(c, dict)]):
+        configs = None  # a folder of that name, though the card's configs are named otherwise (a data_dir)
     folder = None
     if configs:
         config = _pick_config(configs if isinstance(configs, list) else [configs], subset, repo)

@@ -697,6 +697,7 @@ def test_hub_dataset_subsets_splits_and_files(hub):
         load_preferences("someone/multi")
     with pytest.raises(DataError, match=r"someone/multi has no subset 'de'; its subsets: en, fr"):
         load_preferences("someone/multi", subset="de")
+    assert load_preferences("someone/multi", subset="en", split="train_prefs")[0].chosen == " Hello"
     with pytest.raises(DataError, match=r"the hub dataset someone/multi has no file 'fr/b.jsonl'"):
         load_preferences("someone/multi/fr/b.jsonl")
     # without a card: subsets are folders, splits come from the file names
@@ -712,11 +713,13 @@ def test_hub_dataset_subsets_splits_and_files(hub):
 
 def hh_repo(tmp_path) -> dict[str, bytes]:
     """Anthropic/hh-rlhf's layout: a folder per subset with {train,test}.jsonl.gz, and a folder
-    of red-team transcripts that are not preference pairs; no configs in the card."""
+    of red-team transcripts that are not preference pairs. Its card's one config (every file) is
+    not a subset: "Anthropic/hh-rlhf" is helpful-base + harmless-base, a subset is its folder."""
     def gz(rows):
         return gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
 
-    files = {".gitattributes": GITATTRIBUTES, "README.md": b"---\nlicense: mit\n---\n# HH-RLHF\n",
+    card = b"---\nlicense: mit\nconfigs:\n- config_name: default\n  data_files: '**/*.jsonl.gz'\n---\n# HH-RLHF\n"
+    files = {".gitattributes": GITATTRIBUTES, "README.md": card,  # a card whose only config is not a subset
              "red-team-attempts/red_team_attempts.jsonl.gz": gz([{"transcript": "x", "rating": 1}])}
     for sub, row in (("helpful-base", HH_ROW), ("harmless-base", HH_ROW2)):
         for split in ("train", "test"):
