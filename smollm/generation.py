@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from .model import SmolLM
+from .onednn import onednn_linears
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -28,7 +29,6 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-@torch.no_grad()
 def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None,
@@ -42,6 +42,10 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     finished: it keeps receiving the first of them (as padding) until every row is done, and
     generation stops early when all are. `on_token(tokens [B])` is called after each step
     (for streaming).
+
+    What makes it fast (docs/benchmarks.md, "Generation"): inference mode; the prompt's LM
+    head at its last position only; buffers for the tokens and the attention mask allocated
+    once; and on a CPU, oneDNN's matmul for the Linear layers (`smollm.onednn`).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -52,21 +56,42 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     B, T = input_ids.shape
     if isinstance(eos_token_id, int):
         eos_token_id = [eos_token_id]
-    stop_ids = torch.tensor(list(eos_token_id or []), dtype=torch.long, device=input_ids.device)  # [S]
+    device = input_ids.device
+    stop_ids = torch.tensor(list(eos_token_id or []), dtype=torch.long, device=device)  # [S]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     limit = model.config.max_position_embeddings
     max_new_tokens = min(max_new_tokens, limit - T)
     if max_new_tokens <= 0:
         return input_ids
+    # Every token and mask column this call will need, allocated once: step t writes column
+    # T + t, and the model reads the mask's first S columns (no concatenation per step).
+    out = torch.empty(B, T + max_new_tokens, dtype=input_ids.dtype, device=device)  # [B, T + N]
+    out[:, :T] = input_ids
+    mask = torch.ones(B, T + max_new_tokens, dtype=attention_mask.dtype, device=device)  # [B, T + N]
+    mask[:, :T] = attention_mask
     was_training = model.training
     model.eval()
+    try:
+        with torch.inference_mode(), onednn_linears(model):
+            steps = _decode(model, out, mask, T, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                            generator, on_token)
+    finally:
+        model.train(was_training)
+    return out[:, :T + steps]
+
+
+def _decode(model: SmolLM, out: torch.Tensor, mask: torch.Tensor, T: int, max_new_tokens: int,
+            temperature: float, top_k: int | None, top_p: float | None, stop_ids: torch.Tensor,
+            generator: torch.Generator | None, on_token: Callable[[torch.Tensor], None] | None) -> int:
+    """The decoding loop of `generate`: fills out[:, T:], returns how many tokens it made."""
+    B = out.shape[0]
     cache = model.new_kv_cache(B, T + max_new_tokens)
-    tokens, mask = input_ids, attention_mask
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    out = [input_ids]
-    for _ in range(max_new_tokens):
-        logits = model(tokens, mask, kv_cache=cache)[:, -1, :].float()  # [B, V]: the last position
+    finished = torch.zeros(B, dtype=torch.bool, device=out.device)
+    tokens = out[:, :T]  # the prompt first; then only the new token goes through the model
+    for step in range(max_new_tokens):
+        S = T + step
+        logits = model(tokens, mask[:, :S], kv_cache=cache, last_only=True)[:, -1, :].float()  # [B, V]
         if temperature == 0.0:
             next_token = logits.argmax(-1)  # [B]
         else:
@@ -75,12 +100,10 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
         if len(stop_ids):
             next_token = next_token.masked_fill(finished, int(stop_ids[0]))
             finished |= torch.isin(next_token, stop_ids)
-        out.append(next_token[:, None])
+        out[:, S] = next_token
         if on_token is not None:
             on_token(next_token)
         if len(stop_ids) and bool(finished.all()):
-            break
-        tokens = next_token[:, None]  # [B, 1]: only the new token goes through the model
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # [B, S + 1]
-    model.train(was_training)
-    return torch.cat(out, dim=1)
+            return step + 1
+        tokens = out[:, S:S + 1]  # [B, 1]
+    return max_new_tokens

