@@ -96,6 +96,8 @@ class JudgeConfig:
     verdicts: list[str] | None = _f(None, "score blind verdict files (.jsonl: {\"id\", \"verdict\": A|B|tie, "
                                           "\"reason\"}) against blind_key.json", nargs="+")
     output_dir: str | None = _f(None, "where answers, verdicts and reports go (default: RUN/judge)")
+    answers_from: str | None = _f(None, "an earlier judge output folder whose answers are reused where the model, "
+                                        "prompts and decoding are the same (e.g. the starting model's)")
     seed: int = _f(0, "seed of the blind order")
     device: str | None = _f(None, "cpu, cuda, ... (default: cuda when present)")
     dtype: str | None = _f(None, "float32 or bfloat16 autocast (default: bf16 on CUDA and CPUs with native bf16)",
@@ -203,40 +205,51 @@ def render(tokenizer, prompt: str, chat_template: str) -> list[int]:
 
 def answer_all(config: JudgeConfig, names: dict[str, str], prompts: list[str], tokenizer, base: str | None,
                out: Path, device: torch.device) -> dict[str, list[dict]]:
-    """Both sides' answers, generated the same way, or read back from an earlier call that used the
-    same models, prompts and decoding (answers_{side}.jsonl + answers.json)."""
-    chat_template = config.chat_template
-    settings = {"policy": names["policy"], "reference": names["reference"], "prompts": prompts,
-                "max_new_tokens": config.max_new_tokens, "decoding": "greedy", "chat_template": chat_template,
-                "dtype": config.dtype}
-    meta = out / "answers.json"
-    if meta.is_file() and json.loads(meta.read_text(encoding="utf-8")) == settings:
-        print(f"reusing the answers in {out} (same models, prompts and decoding)", file=sys.stderr)
-        return {side: [json.loads(line) for line in (out / f"answers_{side}.jsonl").read_text().splitlines()]
-                for side in SIDES}
-    ids = [render(tokenizer, p, chat_template) for p in prompts]
+    """Both sides' answers, generated the same way. A side whose answers an earlier call already
+    made with the same model, prompts and decoding (answers_{side}.jsonl and its .json settings,
+    in --output-dir or in --answers-from) is read back instead of generated again."""
+    ids = [render(tokenizer, p, config.chat_template) for p in prompts]
     stop_ids = list(dict.fromkeys(list(tokenizer.stop_token_ids) + [tokenizer.eos_token_id]))
     autocast = autocast_dtype_for(config, device)
     answers: dict[str, list[dict]] = {}
     for side in SIDES:
-        started = time.perf_counter()
-        model = load_model(names[side], device, base)
-        with _bar(len(prompts), f"{side} answers", config.progress) as bar:
-            got = greedy_answers(model, ids, max_new_tokens=config.max_new_tokens, stop_ids=stop_ids,
-                                 batch_size=config.batch_size, device=device, autocast_dtype=autocast,
-                                 progress=bar.update)
-        del model
-        rows = []
-        for k, (prompt, (answer_ids, ended)) in enumerate(zip(prompts, got), 1):
-            text = tokenizer.decode(answer_ids, skip_special_tokens=True)
-            rows.append({"id": k, "prompt": prompt, "answer": text, "tokens": len(answer_ids), "ended": ended,
-                         "loops": loops(text)})
+        settings = {"model": names[side], "prompts": prompts, "max_new_tokens": config.max_new_tokens,
+                    "decoding": "greedy", "chat_template": config.chat_template, "stop_ids": stop_ids,
+                    "autocast": str(autocast)}
+        rows = _cached_answers(side, settings, [out] + ([Path(config.answers_from)] if config.answers_from else []))
+        if rows is None:
+            started = time.perf_counter()
+            model = load_model(names[side], device, base)
+            with _bar(len(prompts), f"{side} answers", config.progress) as bar:
+                got = greedy_answers(model, ids, max_new_tokens=config.max_new_tokens, stop_ids=stop_ids,
+                                     batch_size=config.batch_size, device=device, autocast_dtype=autocast,
+                                     progress=bar.update)
+            del model
+            rows = []
+            for k, (prompt, (answer_ids, ended)) in enumerate(zip(prompts, got), 1):
+                text = tokenizer.decode(answer_ids, skip_special_tokens=True)
+                rows.append({"id": k, "prompt": prompt, "answer": text, "tokens": len(answer_ids), "ended": ended,
+                             "loops": loops(text)})
+            print(f"{side}: {len(rows)} answers in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         (out / f"answers_{side}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                                    encoding="utf-8")
-        print(f"{side}: {len(rows)} answers in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        (out / f"answers_{side}.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
         answers[side] = rows
-    meta.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
     return answers
+
+
+def _cached_answers(side: str, settings: dict, folders: list[Path]) -> list[dict] | None:
+    """A side's answers from the first folder whose answers were made with exactly `settings`."""
+    for folder in folders:
+        meta, rows = folder / f"answers_{side}.json", folder / f"answers_{side}.jsonl"
+        try:
+            same = json.loads(meta.read_text(encoding="utf-8")) == settings
+        except (OSError, ValueError):
+            continue
+        if same and rows.is_file():
+            print(f"reusing the {side}'s answers in {rows} (same model, prompts and decoding)", file=sys.stderr)
+            return [json.loads(line) for line in rows.read_text(encoding="utf-8").splitlines()]
+    return None
 
 
 def answer_stats(rows: Sequence[dict]) -> dict[str, float]:
@@ -509,6 +522,7 @@ def _tokenizer_source(policy: str, run_cfg: TrainConfig | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 on success, 2 with one line `error: ...` for a bad setting, input or model."""
     from smollm.checkpoint import CheckpointError
+    from smollm.sources import HubError
     from smollm.tokenizer import TokenizerError
 
     parser = argparse.ArgumentParser(prog="python -m dpo.judge", description=__doc__,
@@ -519,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                             if hasattr(args, f.name)})
     try:
         run(config)
-    except (ConfigError, DataError, CheckpointError, TokenizerError, OSError) as e:
+    except (ConfigError, DataError, CheckpointError, TokenizerError, HubError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

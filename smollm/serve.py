@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import load_pretrained, load_tokenizer
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .sources import HubError
     from .tokenizer import TokenizerError
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_pretrained(args.model, device=device, dtype=dtype)
         tokenizer = load_tokenizer(args.tokenizer or args.model)
-    except (CheckpointError, ConfigError, TokenizerError, OSError, RuntimeError) as e:  # RuntimeError: a hub error
+    except (CheckpointError, ConfigError, TokenizerError, HubError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     chat = ChatModel(model, tokenizer, args.name or args.model, max_waiting=args.max_waiting,

@@ -183,6 +183,7 @@ def test_both_orders_reach_the_server_with_the_answers_swapped(server, tiny_run,
     for side in ("policy", "reference"):
         rows = [json.loads(line) for line in (out / f"answers_{side}.jsonl").read_text().splitlines()]
         assert [set(r) for r in rows] == [{"id", "prompt", "answer", "tokens", "ended", "loops"}] * 3
+        assert json.loads((out / f"answers_{side}.json").read_text())["max_new_tokens"] == 8
         assert set(result["answers"][side]) == {"ended_share", "loop_share", "mean_length", "empty_share"}
     md = (out / "judge.md").read_text()
     assert "Win rate of the policy" in md and "ended their turn" in md and "both orders" in md
@@ -296,10 +297,13 @@ def test_blind_files_and_verdicts_from_two_judges(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--verdicts", str(tmp_path / "one.jsonl"), str(tmp_path / "two.jsonl")]) == 0
     printed = capsys.readouterr()
-    assert "reusing the answers" in printed.err  # the same models, prompts and decoding: not generated again
+    assert printed.err.count("reusing the") == 2  # the same models, prompts and decoding: not generated again
     scored = json.loads((out / "verdicts.json").read_text())
     assert [j["win_rate"] for j in scored["judges"]] == [1.0, 0.125]
     assert scored["agreement"] == {"same": 0, "of": 4}
+    other = [a if a != str(out) else str(tmp_path / "other") for a in args]  # another folder, the same answers
+    assert main(other + ["--answers-from", str(out), "--blind"]) == 0
+    assert capsys.readouterr().err.count("reusing the") == 2
     (tmp_path / "bad.jsonl").write_text('{"id": 1, "verdict": "maybe"}\n')
     assert main(args + ["--verdicts", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl: line 1: unknown item 1 or verdict 'maybe'" in capsys.readouterr().err
