@@ -73,7 +73,7 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), onednn_linears(model):
+        with torch.inference_mode(), onednn_linears(model, batch_size=B):
             steps = _decode(model, out, mask, T, max_new_tokens, temperature, top_k, top_p, stop_ids,
                             generator, on_token)
     finally:

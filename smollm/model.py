@@ -93,14 +93,15 @@ class KVCache:
     """Keys and values of every layer for positions already seen, preallocated.
 
     `generate` makes one, the model writes into it: after a forward over T new positions,
-    `length` grows by T and the next forward only needs the new tokens.
+    `length` grows by T and the next forward only needs the new tokens. Only the first
+    `length` positions are ever read, so the buffers start uninitialised (no zero-filling).
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int,
                  head_dim: int, *, device=None, dtype=torch.float32):
         shape = (batch_size, num_kv_heads, max_length, head_dim)  # [B, KV, S_max, D]
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.max_length = max_length
         self.length = 0  # positions stored (advanced by the model after its last layer)
 

@@ -1,23 +1,27 @@
 """oneDNN's matmul for the model's Linear layers while it generates on an x86 CPU.
 
 A decoding step multiplies one row per sequence (B rows) by every weight matrix of the
-model. PyTorch sends an fp32 `F.linear` to MKL, whose kernels for so few rows are slow: at
-one row they use one core, so the step reads the 540 MB of SmolLM-135M's weights at a
-single core's bandwidth; at 16 rows they reach a third of what the cores can do. oneDNN,
-which PyTorch ships for its bf16 matmuls, has kernels made for small batches and uses every
-thread, reading the same [out, in] weight tensor where it is (no copy, no repacking).
+model. PyTorch sends an fp32 `F.linear` to MKL, whose kernels are slow for so few rows: at
+one row it reads the 540 MB of SmolLM-135M's weights at 17 GB/s where the memory gives 36,
+and at 2 to 16 rows it takes longer still (MKL runs its AVX2 kernels on AMD CPUs, AVX-512 or
+not). oneDNN, which PyTorch ships for its bf16 matmuls, has kernels made for small batches.
+For one row it reads the [out, in] weight where it is. For B >= 2 rows it first copies each
+weight once into its own blocked layout (`_reorder_linear_weight`, for B rows), which its
+kernels read twice as fast as MKL reads the plain one; the copies live as long as the `with`
+block (as much memory again as the weights; about 0.2 s for SmolLM-135M).
 docs/benchmarks.md ("Generation") has the measurements.
 
-`onednn_linears(model)` swaps, for the duration of a `with` block, every plain `nn.Linear`
-(nothing but x W^T: `smollm.autograd.plain_linear`) whose weight is a dense fp32 CPU tensor
-for a `OneDNNLinear` around it, and puts the originals back afterwards. A LoRA adapter keeps
-its own forward and gets the fast base layer. Modules of any other kind, other devices,
-other dtypes, autocast and builds without oneDNN are left as they are.
+`onednn_linears(model, batch_size)` swaps, for the duration of a `with` block, every plain
+`nn.Linear` (nothing but x W^T: `smollm.autograd.plain_linear`) whose weight is a dense fp32
+CPU tensor for a `OneDNNLinear` around it, and puts the originals back afterwards. A LoRA
+adapter keeps its own forward and gets the fast base layer. Modules of any other kind, other
+devices, other dtypes, autocast and builds without oneDNN are left as they are. The weights
+must not change inside the block (a packed copy would not see it).
 
 Exactness: both libraries add the same products in a different order, so a logit may differ
 in its last bits (about 1e-6 relative). Greedy tokens are the same unless the two best
-logits tie to that precision; `tests/test_generation.py` checks the tokens against F.linear's
-on the real model. No gradient flows through it: generation runs under inference mode.
+logits tie to that precision; `tests/test_generation.py` checks the tokens against F.linear's,
+on the real model too. No gradient flows through it: generation runs under inference mode.
 """
 from __future__ import annotations
 
@@ -33,22 +37,30 @@ from .autograd import plain_linear
 def available() -> bool:
     """Whether this PyTorch has oneDNN's linear op and runs on an x86 CPU with AVX2 or better."""
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and torch.backends.cpu.get_cpu_capability().startswith("AVX"))
 
 
 class OneDNNLinear(nn.Module):
-    """`linear(x)` computed by oneDNN: x [.., in] -> [.., out], reading `linear.weight` in place."""
+    """`linear(x)` computed by oneDNN: x [.., in] -> [.., out].
 
-    def __init__(self, linear: nn.Linear):
+    batch_size: the rows per call to tune for; from 2 on, the weight is copied once into
+    oneDNN's blocked layout for that many rows (any number of rows still works), otherwise
+    `linear.weight` is read in place.
+    """
+
+    def __init__(self, linear: nn.Linear, batch_size: int = 1):
         super().__init__()
         self.linear = linear
+        weight = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=batch_size) if batch_size >= 2 else weight
 
     @property
     def weight(self) -> torch.Tensor:
         return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.linear.weight, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
 def _swappable(module: nn.Module) -> bool:
@@ -60,8 +72,9 @@ def _swappable(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def onednn_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Run the plain fp32 CPU Linear layers of `model` with oneDNN inside the block.
+def onednn_linears(model: nn.Module, batch_size: int = 1, enabled: bool = True) -> Iterator[int]:
+    """Run the plain fp32 CPU Linear layers of `model` with oneDNN inside the block, tuned for
+    `batch_size` rows per call (the sequences decoded together).
 
     Yields how many layers were swapped (0 when oneDNN is unavailable, `enabled` is False,
     CPU autocast is on, or the model lives elsewhere). Not for training: the op has no backward.
@@ -76,7 +89,7 @@ def onednn_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
                 swapped.append((parent, name, child))
     try:
         for parent, name, child in swapped:
-            setattr(parent, name, OneDNNLinear(child))
+            setattr(parent, name, OneDNNLinear(child, batch_size))
         yield len(swapped)
     finally:
         for parent, name, child in swapped:
