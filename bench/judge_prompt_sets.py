@@ -4,9 +4,12 @@ Every setting of the grid must be judged on the same prompts, and none of them m
 on one. `python -m dpo.judge --run RUN` picks prompts per run (excluding that run's own training
 prompts), so settings that train on different pairs would be judged on slightly different sets.
 These files fix one set for all of them: single-turn prompts of the bundled HH-RLHF test splits
-that sit in the tail of the seed-0 shuffle, which no setting of the grid reads (the filter stops
-once it has the pairs it needs: 3,609 pairs read for 1,000 + 200; an unfiltered run reads
-num_pairs + eval_pairs), minus any prompt whose text is a user turn of a pair before the tail.
+that no setting of the grid (seed 0, 200 held-out pairs, up to 1,000 training pairs) can train on:
+* a filtered run reads the seed-0 shuffle only until the filter has kept what it needs (3,609
+  pairs for 1,000 + 200), so the pairs from --tail-from on are never read;
+* an unfiltered run (dpo.train --no-filter, dpo.sft) trains on the first num_pairs x 1.05 + 8
+  candidates of its split (`dpo.cli.select_pairs`), a prefix of the 1,000-pair run's: excluded too;
+and any prompt whose text is a user turn of an excluded pair goes with it.
 `dpo.judge --prompts FILE --run RUN` checks again, per run, that none is a training prompt.
 
 The dev set is for choosing settings; the test set is judged once, for the settings reported.
@@ -19,6 +22,8 @@ import argparse
 import random
 from pathlib import Path
 
+from dpo.cli import select_pairs
+from dpo.config import TrainConfig
 from dpo.data import bundled_hh_files, load_preferences
 from dpo.judge_prompts import select_prompts, trained_user_turns, write_prompt_file
 
@@ -30,10 +35,12 @@ def main() -> None:
     p.add_argument("--num", type=int, default=60)
     p.add_argument("--seed", type=int, default=0, help="the runs' --seed (their shuffle)")
     args = p.parse_args()
-    pairs = load_preferences(bundled_hh_files(), skip_bad_records=True)
+    loaded = load_preferences(bundled_hh_files(), skip_bad_records=True)
+    pairs = list(loaded)
     random.Random(args.seed).shuffle(pairs)  # as dpo.cli.select_pairs does
     read, tail = pairs[:args.tail_from], pairs[args.tail_from:]
-    exclude = trained_user_turns(read)
+    unfiltered = select_pairs(TrainConfig(filter=False, num_pairs=1000, eval_pairs=200, seed=args.seed), loaded)[0]
+    exclude = trained_user_turns(read + unfiltered)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("dev", "test"):

@@ -246,6 +246,9 @@ class TrainConfig(RunConfig):
     bco_delta: float | None = _f(None, "bco_pair's reward shift delta (default 0)")
     logp_reduction: str = _f("mean", "sequence log-prob over response tokens: 'mean' (the assignment) or "
                                      "'sum' (the DPO paper)", choices=["mean", "sum"])
+    rejected_end_of_turn: bool = _f(True, "count the end-of-turn token that closes each rejected answer in its "
+                                          "log-prob (--no-rejected-end-of-turn: DPO cannot learn that ending a turn "
+                                          "is what made an answer worse; held-out pairs are never changed)")
     shared_trunk: bool = _f(True, "run the frozen trunk once for policy and reference (exact; "
                                   "--no-shared-trunk gives the textbook two-model path)")
     # --- evaluation and health

@@ -215,10 +215,12 @@ class Split:
 def inspect_split(config: TrainConfig, tokenizer, raw: list, name: str, templated: bool) -> Split:
     """Tokenize `raw` (one split from dpo.cli.load_and_split) as dpo.train does, and look at every pair."""
     from .tokenization import tokenize_pairs
-    from .train import tokenize_settings
+    from .train import as_trained, tokenize_settings
 
     settings = tokenize_settings(config, tokenizer)
     kept, stats = tokenize_pairs(tokenizer, raw, **settings)
+    if name == "train":  # the masks the loss reads (--no-rejected-end-of-turn)
+        kept = as_trained(config, kept, tokenizer.eos_token_id)
     untruncated, _ = tokenize_pairs(tokenizer, raw, **{**settings, "max_length": 2**62, "max_prompt_length": None})
     by_index = {p.index: p for p in kept}
     full = {p.index: p for p in untruncated}

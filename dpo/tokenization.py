@@ -36,6 +36,7 @@ Sequences hold plain Python ``list[int]`` (cheap to keep, pickle and measure);
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, Sequence
@@ -361,6 +362,24 @@ def tokenize_pairs(
             if tp is not None:
                 out.append(tp)
     return out, stats
+
+
+def without_end_of_turn(pair: TokenizedPair, eos_token_id: int, side: str = "rejected") -> TokenizedPair:
+    """The pair with the end-of-turn token that closes `side`'s answer left out of its log-prob.
+
+    Only the mask changes (the token stays in the sequence, as context for nothing), and only
+    when that answer ends with `eos_token_id` (it was not cut) and keeps another counted token.
+    Why: DPO lowers every token of a rejected answer, its end-of-turn included, so a policy trained
+    on pairs whose rejected answer is the shorter one learns that ending a turn is what is wrong
+    with an answer. Masked, the token teaches nothing either way (dpo.train --no-rejected-end-of-turn).
+    """
+    if side not in ("chosen", "rejected"):
+        raise ValueError(f"side must be 'chosen' or 'rejected', got {side!r}")
+    ids, mask = getattr(pair, f"{side}_ids"), getattr(pair, f"{side}_mask")
+    counted = sum(mask[1:])
+    if not ids or ids[-1] != eos_token_id or not mask[-1] or counted < 2 or len(ids) < 2:
+        return pair
+    return dataclasses.replace(pair, **{f"{side}_mask": mask[:-1] + [0]})
 
 
 # ---------------------------------------------------------------------------------------

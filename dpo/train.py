@@ -37,7 +37,7 @@ from .plots import plot_curves
 from .policy import make_reference, make_trainable, save_policy
 from .precision import precision_note
 from .samples import format_sample, write_samples
-from .tokenization import TokenizedPair, tokenize_pairs
+from .tokenization import TokenizedPair, tokenize_pairs, without_end_of_turn
 from .trainer import DPOTrainer
 
 COMMAND = "dpo.train"
@@ -54,6 +54,16 @@ def tokenize_settings(config: TrainConfig, tokenizer) -> dict:
                 max_prompt_length=config.max_prompt_length)
 
 
+def as_trained(config: TrainConfig, pairs: list[TokenizedPair], eos_token_id: int) -> list[TokenizedPair]:
+    """The training pairs as the loss reads them: with --no-rejected-end-of-turn, each rejected
+    answer's closing end-of-turn token is masked out (`without_end_of_turn`). Held-out pairs are
+    never changed, so held-out accuracy means the same in every run; python -m dpo.inspect shows
+    the training split through this too."""
+    if config.rejected_end_of_turn:
+        return pairs
+    return [without_end_of_turn(p, eos_token_id) for p in pairs]
+
+
 def prepare_data(config: TrainConfig, tokenizer, model_config: SmolLMConfig
                  ) -> tuple[list[TokenizedPair], list[TokenizedPair], dict]:
     """Load, filter, split and tokenize; the held-out pairs never enter training."""
@@ -61,7 +71,7 @@ def prepare_data(config: TrainConfig, tokenizer, model_config: SmolLMConfig
     kwargs = tokenize_settings(config, tokenizer)
     eval_pairs, eval_stats = tokenize_pairs(tokenizer, eval_raw, **kwargs)
     train_pairs, train_stats = tokenize_pairs(tokenizer, train_raw, **kwargs)
-    train_pairs = train_pairs[:config.num_pairs]
+    train_pairs = as_trained(config, train_pairs[:config.num_pairs], tokenizer.eos_token_id)
     for name, stats in (("train", train_stats), ("eval", eval_stats)):
         log(f"tokenized {name}: {stats}")
     if not train_pairs:

@@ -443,3 +443,22 @@ def test_length_grouped_order_edge_cases():
     assert sorted(length_grouped_order([3, 1, 2], batch_size=8, seed=0)) == [0, 1, 2]
     with pytest.raises(ValueError):
         length_grouped_order([1, 2], batch_size=0, seed=0)
+
+
+def test_without_end_of_turn_masks_only_a_closing_eos():
+    from dpo.tokenization import TokenizedPair, without_end_of_turn
+
+    pair = TokenizedPair(index=0, source="t", chosen_ids=[5, 6, 7, 2], chosen_mask=[0, 0, 1, 1],
+                         rejected_ids=[5, 6, 9, 2], rejected_mask=[0, 0, 1, 1], prompt_len=2)
+    masked = without_end_of_turn(pair, eos_token_id=2)
+    assert masked.rejected_mask == [0, 0, 1, 0] and masked.rejected_ids == pair.rejected_ids
+    assert masked.chosen_mask == pair.chosen_mask  # the chosen side keeps its end of turn
+    assert without_end_of_turn(pair, 2, side="chosen").chosen_mask == [0, 0, 1, 0]
+    cut = TokenizedPair(index=0, source="t", chosen_ids=[5, 6, 7, 8], chosen_mask=[0, 0, 1, 1],
+                        rejected_ids=[5, 6, 9, 8], rejected_mask=[0, 0, 1, 1], prompt_len=2)
+    assert without_end_of_turn(cut, 2) is cut  # truncated: no end of turn to mask
+    alone = TokenizedPair(index=0, source="t", chosen_ids=[5, 7, 2], chosen_mask=[0, 1, 1],
+                          rejected_ids=[5, 2], rejected_mask=[0, 1], prompt_len=1)
+    assert without_end_of_turn(alone, 2) is alone  # the EOS is its only counted token: kept
+    with pytest.raises(ValueError, match="side must be"):
+        without_end_of_turn(pair, 2, side="both")
