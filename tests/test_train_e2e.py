@@ -98,3 +98,23 @@ def test_real_pipeline_on_hh_rlhf(tmp_path, tokenizer_json, hh_files):
     assert ev["num_pairs"] == 16 and ev["steps"] == 4 and ev["train_pairs"] == 16
     assert 0.0 <= ev["reference_accuracy"] <= 1.0 and 0.0 <= ev["policy_accuracy"] <= 1.0
     assert ev["data"]["filter"]["kept"] >= 32
+
+
+def test_held_out_prompts_cut_away_by_max_length_are_skipped_not_a_crash(tmp_path, tokenizer_json, hh_files):
+    """The crash of issue 20: at --max-length 64 most held-out HH prompts lose every token to their long
+    answers, and the first evaluation's samples raised `ValueError: prompt 0 has no tokens`."""
+    from dpo.train import main
+
+    model = save_random_checkpoint(tmp_path / "tiny", small_config(num_hidden_layers=4),
+                                   tokenizer=load_tokenizer(tokenizer_json))
+    out = tmp_path / "run"
+    code = main(["--model", str(model), "--data", str(hh_files[0]), "--max-length", "64", "--train-last-n", "2",
+                 "--num-pairs", "48", "--eval-pairs", "16", "--max-steps", "2", "--sample-tokens", "8",
+                 "--output-dir", str(out), "--no-progress", "--dtype", "float32"])
+    assert code == 0
+    ev = json.loads((out / "eval.json").read_text())
+    health = ev["history"][0]["health"]
+    assert health["empty_skipped"] > 0  # prompts cut away: skipped and counted ...
+    assert health["n_samples"] == 16 - health["empty_skipped"] > 0  # ... and the others answered
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == health["n_samples"] and all(s["prompt_ids"] for s in samples)
