@@ -142,11 +142,11 @@ def select_pairs(config: RunConfig, pairs: list) -> tuple[list, list, dict]:
     random.Random(config.seed).shuffle(pairs)
     kept = pairs
     if config.filter:
-        from .filtering import filter_pairs
+        from .filtering import FilterThresholds, filter_pairs
 
         # Ask for a few more than needed: tokenization may drop a pair with no response left.
         need = config.num_pairs + config.eval_pairs
-        kept, report = filter_pairs(pairs, limit=math.ceil(need * 1.05) + 8,
+        kept, report = filter_pairs(pairs, FilterThresholds.only(config.filter_rules), limit=math.ceil(need * 1.05) + 8,
                                     num_workers=config.filter_workers, progress=config.progress)
         log(report.format())
         info["filter"] = {"total": report.total, "kept": report.kept, "rejected": report.rejected,

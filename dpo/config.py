@@ -21,6 +21,7 @@ from smollm.config import ConfigError  # one error type for every bad setting, m
 from smollm.lora import TARGETS as LORA_TARGETS
 from smollm.lora import LoRAConfig
 
+from .filtering import RULES as FILTER_RULES
 from .loss import FLAGS as LOSS_FLAGS
 from .loss import LOSS_TYPES, LossParamError, check_combination, needs_reference
 from .tracking import REPORT_TO_CHOICES, check_report_to
@@ -109,6 +110,9 @@ class RunConfig(LoRASettings):
     num_pairs: int = _f(600, "training pairs to use (after filtering): 75 steps of 8 (the assignment: 1000)")
     eval_pairs: int = _f(200, "held-out pairs for the evaluation (never trained on)")
     filter: bool = _f(True, "apply the NLTK strong-preference filter (--no-filter uses the pairs as they are)")
+    filter_rules: list[str] = _f(list(FILTER_RULES), "the filter's rules to apply (default: all seven, the "
+                                 "assignment's); chosen_length, weak_phrase and nouns_verbs favour long chosen "
+                                 "answers that never decline", nargs="+", choices=list(FILTER_RULES))
     filter_workers: int = _f(1, "processes for the NLTK filter")
     skip_bad_records: bool = _f(False, "skip and count malformed data rows instead of stopping")
     chat_template: str = chat_template_field()
@@ -192,6 +196,10 @@ class RunConfig(LoRASettings):
         for name, choices in (("chat_template", ("auto", "none")), ("dtype", (None, "float32", "bfloat16"))):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
+        unknown = sorted(set(self.filter_rules) - set(FILTER_RULES))
+        if unknown or not self.filter_rules:
+            bad("filter_rules", f"name one or more of {', '.join(FILTER_RULES)}"
+                + (f"; unknown: {unknown}" if unknown else ""))
         if self.filter_workers < 1:
             bad("filter_workers", f"must be at least 1, got {self.filter_workers}")
         if not self.data:
@@ -369,7 +377,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "assignment": dict(lr=1e-4, beta=0.8, weight_decay=1e-2, batch_size=8, grad_accum=1, max_length=512,
                        num_pairs=1000, eval_pairs=200, epochs=1, train_last_n=5, freeze_head=False,
                        loss_type=["sigmoid"], label_smoothing=None, logp_reduction="mean", warmup_steps=0,
-                       max_grad_norm=0.0, stop_when_unhealthy=0),
+                       max_grad_norm=0.0, stop_when_unhealthy=0, filter=True, filter_rules=list(FILTER_RULES),
+                       rejected_end_of_turn=True, lora_r=0),
 }
 
 

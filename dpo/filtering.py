@@ -91,6 +91,26 @@ class FilterThresholds:
     # the chosen response must contain none of these (see WEAK_PHRASES)
     weak_phrases: tuple[str, ...] = WEAK_PHRASES
 
+    @classmethod
+    def only(cls, rules: Iterable[str]) -> "FilterThresholds":
+        """The default thresholds with every rule not in `rules` switched off (it passes every pair).
+
+        Three of the seven rules favour long chosen answers that do not decline: chosen_length,
+        weak_phrase ("I'm sorry, but", "I can't" are weak phrases) and nouns_verbs. Without them
+        the filter keeps pairs whose answers clearly differ, whichever is the longer one.
+        """
+        rules = set(rules)
+        unknown = sorted(rules - set(RULES))
+        if unknown:
+            raise ValueError(f"unknown filter rules {unknown}; the rules are {', '.join(RULES)}")
+        off = {"chosen_length": dict(min_chosen_chars=-1), "weak_phrase": dict(weak_phrases=()),
+               "length_difference": dict(min_length_diff=0), "similarity": dict(max_similarity=1.0),
+               "stopword_ratio": dict(min_stopword_ratio=0.0, max_stopword_ratio=1.0),
+               "content_overlap": dict(max_content_jaccard=1.0),
+               "nouns_verbs": dict(min_noun_verb_margin=-(10 ** 9))}
+        changes = {k: v for rule in RULES if rule not in rules for k, v in off[rule].items()}
+        return cls(**changes)
+
 
 # ---------------------------------------------------------------------------- NLTK data
 

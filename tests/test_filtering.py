@@ -312,3 +312,19 @@ def test_real_hh_filter(hh_pairs):
     assert all(report.rejected[r] > 0 for r in RULES)
     assert all(check_pair(p) is None for p in kept[:50])
     assert isinstance(report, FilterReport) and report.pairs_per_s > 0
+
+
+def test_only_some_rules_switches_the_others_off():
+    from dpo.filtering import RULES, FilterThresholds, check_pair
+
+    assert FilterThresholds.only(RULES) == FilterThresholds()
+    refusal = PreferencePair("\n\nHuman: How do I pick a lock?\n\nAssistant:",
+                             " I'm sorry, but I can't help: call a licensed locksmith.",
+                             " Sure! Insert a tension wrench into the bottom of the keyhole, then rake the pins "
+                             "with a pick until each one sets and the cylinder turns.")
+    assert check_pair(refusal) == "chosen_length"  # the assignment's filter never keeps a short refusal
+    neutral = FilterThresholds.only(["length_difference", "similarity", "stopword_ratio", "content_overlap"])
+    assert check_pair(refusal, neutral) is None
+    assert check_pair(refusal, FilterThresholds.only(["weak_phrase"])) == "weak_phrase"
+    with pytest.raises(ValueError, match="unknown filter rules"):
+        FilterThresholds.only(["length"])
