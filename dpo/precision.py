@@ -37,7 +37,15 @@ def cpuinfo_has_bf16(cpuinfo: str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def cpu_native_bf16() -> bool:
-    """Whether this machine's CPU computes bf16 natively (Linux: /proc/cpuinfo; macOS: sysctl)."""
+    """Whether this machine's CPU computes bf16 natively (Linux: /proc/cpuinfo; macOS: sysctl).
+
+    On x86, PyTorch must also be allowed its AVX-512 kernels: with ATEN_CPU_CAPABILITY=avx2 (how an
+    AVX2-only CPU is emulated on a newer one, docs/benchmarks.md) it computes as such a CPU does,
+    and bf16 is emulated there.
+    """
+    if platform.machine().lower() in ("x86_64", "amd64") and \
+            not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         try:

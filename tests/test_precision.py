@@ -1,6 +1,8 @@
 """dpo.precision: which dtype a run computes in, and the native-bf16 detection behind the CPU default."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from dpo import precision
@@ -35,3 +37,16 @@ def test_default_dtype_follows_the_hardware_and_dtype_wins(monkeypatch):
     assert "natively" in precision_note(None, torch.bfloat16, cpu)
     assert "no native bf16" in precision_note(None, None, cpu) and "--dtype bfloat16" in precision_note(None, None, cpu)
     assert "--dtype float32" in precision_note("float32", None, cpu)
+
+
+def test_an_aten_limited_to_avx2_computes_in_fp32_by_default():
+    """ATEN_CPU_CAPABILITY=avx2 (an AVX2-only CPU, or its emulation) has no bf16 kernels to use."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from dpo.precision import cpu_native_bf16, default_dtype_name; "
+            "print(cpu_native_bf16(), default_dtype_name(torch.device('cpu')))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "float32"], out.stderr
