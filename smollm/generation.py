@@ -43,7 +43,7 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     generation stops early when all are. `on_token(tokens [B])` is called after each step
     (for streaming).
 
-    What makes it fast (docs/benchmarks.md, "Generation"): inference mode; the prompt's LM
+    What makes it fast (docs/benchmarks.md, section 9): inference mode; the prompt's LM
     head at its last position only; buffers for the tokens and the attention mask allocated
     once; and on a CPU, oneDNN's matmul for the Linear layers (`smollm.onednn`).
     """

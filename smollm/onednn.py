@@ -3,13 +3,13 @@
 A decoding step multiplies one row per sequence (B rows) by every weight matrix of the
 model. PyTorch sends an fp32 `F.linear` to MKL, whose kernels are slow for so few rows: at
 one row it reads the 540 MB of SmolLM-135M's weights at 17 GB/s where the memory gives 36,
-and at 2 to 16 rows it takes longer still (MKL runs its AVX2 kernels on AMD CPUs, AVX-512 or
-not). oneDNN, which PyTorch ships for its bf16 matmuls, has kernels made for small batches.
+and at 2 to 16 rows it takes longer still (on an AMD EPYC its timings are the same with
+AVX-512 allowed or not). oneDNN, which PyTorch ships for its bf16 matmuls, has kernels made for small batches.
 For one row it reads the [out, in] weight where it is. For B >= 2 rows it first copies each
 weight once into its own blocked layout (`_reorder_linear_weight`, for B rows), which its
-kernels read twice as fast as MKL reads the plain one; the copies live as long as the `with`
+kernels multiply 1.5 to 2.5 times as fast as MKL the plain one; the copies live as long as the `with`
 block (as much memory again as the weights; about 0.2 s for SmolLM-135M).
-docs/benchmarks.md ("Generation") has the measurements.
+docs/benchmarks.md (section 9, Generation) has the measurements.
 
 `onednn_linears(model, batch_size)` swaps, for the duration of a `with` block, every plain
 `nn.Linear` (nothing but x W^T: `smollm.autograd.plain_linear`) whose weight is a dense fp32
