@@ -151,6 +151,8 @@ def select_pairs(config: RunConfig, pairs: list) -> tuple[list, list, dict]:
         log(report.format())
         info["filter"] = {"total": report.total, "kept": report.kept, "rejected": report.rejected,
                           "pairs_per_s": report.pairs_per_s}
+    else:
+        log("no strong-preference filter: the pairs as they come (--filter applies it)")
     if len(kept) < config.eval_pairs + 1:
         need_msg = f"need at least {config.eval_pairs + 1} (--eval-pairs {config.eval_pairs} + 1 to train)"
         if config.filter:

@@ -219,7 +219,8 @@ def inspect_split(config: TrainConfig, tokenizer, raw: list, name: str, template
 
     settings = tokenize_settings(config, tokenizer)
     kept, stats = tokenize_pairs(tokenizer, raw, **settings)
-    if name == "train":  # the masks the loss reads (--no-rejected-end-of-turn)
+    # the masks the loss reads (by default each rejected end-of-turn is masked; --rejected-end-of-turn counts it)
+    if name == "train":
         kept = as_trained(config, kept, tokenizer.eos_token_id)
     untruncated, _ = tokenize_pairs(tokenizer, raw, **{**settings, "max_length": 2**62, "max_prompt_length": None})
     by_index = {p.index: p for p in kept}

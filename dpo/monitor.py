@@ -11,7 +11,8 @@ and KL(policy || reference). Then:
   the progress bar, and the final table says plainly that the policy degraded. A bound that has
   no meaningful baseline in the reference's own figures says so once, and is not judged;
 * the best healthy evaluation (highest held-out accuracy among those within the bounds, the
-  starting model included) is kept as `best/`, a HuggingFace folder like `final/`.
+  starting model included; of equal ones the later) is kept as `best/`, a HuggingFace folder like
+  `final/`.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ class RunMonitor:
         self.seconds: list[list] = []  # [step, seconds] of each evaluation of this session
         self._said_not_judged: set[str] = set()
         healthy = [e for e in self.history if e.get("healthy", True)]
-        self.best: dict | None = max(healthy, key=lambda e: e["policy_accuracy"], default=None)
+        self.best: dict | None = max(healthy, key=lambda e: (e["policy_accuracy"], e["step"]), default=None)
 
     def measure_start(self, start_model) -> None:
         """A reference-free run resumed after its first step: measure the starting model's side of
@@ -126,7 +127,8 @@ class RunMonitor:
                 self.log(f"note: {check.message}; the run trains on")
         for problem in evaluation.problems:
             self.log(f"warning: step {t.step}: the policy looks unhealthy: {problem}")
-        if evaluation.healthy and (self.best is None or result.policy_accuracy > self.best["policy_accuracy"]):
+        # ties go to the later evaluation: an equally accurate policy that has trained further is what the run made
+        if evaluation.healthy and (self.best is None or result.policy_accuracy >= self.best["policy_accuracy"]):
             self._save_best(evaluation)
         return evaluation
 

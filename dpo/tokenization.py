@@ -371,7 +371,8 @@ def without_end_of_turn(pair: TokenizedPair, eos_token_id: int, side: str = "rej
     when that answer ends with `eos_token_id` (it was not cut) and keeps another counted token.
     Why: DPO lowers every token of a rejected answer, its end-of-turn included, so a policy trained
     on pairs whose rejected answer is the shorter one learns that ending a turn is what is wrong
-    with an answer. Masked, the token teaches nothing either way (dpo.train --no-rejected-end-of-turn).
+    with an answer. Masked, the token teaches nothing either way (dpo.train's default;
+    --rejected-end-of-turn counts it).
     """
     if side not in ("chosen", "rejected"):
         raise ValueError(f"side must be 'chosen' or 'rejected', got {side!r}")

@@ -55,7 +55,7 @@ def tokenize_settings(config: TrainConfig, tokenizer) -> dict:
 
 
 def as_trained(config: TrainConfig, pairs: list[TokenizedPair], eos_token_id: int) -> list[TokenizedPair]:
-    """The training pairs as the loss reads them: with --no-rejected-end-of-turn, each rejected
+    """The training pairs as the loss reads them: by default (rejected_end_of_turn False) each rejected
     answer's closing end-of-turn token is masked out (`without_end_of_turn`). Held-out pairs are
     never changed, so held-out accuracy means the same in every run; python -m dpo.inspect shows
     the training split through this too."""

@@ -19,6 +19,13 @@ def check(ns: dict, out: Path) -> None:
     assert over["evals"][-1]["health"]["kl_policy_reference"] > 0.0
     assert over["evals"][-1]["policy_accuracy"] > over["evals"][0]["policy_accuracy"]
     assert all("policy_sample_distinct_2" in e["health"] for e in over["evals"])
+    assert all(0 <= e["health"]["policy_sample_ended_share"] <= 1 and 0 <= e["health"]["policy_sample_loop_share"] <= 1
+               for e in over["evals"])
+    # 0b. The old way against the new default: the same settings and steps, two data handlings.
+    lesson = ns["lesson"]
+    assert set(lesson) == {"old way", "new default"}
+    assert [e["step"] for e in lesson["old way"]["evals"]] == [e["step"] for e in lesson["new default"]["evals"]]
+    assert all("policy_sample_ended_share" in e["health"] for r in lesson.values() for e in r["evals"])
     # 1. Clean labels teach the synthetic task; half the labels flipped teaches (almost) nothing.
     runs = ns["data_runs"]
     gain = {name: r["evals"][-1]["policy_accuracy"] - r["evals"][0]["reference_accuracy"] for name, r in runs.items()}
@@ -54,6 +61,6 @@ def check(ns: dict, out: Path) -> None:
     assert not good["policy_is_reference"] and not good["same_weights"]
     assert bug["own"].policy_accuracy == bug["own"].reference_accuracy and bug["own"].mean_margin == 0
     # The figures were written where the test asked.
-    for name in ("q0_overoptimisation.png", "q1_data.png", "q1_runs.png", "q2_beta.png", "q2_runs.png",
+    for name in ("q0_overoptimisation.png", "q0b_new_default.png", "q1_data.png", "q1_runs.png", "q2_beta.png", "q2_runs.png",
                  "q3_replaced.png", "q4_length.png", "q5_same_weights.png"):
         assert (out / name).read_bytes()[:8] == PNG, name

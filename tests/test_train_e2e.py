@@ -88,7 +88,7 @@ def test_real_pipeline_on_hh_rlhf(tmp_path, tokenizer_json, hh_files):
     model_dir = save_random_checkpoint(tmp_path / "small", small_config(), seed=1,
                                        tokenizer=load_tokenizer(tokenizer_json))
     out = tmp_path / "run"
-    result = run_cli("--model", str(model_dir), "--data", *map(str, hh_files), "--num-pairs", "16",
+    result = run_cli("--model", str(model_dir), "--data", *map(str, hh_files), "--filter", "--num-pairs", "16",
                      "--eval-pairs", "16", "--max-length", "256", "--batch-size", "4", "--train-last-n", "1",
                      "--output-dir", str(out), "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
