@@ -26,7 +26,7 @@ declare -A GRID=(
   [lr3e-5_frozenhead_sum_beta0.1]="--lr 3e-5 --freeze-head --logp-reduction sum --beta 0.1 --num-pairs 1000"
 )
 ORDER=(lr1e-4_frozenhead lr3e-5_head lr3e-5_frozenhead lr1e-4_frozenhead_beta2 lr3e-5_frozenhead_sum_beta0.1)
-# lr1e-4_head (the assignment's settings) is measured for 125 steps in docs/results.md, section 1.
+# lr1e-4_head (the assignment's settings) is measured for 125 steps in docs/results.md, section 5.
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 
