@@ -65,6 +65,9 @@ def test_llama_cpp_reads_our_export_with_our_logits(exported):
     assert (theirs - ours).abs().max().item() < 1e-2 * ours.abs().max().item()
     answer = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
                                         temperature=0, max_tokens=16)["choices"][0]["message"]["content"]
+    print(f"\nllama.cpp {llama_cpp.__version__} on our F32 export, {len(ids)} positions: argmax equal at all, "
+          f"max |logit difference| {(theirs - ours).abs().max().item():.2e} (largest |logit| {ours.abs().max().item():.1f}); "
+          f"its greedy answer: {answer!r}")
     assert "Paris" in answer
 
 
@@ -90,6 +93,7 @@ def test_the_judge_through_llama_cpps_own_server(exported, tmp_path):
         client = ChatClient(url, "smollm2", max_tokens=16)
         reply = client.complete([{"role": "user", "content": "What is the capital of France?"}])
         assert reply.error is None and "Paris" in reply.text
+        print(f"\nllama.cpp's server answered: {reply.text!r}")
         template = load_template(None)
         first = ask(client, template, "What is the capital of France?", "Paris.", "I like turtles.")
         second = ask(client, template, "What is the capital of France?", "I like turtles.", "Paris.")
