@@ -10,9 +10,11 @@ evaluate again, save the final model. Wall time is the process's, seen from outs
 They alternate (ours, trl, ours, ...); medians count.
 
 Inputs: 32 real HH-RLHF test pairs that pass our NLTK strong-preference filter (chosen once
-here), written as a prompt/chosen/rejected JSONL file. Ours runs its full pipeline on it:
-the filter (which keeps all 32), a 16/16 train/eval split, checkpoint + final model +
-eval.json + curves.png. The TRL script has no filter; it trains on the first 16 and
+here), written as a prompt/chosen/rejected JSONL file. Ours runs its full pipeline on it
+(with today's defaults: no filter, the rejected end-of-turn token masked): a 16/16
+train/eval split, evaluations with health samples at the start and the end (a run under 5
+steps evaluates nowhere in between), checkpoint + final model + eval.json + curves.png.
+Peak memory: ours from its eval.json (getrusage), TRL's from getrusage in its child. The TRL script has no filter; it trains on the first 16 and
 evaluates on the last 16 with `DPOTrainer.evaluate()` (policy and reference forward, as
 ours), saves the final model, and freezes like bench.dpo_step (embedding + first 25
 blocks; its head stays tied and frozen). Both at beta 0.8, lr 1e-4, weight decay 1e-2,
@@ -116,6 +118,7 @@ def main(argv=None) -> int:
           f"{args.steps} steps of 8 pairs, device {args.device}", flush=True)
     walls: dict[str, list[float]] = {s: [] for s in sides}
     loads: dict[str, list[float]] = {s: [] for s in sides}
+    rss: dict[str, list[float]] = {s: [] for s in sides}  # each process's peak resident memory, MB
     for rep in range(args.reps):
         for side in sides:
             out = workdir / f"full_run_{side}"
@@ -129,14 +132,19 @@ def main(argv=None) -> int:
                                "--device", args.device])
             walls[side].append(r["process_wall_s"])
             loads[side].append(r["load_before"])
+            rss[side].append(r["peak_rss_mb"])
             print(f"rep {rep + 1}/{args.reps} {side:<4}: {r['process_wall_s']:.1f} s wall (cold process), "
-                  f"load avg {r['load_before']:.2f} -> {r['load_after']:.2f}", flush=True)
-    summary = {s: {"wall_s": median(walls[s]), "all": walls[s], "load_avg": loads[s]} for s in sides}
+                  f"peak RSS {r['peak_rss_mb']:,.0f} MB, load avg {r['load_before']:.2f} -> {r['load_after']:.2f}",
+                  flush=True)
+    summary = {s: {"wall_s": median(walls[s]), "all": walls[s], "load_avg": loads[s], "peak_rss_mb": median(rss[s])}
+               for s in sides}
     for s in sides:
-        print(f"{s:<5} median wall {summary[s]['wall_s']:.1f} s  ({', '.join(f'{w:.1f}' for w in walls[s])})")
+        print(f"{s:<5} median wall {summary[s]['wall_s']:.1f} s  ({', '.join(f'{w:.1f}' for w in walls[s])}), "
+              f"median peak RSS {summary[s]['peak_rss_mb']:,.0f} MB")
     if "ours" in summary and "trl" in summary:
         summary["ratio"] = summary["ours"]["wall_s"] / summary["trl"]["wall_s"]
-        print(f"ratio ours/trl: {summary['ratio']:.3f} (target <= 0.30)")
+        summary["memory_ratio"] = summary["ours"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]
+        print(f"ratio ours/trl: wall {summary['ratio']:.3f}, peak RSS {summary['memory_ratio']:.3f} (target <= 0.30)")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine(), "summary": summary}, indent=2))
     return 0
@@ -155,7 +163,8 @@ def run_ours_child(ckpt: Path, data: Path, out: Path, args) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return {"process_wall_s": wall, "load_before": load_before, "load_after": load_average()}
+    peak = json.loads((out / "eval.json").read_text())["memory"]["peak_rss_mb"]  # the run's own getrusage figure
+    return {"process_wall_s": wall, "load_before": load_before, "load_after": load_average(), "peak_rss_mb": peak}
 
 
 if __name__ == "__main__":
