@@ -39,9 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from smollm import SmolLM
+from smollm.layout import Packing
 
 from .answers import eval_mode, text_stats
 from .distributed import same_values
+from .engine import shared_trunk_depth
 from .precision import autocast_context
 from .samples import generate_samples, user_turns
 
@@ -141,18 +143,40 @@ def kl_on_samples(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence[Sequen
                                 autocast_dtype=autocast_dtype)[0]
 
 
+def _both_hidden_states(policy: SmolLM, reference: SmolLM, shared: int, ids: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both models' final-normed states [B, T, C] of one batch, as `SmolLM.hidden_states` gives
+    them; the first `shared` blocks, which the two share as the very same frozen tensors on a
+    shared embedding (`dpo.engine.shared_trunk_depth`), run once for both. Exact: the same
+    blocks on the same input, only not twice (25 of 30 blocks in the default run)."""
+    if shared == 0:
+        return policy.hidden_states(ids, mask), reference.hidden_states(ids, mask)
+    packing = None if bool(mask.bool().all()) else Packing.of(mask)  # None if a row has holes
+    x = policy.model.embed_tokens(ids)  # [B, T, C]
+    if packing is not None:  # the real tokens only, as one row [1, N, C]
+        policy.check_positions(past=0, new=ids.shape[1])
+        x, position_ids, layout = packing.pack(x), packing.position_ids, packing.layout
+    else:
+        position_ids, layout = policy.positions_and_layout(ids, mask, 0)
+    trunk = policy.run_layers(x, position_ids, layout, 0, shared)
+    states = [m.model.norm(m.run_layers(trunk, position_ids, layout, shared)) for m in (policy, reference)]
+    return tuple(packing.unpack(h) if packing is not None else h for h in states)  # [B, T, C] each
+
+
 def kl_and_reference_nll(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence[Sequence[int]],
                          answer_ids: Sequence[Sequence[int]], *, batch_size: int = 8,
                          device: torch.device | str = "cpu",
                          autocast_dtype: torch.dtype | None = None) -> tuple[float, float]:
     """(`kl_on_samples`, `reference_nll`) of the same answers from one forward of each model:
-    the reference's log-probs that the KL needs also give its NLL of the answer tokens."""
+    the reference's log-probs that the KL needs also give its NLL of the answer tokens. The
+    blocks the two models share (a frozen trunk) run once."""
     _check_inputs(prompt_ids, answer_ids)
     device = torch.device(device)
     kl, nll, count = 0.0, 0.0, 0
+    shared = shared_trunk_depth(policy, reference)
     with eval_mode(policy, reference), autocast_context(device, autocast_dtype):
         for ids, mask, rows, cols, targets in _answer_batches(prompt_ids, answer_ids, batch_size, device):
-            h_pol, h_ref = policy.hidden_states(ids, mask), reference.hidden_states(ids, mask)  # [B, T, C] each
+            h_pol, h_ref = _both_hidden_states(policy, reference, shared, ids, mask)  # [B, T, C] each
             for (part, logp), (_, logq) in zip(_answer_log_probs(h_pol, policy, rows, cols),
                                                _answer_log_probs(h_ref, reference, rows, cols)):  # [n, V] each
                 kl += (logp.exp() * (logp - logq)).sum().item()  # KL summed over v, then positions

@@ -336,3 +336,24 @@ def test_kl_and_reference_nll_in_one_pass_equal_the_two_functions(models):
     assert kl == pytest.approx(kl_on_samples(other, model, PROMPTS, ANSWERS, batch_size=3), abs=1e-6)
     assert nll == pytest.approx(reference_nll(model, PROMPTS, ANSWERS, batch_size=3), abs=1e-6)
     assert all(math.isnan(x) for x in health.kl_and_reference_nll(other, model, PROMPTS, [[]] * len(PROMPTS)))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_kl_with_a_shared_frozen_trunk_equals_two_full_forwards(models, batch_size):
+    """A policy that shares its frozen embedding and first blocks with the reference (as
+    dpo.policy.make_reference builds them) has its KL and the reference's NLL computed with the
+    shared blocks run once: the same numbers as two separate models' full forwards."""
+    from dpo.engine import shared_trunk_depth
+
+    model, other = models
+    reference = copy.deepcopy(model).requires_grad_(False)
+    trunk = [*reference.model.embed_tokens.parameters(), *reference.model.layers[:-1].parameters()]
+    policy = copy.deepcopy(other, memo={id(p): q for p, q in zip(  # other's trunk equals model's: share it
+        [*other.model.embed_tokens.parameters(), *other.model.layers[:-1].parameters()], trunk)})
+    policy.requires_grad_(False)
+    assert shared_trunk_depth(policy, reference) == model.config.num_hidden_layers - 1 > 0
+    assert shared_trunk_depth(other, model) == 0  # nothing shared: two full forwards
+    shared = health.kl_and_reference_nll(policy, reference, PROMPTS, ANSWERS, batch_size=batch_size)
+    separate = health.kl_and_reference_nll(other, model, PROMPTS, ANSWERS, batch_size=batch_size)
+    assert shared[0] > 1e-4
+    assert shared == pytest.approx(separate, rel=1e-6, abs=1e-9)
