@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 
 from smollm import SmolLM
-from smollm.layout import Packing
 
 from .answers import eval_mode, text_stats
 from .distributed import same_values
@@ -145,22 +144,14 @@ def kl_on_samples(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence[Sequen
 
 def _both_hidden_states(policy: SmolLM, reference: SmolLM, shared: int, ids: torch.Tensor,
                         mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both models' final-normed states [B, T, C] of one batch, as `SmolLM.hidden_states` gives
-    them; the first `shared` blocks, which the two share as the very same frozen tensors on a
-    shared embedding (`dpo.engine.shared_trunk_depth`), run once for both. Exact: the same
-    blocks on the same input, only not twice (25 of 30 blocks in the default run)."""
+    """Both models' final-normed states [B, T, C] of one batch; the first `shared` blocks, which
+    the two share as the very same frozen tensors on a shared embedding
+    (`dpo.engine.shared_trunk_depth`), run once for both. Exact: the same blocks on the same
+    input, only not twice (25 of 30 blocks in the default run)."""
     if shared == 0:
         return policy.hidden_states(ids, mask), reference.hidden_states(ids, mask)
-    packing = None if bool(mask.bool().all()) else Packing.of(mask)  # None if a row has holes
-    x = policy.model.embed_tokens(ids)  # [B, T, C]
-    if packing is not None:  # the real tokens only, as one row [1, N, C]
-        policy.check_positions(past=0, new=ids.shape[1])
-        x, position_ids, layout = packing.pack(x), packing.position_ids, packing.layout
-    else:
-        position_ids, layout = policy.positions_and_layout(ids, mask, 0)
-    trunk = policy.run_layers(x, position_ids, layout, 0, shared)
-    states = [m.model.norm(m.run_layers(trunk, position_ids, layout, shared)) for m in (policy, reference)]
-    return tuple(packing.unpack(h) if packing is not None else h for h in states)  # [B, T, C] each
+    trunk = policy.hidden_states(ids, mask, end=shared)  # [B, T, C], the stream after block shared-1
+    return tuple(m.hidden_states(ids, mask, start=shared, x=trunk) for m in (policy, reference))
 
 
 def kl_and_reference_nll(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence[Sequence[int]],

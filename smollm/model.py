@@ -226,22 +226,34 @@ class SmolLM(nn.Module):
         return self.lm_head(hidden[:, -1:] if last_only else hidden)  # [B, T or 1, V]
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      kv_cache: KVCache | None = None, *, pack: bool = True) -> torch.Tensor:
-        """The final-normed residual stream [B, T, C] (what the LM head reads); see `forward`."""
-        x = self.model.embed_tokens(input_ids)  # [B, T, C]
+                      kv_cache: KVCache | None = None, *, pack: bool = True, start: int = 0, end: int | None = None,
+                      x: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed residual stream [B, T, C] (what the LM head reads); see `forward`.
+
+        A slice of the blocks: `end` < the number of blocks returns the stream after block end-1,
+        not normed; `start` > 0 continues from `x` [B, T, C], the stream after block start-1 of the
+        same input_ids and mask. Two models that share their first K blocks can so run them once
+        (dpo.health's KL). Without a KV cache only.
+        """
+        if (start or end is not None) and kv_cache is not None:
+            raise ValueError("a slice of the blocks (start, end) runs without a KV cache")
+        if (x is None) != (start == 0):
+            raise ValueError("x, the residual stream after block start-1, is given exactly when start > 0")
+        last = end is None or end == self.config.num_hidden_layers
+        x = self.model.embed_tokens(input_ids) if x is None else x  # [B, T, C]
         packing = None
         if pack and kv_cache is None and attention_mask is not None and not bool(attention_mask.bool().all()):
             packing = Packing.of(attention_mask)  # None if a row has holes: the padded path below
         if packing is not None:  # the real tokens only, as one row [1, N, C]
             self.check_positions(past=0, new=input_ids.shape[1])
-            x = self.run_layers(packing.pack(x), packing.position_ids, packing.layout)
-            return packing.unpack(self.model.norm(x))  # [B, T, C], zeros at padding
+            x = self.run_layers(packing.pack(x), packing.position_ids, packing.layout, start, end)
+            return packing.unpack(self.model.norm(x) if last else x)  # [B, T, C], zeros at padding
         past = kv_cache.length if kv_cache is not None else 0
         position_ids, layout = self.positions_and_layout(input_ids, attention_mask, past)
-        x = self.run_layers(x, position_ids, layout, kv_cache=kv_cache)
+        x = self.run_layers(x, position_ids, layout, start, end, kv_cache=kv_cache)
         if kv_cache is not None:
             kv_cache.length += input_ids.shape[1]
-        return self.model.norm(x)
+        return self.model.norm(x) if last else x
 
     def run_layers(self, x: torch.Tensor, position_ids: torch.Tensor, layout: Layout, start: int = 0,
                    end: int | None = None, *, kv_cache: KVCache | None = None,

@@ -239,3 +239,20 @@ def test_a_layout_is_causal_masked_or_packed():
     assert layout.mask is None and layout.segments is None  # no padding: plain causal
     positions, layout = model.positions_and_layout(ids, mask)
     assert layout.mask.shape == (2, 1, 4, 4) and positions[1].tolist() == [0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_hidden_states_in_two_slices_equal_one_pass(padded):
+    """hidden_states(end=k) then hidden_states(start=k, x=...) is the full pass, padded rows (packed)
+    included: what lets two models that share their first k blocks run them once."""
+    model = random_model(small_config(num_hidden_layers=3), seed=2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    if padded:
+        mask[1, 5:] = 0
+    with torch.no_grad():
+        full = model.hidden_states(ids, mask)
+        trunk = model.hidden_states(ids, mask, end=2)  # not normed: the stream after block 1
+        torch.testing.assert_close(model.hidden_states(ids, mask, start=2, x=trunk), full, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="exactly when start > 0"):
+        model.hidden_states(ids, mask, start=2)
