@@ -367,12 +367,19 @@ class HealthProbe:
     computed again only if a reference tensor was modified in place). When the policy still
     has the reference's weights (before the first step), its answers are the reference's and
     its KL is 0: nothing is generated twice. The numbers are those of `health_report`.
+
+    batch_size is the batch of the KL and NLL forwards; the answers are generated
+    `generate_batch_size` prompts at a time, by default all of them at once: the prompts run
+    packed and each answer leaves the batch when it ends (`smollm.generate`), so one batch of 32
+    takes about half the time of four batches of 8, each as long as its longest answer
+    (docs/benchmarks.md, section 9).
     """
 
     def __init__(self, reference: SmolLM | None, tokenizer, eval_pairs, *, n_prompts: int = 32,
                  max_new_tokens: int = 128, device: torch.device | str = "cpu",
                  autocast_dtype: torch.dtype | None = None, batch_size: int = 8,
-                 logp_reduction: str = "mean", stop_ids: Sequence[int] | None = None):
+                 logp_reduction: str = "mean", stop_ids: Sequence[int] | None = None,
+                 generate_batch_size: int | None = None):
         if logp_reduction not in ("mean", "sum"):
             raise ValueError(f"logp_reduction must be 'mean' or 'sum', got {logp_reduction!r}")
         if n_prompts < 1:
@@ -386,6 +393,7 @@ class HealthProbe:
                              "away by the length limit")
         self.max_new_tokens, self.logp_reduction, self.stop_ids = max_new_tokens, logp_reduction, list(stop_ids)
         self.kwargs = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
+        self.generate_kwargs = dict(self.kwargs, batch_size=generate_batch_size or len(self.prompts))
         self._reference_side: tuple | None = None  # (answers, stats, tensor versions when computed)
 
     def _versions(self) -> tuple[int, ...]:
@@ -410,7 +418,7 @@ class HealthProbe:
         samples = generate_samples(policy, start if start is not None else policy, self.tokenizer, self.prompts,
                                    max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                                    reference_answers=None if cached is None else cached[0],
-                                   same_weights=same, **self.kwargs)
+                                   same_weights=same, **self.generate_kwargs)
         if cached is None:
             stats = self._side_stats(samples, "reference", start)
             cached = self._reference_side = (
@@ -441,7 +449,7 @@ class HealthProbe:
         run resumed after its first step: the starting weights, loaded again and then dropped)."""
         samples = generate_samples(start_model, start_model, self.tokenizer, self.prompts,
                                    max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
-                                   same_weights=True, **self.kwargs)
+                                   same_weights=True, **self.generate_kwargs)
         self._reference_side = ([(s.reference_ids, s.reference_stopped) for s in samples],
                                 self._side_stats(samples, "reference", start_model), self._versions())
 

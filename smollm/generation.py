@@ -43,9 +43,11 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     generation stops early when all are. `on_token(tokens [B])` is called after each step
     (for streaming).
 
-    What makes it fast (docs/benchmarks.md, section 9): inference mode; the prompt's LM
-    head at its last position only; buffers for the tokens and the attention mask allocated
-    once; and on a CPU, oneDNN's matmul for the Linear layers (`smollm.onednn`).
+    What makes it fast (docs/benchmarks.md, section 9): inference mode; a padded prompt batch
+    computed as its real tokens only; the prompt's LM head at its last position only; buffers
+    for the tokens and the attention mask allocated once; greedy rows dropped from the batch
+    once they have finished; and on a CPU, oneDNN's matmul for the Linear layers
+    (`smollm.onednn`).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -84,26 +86,45 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
 def _decode(model: SmolLM, out: torch.Tensor, mask: torch.Tensor, T: int, max_new_tokens: int,
             temperature: float, top_k: int | None, top_p: float | None, stop_ids: torch.Tensor,
             generator: torch.Generator | None, on_token: Callable[[torch.Tensor], None] | None) -> int:
-    """The decoding loop of `generate`: fills out[:, T:], returns how many tokens it made."""
+    """The decoding loop of `generate`: fills out[:, T:], returns how many tokens it made.
+
+    Greedy decoding with stop ids drops the rows that have finished from the batch (`KVCache.keep`)
+    once they are a quarter of it: a batch of answers of mixed lengths then costs about as many
+    rows as are still being written, not B rows until the longest ends. A dropped row's columns
+    hold the first stop id, as they would have. (Sampling keeps every row: the generator's draws
+    depend on the batch's shape, and a seeded run must give the same tokens as before.)
+    """
     B = out.shape[0]
     cache = model.new_kv_cache(B, T + max_new_tokens)
-    finished = torch.zeros(B, dtype=torch.bool, device=out.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=out.device)  # [b] of the rows in the batch
+    compact = temperature == 0.0 and len(stop_ids) > 0 and B > 1
+    if compact:
+        out[:, T:] = stop_ids[0]  # what a finished row receives from then on
+    rows = None  # [b] the rows of `out` still in the batch; None: all of them
     tokens = out[:, :T]  # the prompt first; then only the new token goes through the model
     for step in range(max_new_tokens):
         S = T + step
-        logits = model(tokens, mask[:, :S], kv_cache=cache, last_only=True)[:, -1, :].float()  # [B, V]
+        logits = model(tokens, mask[:, :S], kv_cache=cache, last_only=True)[:, -1, :].float()  # [b, V]
         if temperature == 0.0:
-            next_token = logits.argmax(-1)  # [B]
+            next_token = logits.argmax(-1)  # [b]
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [b]
         if len(stop_ids):
             next_token = next_token.masked_fill(finished, int(stop_ids[0]))
             finished |= torch.isin(next_token, stop_ids)
-        out[:, S] = next_token
+        if rows is None:
+            out[:, S] = next_token
+        else:
+            out[rows, S] = next_token
         if on_token is not None:
-            on_token(next_token)
+            on_token(out[:, S])
         if len(stop_ids) and bool(finished.all()):
             return step + 1
-        tokens = out[:, S:S + 1]  # [B, 1]
+        tokens = next_token[:, None]  # [b, 1]
+        if compact and 4 * int(finished.sum()) >= len(finished):
+            keep = (~finished).nonzero().squeeze(1)  # [b'] positions in the batch of the rows still going
+            cache.keep(keep)
+            rows = keep if rows is None else rows[keep]
+            tokens, mask, finished = tokens[keep], mask[keep], finished[keep]
     return max_new_tokens

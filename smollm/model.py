@@ -95,6 +95,11 @@ class KVCache:
     `generate` makes one, the model writes into it: after a forward over T new positions,
     `length` grows by T and the next forward only needs the new tokens. Only the first
     `length` positions are ever read, so the buffers start uninitialised (no zero-filling).
+
+    A left-padded prompt batch is computed packed (its real tokens only, `Packing`): `packed`
+    then says where each packed token's key and value go, [B, KV, T, D] slot by slot, and
+    zeroes the padding slots (never attended to, but an uninitialised NaN there would still
+    reach the output through a zero attention weight). `keep` drops finished rows.
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int,
@@ -104,15 +109,52 @@ class KVCache:
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.max_length = max_length
         self.length = 0  # positions stored (advanced by the model after its last layer)
+        self.slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [N], columns [N]) of a packed forward
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def packed(self, real: torch.Tensor, index: torch.Tensor) -> None:
+        """The next forward is a packed one of a [B, T] batch from position 0: `real` [B, T] is its
+        attention mask, `index` [N] each packed token's flat position b * T + t (`Packing.index`)."""
+        if self.length != 0:
+            raise ValueError("a packed forward fills an empty cache (a prompt), not one with positions in it")
+        T = real.shape[1]
+        if T > self.max_length:
+            raise ValueError(f"KV cache is full: {T} positions requested, {self.max_length} allocated")
+        pad_rows, pad_cols = (~real.bool()).nonzero(as_tuple=True)  # [P] each
+        for store in (self.keys, self.values):
+            for t in store:
+                t[pad_rows, :, pad_cols] = 0
+        self.slots = (index // T, index % T)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new k, v [B, KV, T, D] and return all of them so far [B, KV, S, D]."""
+        """Store the new k, v [B, KV, T, D] and return all of them so far [B, KV, S, D].
+
+        In a packed forward k, v are [1, KV, N, D]: each token goes to its slot, and k, v come
+        back as they are (the packed layout attends within them)."""
+        if self.slots is not None:
+            rows, cols = self.slots  # [N] each
+            keys, values = self.keys[layer], self.values[layer]
+            keys[rows, :, cols] = k[0].transpose(0, 1).to(keys.dtype)  # [N, KV, D]
+            values[rows, :, cols] = v[0].transpose(0, 1).to(values.dtype)
+            return k, v
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_length:
             raise ValueError(f"KV cache is full: {end} positions requested, {self.max_length} allocated")
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` [B'] (in that order), e.g. the sequences still being
+        generated: every later forward then costs B' rows instead of B."""
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                kept = t.new_empty((len(rows), *t.shape[1:]))  # [B', KV, S_max, D]
+                kept[:, :, :self.length] = t[rows, :, :self.length]
+                store[i] = kept
 
 
 class Attention(nn.Module):
@@ -242,11 +284,21 @@ class SmolLM(nn.Module):
         last = end is None or end == self.config.num_hidden_layers
         x = self.model.embed_tokens(input_ids) if x is None else x  # [B, T, C]
         packing = None
-        if pack and kv_cache is None and attention_mask is not None and not bool(attention_mask.bool().all()):
+        if (pack and (kv_cache is None or kv_cache.length == 0) and attention_mask is not None
+                and not bool(attention_mask.bool().all())):
             packing = Packing.of(attention_mask)  # None if a row has holes: the padded path below
         if packing is not None:  # the real tokens only, as one row [1, N, C]
             self.check_positions(past=0, new=input_ids.shape[1])
-            x = self.run_layers(packing.pack(x), packing.position_ids, packing.layout, start, end)
+            if kv_cache is not None:  # a left-padded prompt batch: each token's k, v go to its slot
+                kv_cache.packed(attention_mask, packing.index)
+            try:
+                x = self.run_layers(packing.pack(x), packing.position_ids, packing.layout, start, end,
+                                    kv_cache=kv_cache)
+            finally:
+                if kv_cache is not None:
+                    kv_cache.slots = None
+            if kv_cache is not None:
+                kv_cache.length += input_ids.shape[1]
             return packing.unpack(self.model.norm(x) if last else x)  # [B, T, C], zeros at padding
         past = kv_cache.length if kv_cache is not None else 0
         position_ids, layout = self.positions_and_layout(input_ids, attention_mask, past)

@@ -208,7 +208,7 @@ QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "How do I
                                               f"{EMBEDDED_DISTRIBUTION})")
 def test_real_model_greedy_tokens_equal_textbook():
     """SmolLM2-135M-Instruct, fp32, chat-formatted questions, 32 forced tokens: alone and as a
-    left-padded batch of four."""
+    left-padded batch of four; then the batch again, stopping at the end of each turn."""
     model, tok = load_pretrained(REAL_GGUF), load_tokenizer(REAL_GGUF)
     rows = [torch.tensor(tok.encode_ids(tok.apply_chat_template([{"role": "user", "content": q}],
                                                                 add_generation_prompt=True))) for q in QUESTIONS]
@@ -218,3 +218,10 @@ def test_real_model_greedy_tokens_equal_textbook():
     ours = generate(model, ids, 32, attention_mask=mask)
     assert torch.equal(ours, textbook_generate(model, ids, 32, attention_mask=mask))
     assert "Paris" in tok.decode(ours[0, ids.shape[1]:].tolist())
+    # Stopping at the end of the turn: the rows end at different steps and leave the batch.
+    stop = tok.stop_token_ids
+    ours = generate(model, ids, 96, attention_mask=mask, eos_token_id=stop)
+    ref = textbook_generate(model, ids, 96, attention_mask=mask, eos_token_id=stop)
+    assert torch.equal(ours, ref)
+    ends = [next((i for i, t in enumerate(r.tolist()) if t in stop), None) for r in ref[:, ids.shape[1]:]]
+    assert len(set(ends)) > 1, ends  # the rows end at different steps: the first ones leave the batch

@@ -95,6 +95,36 @@ def test_kv_cache_steps_equal_full_forward():
     assert cache.length == 12
 
 
+def test_left_padded_prompt_is_cached_packed_and_finished_rows_can_leave():
+    """A left-padded prompt batch runs as its real tokens only, each token's k, v written to its
+    slot (padding slots zeroed): the next steps give the logits of the padded path. `keep` then
+    drops rows, and the rows kept go on as before."""
+    torch.manual_seed(0)
+    model = random_model(small_config(num_hidden_layers=2)).eval()
+    ids = torch.randint(3, 1000, (3, 7))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7, [0, 0, 0, 0, 0, 1, 1]])
+    nxt = torch.randint(3, 1000, (3, 3))
+    with torch.no_grad():
+        packed, padded = model.new_kv_cache(3, 10), model.new_kv_cache(3, 10)
+        for t in packed.keys + packed.values:
+            t.fill_(float("nan"))  # what an uninitialised buffer may hold
+        a = model(ids, mask, kv_cache=packed)
+        b = model(ids, mask, kv_cache=padded, pack=False)
+        real = mask.bool()
+        torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=0)
+        assert packed.length == padded.length == 7
+        grown = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+        a, b = model(nxt[:, :1], grown, kv_cache=packed), model(nxt[:, :1], grown, kv_cache=padded)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        keep = torch.tensor([2, 0])
+        packed.keep(keep)
+        assert packed.batch_size == 2 and packed.length == 8
+        grown = torch.cat([grown, torch.ones(3, 1, dtype=torch.long)], dim=1)
+        a = model(nxt[keep, 1:2], grown[keep], kv_cache=packed)
+        b = model(nxt[:, 1:2], grown, kv_cache=padded)[keep]
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_kv_cache_overflow_is_an_error():
     cache = KVCache(1, 1, 4, 1, 8)
     with pytest.raises(ValueError, match="KV cache is full"):
@@ -160,6 +190,16 @@ def test_sequence_longer_than_max_positions_is_refused():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
+class _ScriptRows:
+    """ScriptedLM's KV cache: which script rows are still in the batch (`generate` drops finished ones)."""
+
+    def __init__(self, batch: int):
+        self.rows = list(range(batch))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.rows = [self.rows[i] for i in rows.tolist()]
+
+
 class ScriptedLM(torch.nn.Module):
     """Stands in for a SmolLM in generate(): row b emits script[b][step], whatever it is fed."""
 
@@ -169,12 +209,14 @@ class ScriptedLM(torch.nn.Module):
         self.config = small_config()
 
     def new_kv_cache(self, batch: int, length: int):
-        return None
+        return _ScriptRows(batch)
 
     def forward(self, tokens, mask, kv_cache=None, last_only=False):
-        logits = torch.zeros(len(self.script), tokens.shape[1], self.vocab)
-        for b, row in enumerate(self.script):
-            logits[b, -1, row[self.step]] = 1.0
+        rows = kv_cache.rows
+        assert tokens.shape[0] == mask.shape[0] == len(rows)  # generate feeds the rows still going, only
+        logits = torch.zeros(len(rows), tokens.shape[1], self.vocab)
+        for i, b in enumerate(rows):
+            logits[i, -1, self.script[b][self.step]] = 1.0
         self.step += 1
         return logits
 
@@ -188,6 +230,10 @@ def test_generate_accepts_several_eos_ids():
     assert generate(ScriptedLM(script), ids, 6, eos_token_id=0)[:, 3:].tolist() == [[5, 6, 2, 7, 7, 7],
                                                                                    [8, 0, 0, 0, 0, 0]]
     assert generate(ScriptedLM(script), ids, 6, eos_token_id=[])[:, 3:].tolist() == script
+    # Three rows: row 1 ends first and leaves the batch; its columns still read the first stop id.
+    script = [[5, 6, 7, 2, 7, 7], [0, 9, 9, 9, 9, 9], [8, 8, 8, 8, 8, 2]]
+    out = generate(ScriptedLM(script), torch.zeros(3, 3, dtype=torch.long), 6, eos_token_id=[2, 0])
+    assert out[:, 3:].tolist() == [[5, 6, 7, 2, 2, 2], [0, 2, 2, 2, 2, 2], [8, 8, 8, 8, 8, 2]]
 
 
 class _Scaled(torch.nn.Module):
