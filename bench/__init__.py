@@ -4,6 +4,9 @@
     python -m bench.model_fwd_bwd   model forward+backward, ours vs LlamaForCausalLM (sdpa)
     python -m bench.filter_speed    NLTK strong-preference filter, pairs/s
     python -m bench.full_run        whole `python -m dpo.train` run vs an equivalent TRL script
+    python -m bench.generate_speed  greedy generation, ours vs transformers' generate (and llama.cpp)
+    python -m bench.answer_speed    an evaluation's answers to its sample prompts, by batch size
+    python -m bench.trunk_precision the frozen trunk in fp32, bf16 or int8: speed and held-out figures
 
 Results and how to read them: docs/benchmarks.md. The helpers below are shared: a random
 SmolLM checkpoint at a real config (saved once with `smollm.save_pretrained`, so both sides
