@@ -3,6 +3,7 @@
     python -m bench.answer_speed                          # SmolLM2-135M-Instruct, batches of 8 and 32
     python -m bench.answer_speed --model runs/dpo/final   # a run's policy
     python -m bench.answer_speed --isa avx2 --batch-sizes 32 --reps 3
+    python -m bench.answer_speed --prompts docs/judge/dev.jsonl --new-tokens 256 --batch-sizes 16 64
 
 bench.generate_speed forces every row to the same number of tokens, to compare with
 transformers. A run's evaluation does not: it answers its held-out sample prompts
@@ -10,7 +11,8 @@ transformers. A run's evaluation does not: it answers its held-out sample prompt
 turn or reaches --sample-tokens, through `dpo.answers.greedy_answers`. This times exactly that
 call on the default run's sample prompts, for each batch size, and prints the answer tokens,
 how many answers ended, and a digest of the answers (the same digest at every batch size: the
-batch does not change an answer).
+batch does not change an answer). `--prompts` answers a judge prompt file instead (one
+{"prompt": ...} per line, chat-formatted as `python -m dpo.judge` does).
 
 Each instruction set runs in its own child process (see bench.generate_speed).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 
@@ -41,17 +44,24 @@ def child(args) -> None:
     tokenizer = load_tokenizer(MODEL)
     model = load_pretrained(args.model).eval()
     config = TrainConfig()
-    _, eval_pairs, _ = prepare_data(config, tokenizer, model.config)
-    prompts, _ = sample_prompts(eval_pairs, config.sample_prompts, tokenizer)
+    if args.prompts:
+        from dpo.judge import render
+
+        with open(args.prompts) as f:
+            prompts = [render(tokenizer, json.loads(line)["prompt"], "auto") for line in f if line.strip()]
+    else:
+        _, eval_pairs, _ = prepare_data(config, tokenizer, model.config)
+        prompts, _ = sample_prompts(eval_pairs, config.sample_prompts, tokenizer)
     stop = list(dict.fromkeys(list(tokenizer.stop_token_ids) + [tokenizer.eos_token_id]))
     result = {"isa": args.isa[0], "cpu_capability": torch.backends.cpu.get_cpu_capability(), "model": args.model,
+              "prompt_set": args.prompts or "the default run's sample prompts", "new_tokens": args.new_tokens,
               "prompts": len(prompts), "prompt_tokens": sum(map(len, prompts)), "batches": {}}
     for B in args.batch_sizes:
         times, loads = [], []
         for _ in range(args.reps):
             loads.append(load_average())
             start = time.perf_counter()
-            answers = greedy_answers(model, prompts, max_new_tokens=config.sample_tokens, stop_ids=stop, batch_size=B)
+            answers = greedy_answers(model, prompts, max_new_tokens=args.new_tokens, stop_ids=stop, batch_size=B)
             times.append(time.perf_counter() - start)
         result["batches"][str(B)] = {
             "s": times, "load": median(loads), "answer_tokens": sum(len(ids) for ids, _ in answers),
@@ -68,14 +78,18 @@ def report(cpu: dict, results: list[dict]) -> str:
         for B, m in r["batches"].items():
             lines.append(f"| {r['isa']} ({r['cpu_capability']}) | {r['model']} | {B} | {median(m['s']):.2f} | "
                          f"{m['answer_tokens']} | {m['ended']} of {r['prompts']} | {m['digest']} | {m['load']:.1f} |")
-    lines.append(f"\n{results[0]['prompts']} sample prompts of the default run ({results[0]['prompt_tokens']} "
-                 "tokens), greedy, up to 128 new tokens, stopping at the end of the turn.")
+    r = results[0]
+    lines.append(f"\n{r['prompts']} prompts ({r['prompt_set']}; {r['prompt_tokens']} tokens), greedy, up to "
+                 f"{r['new_tokens']} new tokens, stopping at the end of the turn.")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=MODEL, help="a model name or folder (default: the starting model)")
+    p.add_argument("--prompts", help="a judge prompt file (.jsonl of {\"prompt\": ...}) instead of the default "
+                                    "run's sample prompts")
+    p.add_argument("--new-tokens", type=int, default=128, help="longest answer (the run's --sample-tokens: 128)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -83,15 +97,20 @@ def main(argv=None) -> int:
                    help="native: this CPU's kernels; avx2: PyTorch, oneDNN and MKL held to AVX2")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if any(b < 1 for b in args.batch_sizes) or args.reps < 1 or args.threads < 1:
-        p.error("--batch-sizes, --reps and --threads must be positive")
+    if any(b < 1 for b in args.batch_sizes) or args.reps < 1 or args.threads < 1 or args.new_tokens < 1:
+        p.error("--batch-sizes, --new-tokens, --reps and --threads must be positive")
+    if args.prompts:
+        args.prompts = os.path.abspath(args.prompts)  # the child runs in the repository
+        if not os.path.isfile(args.prompts):
+            p.error(f"--prompts: no such file: {args.prompts}")
     if args.child:
         child(args)
         return 0
     results = []
     for isa in args.isa:
         flags = ["--model", args.model, "--batch-sizes", *map(str, args.batch_sizes), "--reps", str(args.reps),
-                 "--threads", str(args.threads), "--isa", isa]
+                 "--threads", str(args.threads), "--isa", isa, "--new-tokens", str(args.new_tokens),
+                 *(["--prompts", args.prompts] if args.prompts else [])]
         env = {"OMP_NUM_THREADS": str(args.threads), **(AVX2_ENV if isa == "avx2" else {})}
         print(f"measuring {isa} ...", file=sys.stderr, flush=True)
         results.append(run_child(["bench.answer_speed", "--child", *flags], env=env))
