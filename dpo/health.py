@@ -368,9 +368,8 @@ class HealthProbe:
     has the reference's weights (before the first step), its answers are the reference's and
     its KL is 0: nothing is generated twice. The numbers are those of `health_report`.
 
-    batch_size is the batch of the KL and NLL forwards; the answers are generated
-    `generate_batch_size` prompts at a time, by default all of them at once, up to
-    GENERATE_BATCH: the prompts run packed and each answer leaves the batch when it ends
+    batch_size is the batch of the KL and NLL forwards; the answers are generated all at once,
+    up to GENERATE_BATCH prompts a batch: the prompts run packed and each answer leaves the batch when it ends
     (`smollm.generate`), so one batch of 32 takes about half the time of four batches of 8, each
     as long as its longest answer (docs/benchmarks.md, section 9). The cap bounds the KV cache
     (at most about 1 GB for 32 prompts of 512 tokens and 128 new ones).
@@ -381,8 +380,7 @@ class HealthProbe:
     def __init__(self, reference: SmolLM | None, tokenizer, eval_pairs, *, n_prompts: int = 32,
                  max_new_tokens: int = 128, device: torch.device | str = "cpu",
                  autocast_dtype: torch.dtype | None = None, batch_size: int = 8,
-                 logp_reduction: str = "mean", stop_ids: Sequence[int] | None = None,
-                 generate_batch_size: int | None = None):
+                 logp_reduction: str = "mean", stop_ids: Sequence[int] | None = None):
         if logp_reduction not in ("mean", "sum"):
             raise ValueError(f"logp_reduction must be 'mean' or 'sum', got {logp_reduction!r}")
         if n_prompts < 1:
@@ -396,8 +394,7 @@ class HealthProbe:
                              "away by the length limit")
         self.max_new_tokens, self.logp_reduction, self.stop_ids = max_new_tokens, logp_reduction, list(stop_ids)
         self.kwargs = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
-        self.generate_kwargs = dict(self.kwargs,
-                                    batch_size=generate_batch_size or min(len(self.prompts), self.GENERATE_BATCH))
+        self.generate_kwargs = dict(self.kwargs, batch_size=min(len(self.prompts), self.GENERATE_BATCH))
         self._reference_side: tuple | None = None  # (answers, stats, tensor versions when computed)
 
     def _versions(self) -> tuple[int, ...]:

@@ -119,10 +119,11 @@ def _decode(model: SmolLM, out: torch.Tensor, mask: torch.Tensor, T: int, max_ne
             out[rows, S] = next_token
         if on_token is not None:
             on_token(out[:, S])
-        if len(stop_ids) and bool(finished.all()):
+        done = int(finished.sum())  # rows in the batch that have finished (0 without stop ids)
+        if len(stop_ids) and done == len(finished):
             return step + 1
         tokens = next_token[:, None]  # [b, 1]
-        if compact and 4 * int(finished.sum()) >= len(finished):
+        if compact and 4 * done >= len(finished):
             keep = (~finished).nonzero().squeeze(1)  # [b'] positions in the batch of the rows still going
             cache.keep(keep)
             rows = keep if rows is None else rows[keep]
