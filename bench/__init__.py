@@ -165,6 +165,38 @@ def run_child(args: list[str], timeout: float | None = None, env: dict[str, str]
     return result
 
 
+# PyTorch, oneDNN and MKL held to AVX2 kernels: an AVX2-only CPU (no AVX-512, no native bf16) emulated
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def cpu_description() -> dict:
+    """`lscpu`'s model name and whether the flags avx2, avx512f and avx512_bf16 are present."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    model, flags = "unknown", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("Model name", "model name") and model == "unknown":
+            model = value.strip()
+        if key.strip() in ("Flags", "flags"):
+            flags |= set(value.split())
+    return {"model": model, **{f: f in flags for f in ("avx2", "avx512f", "avx512_bf16")}}
+
+
+def run_per_isa(module: str, isas: list[str], threads: int, flags: list[str]) -> list[dict]:
+    """`python -m <module> --child <flags> --threads T --isa I` once per instruction set in `isas`,
+    each in a fresh process: "native" as this CPU is, "avx2" held to AVX2 kernels (AVX2_ENV).
+    Returns each child's JSON result, in order."""
+    results = []
+    for isa in isas:
+        env = {"OMP_NUM_THREADS": str(threads), **(AVX2_ENV if isa == "avx2" else {})}
+        print(f"measuring {isa} ...", file=sys.stderr, flush=True)
+        results.append(run_child([module, "--child", *flags, "--threads", str(threads), "--isa", isa], env=env))
+    return results
+
+
 def emit(result: dict) -> None:
     """A child's result: one JSON line on stdout."""
     print(json.dumps(result), flush=True)

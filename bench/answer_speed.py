@@ -22,11 +22,9 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 
-from bench import emit, load_average, median, run_child
-from bench.generate_speed import AVX2_ENV, cpu_description
+from bench import cpu_description, emit, load_average, median, run_per_isa
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -106,15 +104,9 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
-    results = []
-    for isa in args.isa:
-        flags = ["--model", args.model, "--batch-sizes", *map(str, args.batch_sizes), "--reps", str(args.reps),
-                 "--threads", str(args.threads), "--isa", isa, "--new-tokens", str(args.new_tokens),
-                 *(["--prompts", args.prompts] if args.prompts else [])]
-        env = {"OMP_NUM_THREADS": str(args.threads), **(AVX2_ENV if isa == "avx2" else {})}
-        print(f"measuring {isa} ...", file=sys.stderr, flush=True)
-        results.append(run_child(["bench.answer_speed", "--child", *flags], env=env))
-    print(report(cpu_description(), results))
+    flags = ["--model", args.model, "--batch-sizes", *map(str, args.batch_sizes), "--reps", str(args.reps),
+             "--new-tokens", str(args.new_tokens), *(["--prompts", args.prompts] if args.prompts else [])]
+    print(report(cpu_description(), run_per_isa("bench.answer_speed", args.isa, args.threads, flags)))
     return 0
 
 

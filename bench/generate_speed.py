@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench import DEFAULT_WORKDIR, emit, load_average, median, run_child
+from bench import DEFAULT_WORKDIR, cpu_description, emit, load_average, median, run_per_isa
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUESTIONS = [
@@ -43,25 +41,6 @@ QUESTIONS = [
     "How many legs does a spider have?", "Why do we have seasons?", "What is the speed of light?",
     "How can I learn to play the guitar?",
 ]
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-
-
-def cpu_description() -> dict:
-    """`lscpu`'s model name and whether the flags avx2, avx512f and avx512_bf16 are present."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    model, flags = "unknown", set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("Model name", "model name") and model == "unknown":
-            model = value.strip()
-        if key.strip() in ("Flags", "flags"):
-            flags |= set(value.split())
-    return {"model": model, **{f: f in flags for f in ("avx2", "avx512f", "avx512_bf16")}}
-
-
 # ------------------------------------------------------------------ the child
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:
     if n > len(QUESTIONS):
@@ -217,16 +196,9 @@ def main(argv=None) -> int:
         child(args)
         return 0
     cpu = cpu_description()
-    results = []
-    for isa in args.isa:
-        flags = ["--batch-sizes", *map(str, args.batch_sizes), "--new-tokens", str(args.new_tokens),
-                 "--reps", str(args.reps), "--threads", str(args.threads), "--isa", isa, "--workdir", args.workdir]
-        if not args.llama_cpp:
-            flags.append("--no-llama-cpp")
-        env = {"OMP_NUM_THREADS": str(args.threads), **(AVX2_ENV if isa == "avx2" else {})}
-        print(f"measuring {isa} ...", file=sys.stderr, flush=True)
-        results.append(run_child(["bench.generate_speed", "--child", *flags], env=env))
-    print(report(cpu, results, args))
+    flags = ["--batch-sizes", *map(str, args.batch_sizes), "--new-tokens", str(args.new_tokens),
+             "--reps", str(args.reps), "--workdir", args.workdir, *([] if args.llama_cpp else ["--no-llama-cpp"])]
+    print(report(cpu, run_per_isa("bench.generate_speed", args.isa, args.threads, flags), args))
     return 0
 
 

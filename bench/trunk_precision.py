@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 import warnings
 
-from bench import emit, load_average, median, run_child
-from bench.generate_speed import AVX2_ENV, cpu_description
+from bench import cpu_description, emit, load_average, median, run_per_isa
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -140,13 +138,8 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
-    results = []
-    for isa in args.isa:
-        flags = ["--pairs", str(args.pairs), "--reps", str(args.reps), "--threads", str(args.threads), "--isa", isa]
-        env = {"OMP_NUM_THREADS": str(args.threads), **(AVX2_ENV if isa == "avx2" else {})}
-        print(f"measuring {isa} ...", file=sys.stderr, flush=True)
-        results.append(run_child(["bench.trunk_precision", "--child", *flags], env=env))
-    print(report(cpu_description(), results))
+    flags = ["--pairs", str(args.pairs), "--reps", str(args.reps)]
+    print(report(cpu_description(), run_per_isa("bench.trunk_precision", args.isa, args.threads, flags)))
     return 0
 
 
