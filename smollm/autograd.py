@@ -25,6 +25,17 @@ def plain_linear(m: nn.Module) -> bool:
             and not _module._global_forward_hooks and not _module._global_forward_pre_hooks)
 
 
+def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / rms of each row of x [.., C] -> [.., 1], in fp32."""
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, in fp32 and cast back: HF's LlamaRMSNorm arithmetic.
+    The forward of `RMSNormFunction`, for when no gradient is needed."""
+    return weight * (x.float() * _rstd(x, eps)).to(x.dtype)
+
+
 class RMSNormFunction(torch.autograd.Function):
     """x / sqrt(mean(x^2) + eps) * weight with a hand-written backward, to keep less for it.
 
@@ -35,7 +46,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # [.., 1] fp32
+        rstd = _rstd(x, eps)  # [.., 1] fp32
         ctx.save_for_backward(x, weight, rstd)
         return weight * (x.float() * rstd).to(x.dtype)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .autograd import RMSNormFunction, SwiGLUDown, plain_linear
+from .autograd import RMSNormFunction, SwiGLUDown, plain_linear, rms_norm
 from .config import SmolLMConfig
 from .layout import Layout, Packing
 
@@ -39,7 +39,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return RMSNormFunction.apply(x, self.weight, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return RMSNormFunction.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)  # nothing to keep for backward: no autograd.Function
 
 
 class RotaryEmbedding(nn.Module):
@@ -158,7 +160,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention: H query heads share KV key/value heads."""
+    """Causal grouped-query self-attention: H query heads share KV key/value heads.
+
+    `fused_qkv`, set only while generating (`smollm.onednn`), computes q, k and v in one matmul.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
@@ -167,14 +172,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.fused_qkv: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout,
                 kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
         """x [B, T, C] -> [B, T, C]; `layout` says which positions each one attends to."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv(x)  # [B, T, H*D], [B, T, KV*D], [B, T, KV*D]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # [B, KV, S, D]
@@ -184,16 +194,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+
+    `fused_gate_up`, set only while generating (`smollm.onednn`), computes gate and up in one matmul.
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.fused_gate_up: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)  # [.., I] each
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up(x)  # [.., I] each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)  # [.., I] each
         if plain_linear(self.down_proj):  # nothing but F.linear: fused, keeping less for backward
             return SwiGLUDown.apply(gate, up, self.down_proj.weight)
         return self.down_proj(F.silu(gate) * up)  # an adapter or hooked module runs as itself

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .autograd import plain_linear
+from .model import MLP, Attention
 
 
 def available() -> bool:
@@ -63,6 +64,26 @@ class OneDNNLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
+class OneDNNFused(nn.Module):
+    """Several Linear layers that read the same input, as one oneDNN matmul of their weights
+    stacked: x [.., in] -> a tuple of [.., out_i], the i-th equal to `linears[i](x)`.
+
+    A decoding step at one row is bound by reading the weights; one matmul of q, k and v (or of
+    gate and up) reads the same bytes as three (two), with one call's overhead instead of
+    several, and keeps both cores busy on a larger output. The stacked copy is as much memory
+    as the weights it stacks, for as long as the module lives.
+    """
+
+    def __init__(self, linears: list[nn.Linear], batch_size: int = 1):
+        super().__init__()
+        self.sizes = [lin.out_features for lin in linears]
+        weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum of out, in]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=batch_size) if batch_size >= 2 else weight
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "").split(self.sizes, -1)
+
+
 def _swappable(module: nn.Module) -> bool:
     if not plain_linear(module):
         return False
@@ -71,26 +92,48 @@ def _swappable(module: nn.Module) -> bool:
         type(w.data) is torch.Tensor  # not a DTensor shard, a quantized or a meta tensor
 
 
+def _fusable(module: nn.Module) -> list[str] | None:
+    """The names of the Linear layers of `module` that one matmul can compute (they read the
+    same input), when every one of them is swappable: q, k, v of an Attention, gate and up of an
+    MLP. None otherwise (e.g. a LoRA adapter on q or v: it keeps its own forward)."""
+    names = {Attention: ["q_proj", "k_proj", "v_proj"], MLP: ["gate_proj", "up_proj"]}.get(type(module))
+    return names if names and all(_swappable(getattr(module, n)) for n in names) else None
+
+
+_FUSED_NAME = {Attention: "fused_qkv", MLP: "fused_gate_up"}
+
+
 @contextlib.contextmanager
 def onednn_linears(model: nn.Module, batch_size: int = 1, enabled: bool = True) -> Iterator[int]:
     """Run the plain fp32 CPU Linear layers of `model` with oneDNN inside the block, tuned for
     `batch_size` rows per call (the sequences decoded together).
 
-    Yields how many layers were swapped (0 when oneDNN is unavailable, `enabled` is False,
-    CPU autocast is on, or the model lives elsewhere). Not for training: the op has no backward.
+    q, k and v of each attention, and gate and up of each MLP, run as one matmul each
+    (`OneDNNFused`, the model's `fused_qkv` and `fused_gate_up`); every other plain Linear (o,
+    down, the LM head) as a `OneDNNLinear`.
+
+    Yields how many Linear layers oneDNN computes (0 when oneDNN is unavailable, `enabled` is
+    False, CPU autocast is on, or the model lives elsewhere). Not for training: the op has no backward.
     """
     if not enabled or torch.is_autocast_enabled("cpu") or not available():
         yield 0
         return
-    swapped = []  # (parent, attribute name, original module)
+    fused, swapped = [], []  # (module, names of its fused layers); (parent, attribute name, original module)
     for parent in list(model.modules()):
+        names = _fusable(parent)
+        if names:
+            fused.append((parent, names))
         for name, child in parent.named_children():
-            if _swappable(child):
+            if _swappable(child) and not (names and name in names):
                 swapped.append((parent, name, child))
     try:
+        for parent, names in fused:
+            setattr(parent, _FUSED_NAME[type(parent)], OneDNNFused([getattr(parent, n) for n in names], batch_size))
         for parent, name, child in swapped:
             setattr(parent, name, OneDNNLinear(child, batch_size))
-        yield len(swapped)
+        yield len(swapped) + sum(len(names) for _, names in fused)
     finally:
+        for parent, _ in fused:
+            setattr(parent, _FUSED_NAME[type(parent)], None)
         for parent, name, child in swapped:
             setattr(parent, name, child)

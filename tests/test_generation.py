@@ -18,7 +18,7 @@ from torch import nn
 from smollm import generate, load_pretrained, load_tokenizer
 from smollm.generation import filter_logits
 from smollm.lora import LoRAConfig, add_lora
-from smollm.onednn import OneDNNLinear, available, onednn_linears
+from smollm.onednn import OneDNNFused, OneDNNLinear, available, onednn_linears
 from smollm.sources import EMBEDDED_DISTRIBUTION, embedded_gguf
 
 from model_utils import random_model, small_config
@@ -169,6 +169,13 @@ def test_onednn_linears_swap_plain_fp32_layers_only(model):
     with onednn_linears(lora_model) as swapped:
         assert swapped == plain  # every nn.Linear, the LoRA base layers included
         assert lora_model.model.layers[1].self_attn.q_proj.__class__.__name__ == "LoRALinear"
+        # q, k, v as one matmul, and gate, up as one, except where an adapter keeps q and v apart
+        assert lora_model.model.layers[0].self_attn.fused_qkv is not None
+        assert lora_model.model.layers[1].self_attn.fused_qkv is None
+        assert all(layer.mlp.fused_gate_up is not None for layer in lora_model.model.layers)
+    assert all(layer.self_attn.fused_qkv is None and layer.mlp.fused_gate_up is None
+               for layer in lora_model.model.layers)  # gone after the block
+    assert "fused" not in " ".join(lora_model.state_dict())
     with torch.autocast("cpu", dtype=torch.bfloat16), onednn_linears(model) as swapped:
         assert swapped == 0  # autocast decides the matmul's dtype: left to F.linear
     with onednn_linears(model.to(torch.bfloat16)) as swapped:
@@ -177,6 +184,13 @@ def test_onednn_linears_swap_plain_fp32_layers_only(model):
     x = torch.randn(3, 2, model.config.hidden_size)
     layer = model.model.layers[0].mlp.up_proj
     torch.testing.assert_close(OneDNNLinear(layer)(x), layer(x), rtol=1e-5, atol=1e-6)
+    attn = model.model.layers[0].self_attn
+    for batch_size in (1, 3):  # read in place; oneDNN's blocked copy for 3 rows
+        fused = OneDNNFused([attn.q_proj, attn.k_proj, attn.v_proj], batch_size)(x)
+        assert [t.shape[-1] for t in fused] == [attn.q_proj.out_features, attn.k_proj.out_features,
+                                                attn.v_proj.out_features]
+        for got, proj in zip(fused, (attn.q_proj, attn.k_proj, attn.v_proj)):
+            torch.testing.assert_close(got, proj(x), rtol=1e-5, atol=1e-6)
 
 
 def test_lora_model_equals_textbook():
