@@ -11,7 +11,8 @@ They alternate (ours, trl, ours, ...); medians count.
 
 Inputs: 32 real HH-RLHF test pairs that pass our NLTK strong-preference filter (chosen once
 here), written as a prompt/chosen/rejected JSONL file. Ours runs its full pipeline on it
-(with today's defaults: no filter, the rejected end-of-turn token masked): a 16/16
+(with `--no-filter --loss-type sigmoid`, since the pairs are filtered already and TRL's loss is
+DPO's, and today's other defaults, the rejected end-of-turn token masked): a 16/16
 train/eval split, evaluations with health samples at the start and the end (a run under 5
 steps evaluates nowhere in between), checkpoint + final model + eval.json + curves.png.
 Peak memory: ours from its eval.json (getrusage), TRL's from getrusage in its child. The TRL script has no filter; it trains on the first 16 and
@@ -56,6 +57,7 @@ def prepare(workdir: Path, n: int) -> Path:
 def ours_command(ckpt: Path, data: Path, out: Path, args) -> list[str]:
     return ["dpo.train", "--model", str(ckpt), "--data", str(data), "--num-pairs", str(args.train_pairs),
             "--eval-pairs", str(args.eval_pairs), "--max-steps", str(args.steps), "--batch-size", "8",
+            "--no-filter", "--loss-type", "sigmoid",  # the pairs are filtered already; DPO's loss, as TRL's
             "--output-dir", str(out), "--overwrite", "--no-progress", "--device", args.device]
 
 

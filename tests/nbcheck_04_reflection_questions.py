@@ -21,10 +21,12 @@ def check(ns: dict, out: Path) -> None:
     assert all("policy_sample_distinct_2" in e["health"] for e in over["evals"])
     assert all(0 <= e["health"]["policy_sample_ended_share"] <= 1 and 0 <= e["health"]["policy_sample_loop_share"] <= 1
                for e in over["evals"])
-    # 0b. The old way against the new default: the same settings and steps, two data handlings.
+    # 0b. The old way, the previous default and the new one: the same settings and steps.
     lesson = ns["lesson"]
-    assert set(lesson) == {"old way", "new default"}
-    assert [e["step"] for e in lesson["old way"]["evals"]] == [e["step"] for e in lesson["new default"]["evals"]]
+    assert list(lesson) == ["old way", "previous default", "new default"]
+    steps = [[e["step"] for e in r["evals"]] for r in lesson.values()]
+    assert steps[0] == steps[1] == steps[2]
+    assert [r["config"]["loss_type"] for r in lesson.values()] == [["sigmoid"], ["sigmoid"], ["apo_zero"]]
     assert all("policy_sample_ended_share" in e["health"] for r in lesson.values() for e in r["evals"])
     # 1. Clean labels teach the synthetic task; half the labels flipped teaches (almost) nothing.
     runs = ns["data_runs"]

@@ -39,7 +39,7 @@ def train(setup, out: Path, lr: str, eval_every: str = "3") -> subprocess.Comple
     model, data = setup
     # --rejected-end-of-turn: the textbook loss over every response token, whose collapse at lr 5e-2 is
     # the log-prob fall described above (with the default's masked end-of-turn it collapses into empty answers)
-    args = ["--model", str(model), "--data", str(data), "--no-filter", "--rejected-end-of-turn", "--num-pairs", "96", "--eval-pairs", "32",
+    args = ["--model", str(model), "--data", str(data), "--no-filter", "--loss-type", "sigmoid", "--rejected-end-of-turn", "--num-pairs", "96", "--eval-pairs", "32",
             "--train-last-n", "1", "--no-freeze-head", "--beta", "0.8", "--lr", lr, "--eval-every", eval_every, "--sample-prompts", "4", "--sample-tokens", "32",
             "--output-dir", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "SMOLLM_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -125,7 +125,7 @@ def test_fresh_machine_default_run(tmp_path):
     assert f"from {EMBEDDED_DISTRIBUTION} instead of HuggingFaceTB/SmolLM2-135M-Instruct" in err
     assert "4-bit" in err and "dequantized to fp32" in err
     assert "bundled" in err  # the HH-RLHF test splits shipped with dpo stand in for the hub's
-    assert "no strong-preference filter" in err  # the default trains on the pairs as they come
+    assert "strong-preference filter: kept" in err  # the default filters, with the NLTK data shipped in dpo
     assert "chat template" in err
     assert "DPO" in err and "4/4" in err  # the progress bar reached the end
     assert "preference accuracy" in result.stdout  # the reference-vs-policy table
