@@ -185,6 +185,12 @@ def cpu_description() -> dict:
     return {"model": model, **{f: f in flags for f in ("avx2", "avx512f", "avx512_bf16")}}
 
 
+def cpu_line(cpu: dict) -> str:
+    """"CPU: <model> (avx2 yes, avx512f yes, avx512_bf16 no)": what every printed figure names."""
+    flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16"))
+    return f"CPU: {cpu['model']} ({flags})"
+
+
 def run_per_isa(module: str, isas: list[str], threads: int, flags: list[str]) -> list[dict]:
     """`python -m <module> --child <flags> --threads T --isa I` once per instruction set in `isas`,
     each in a fresh process: "native" as this CPU is, "avx2" held to AVX2 kernels (AVX2_ENV).

@@ -24,7 +24,7 @@ import json
 import os
 import time
 
-from bench import cpu_description, emit, load_average, median, run_per_isa
+from bench import cpu_description, cpu_line, emit, load_average, median, run_per_isa
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -69,7 +69,7 @@ def child(args) -> None:
 
 
 def report(cpu: dict, results: list[dict]) -> str:
-    lines = [f"CPU: {cpu['model']} (avx2 {cpu['avx2']}, avx512f {cpu['avx512f']}, avx512_bf16 {cpu['avx512_bf16']})",
+    lines = [cpu_line(cpu),
              "", "| kernels | model | batch | seconds (median) | answer tokens | ended | answers' digest | load avg |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:

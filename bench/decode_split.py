@@ -21,7 +21,7 @@ import argparse
 import os
 import time
 
-from bench import cpu_description
+from bench import cpu_description, cpu_line
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         prompt = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
         generate(model, prompt, 8)
         best = min(per_call_ms(lambda: generate(model, prompt, 128), 1) for _ in range(3)) / 128
-    cpu = cpu_description()
-    flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16"))
-    print(f"CPU: {cpu['model']} ({flags}); torch threads {args.threads}; batch 1, fp32")
+    print(f"{cpu_line(cpu_description())}; torch threads {args.threads}; batch 1, fp32")
     print(f"memory read (sum over 1 GiB): {gbps:.1f} GB/s; the weights a step reads: {megabytes:.0f} MB "
           f"(bound: {megabytes / gbps:.1f} ms a step)")
     print("| part of one decoding step | ms | weights read at |\n|---|---|---|")

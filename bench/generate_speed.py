@@ -30,7 +30,7 @@ import os
 import time
 from pathlib import Path
 
-from bench import DEFAULT_WORKDIR, cpu_description, emit, load_average, median, run_per_isa
+from bench import DEFAULT_WORKDIR, cpu_description, cpu_line, emit, load_average, median, run_per_isa
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUESTIONS = [
@@ -150,8 +150,7 @@ def llama_cpp_speed(args, model, tokenizer) -> dict:
 
 # ------------------------------------------------------------------ the parent
 def report(cpu: dict, results: list[dict], args) -> str:
-    flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16"))
-    lines = [f"CPU: {cpu['model']} ({flags}); torch threads {results[0]['torch_threads']}; "
+    lines = [f"{cpu_line(cpu)}; torch threads {results[0]['torch_threads']}; "
              f"{args.new_tokens} new tokens, greedy, fp32, median of {args.reps}",
              "",
              "| kernels | batch | smollm tok/s | transformers tok/s | ratio | rows equal | load avg |",

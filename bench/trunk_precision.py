@@ -33,7 +33,7 @@ import copy
 import time
 import warnings
 
-from bench import cpu_description, emit, load_average, median, run_per_isa
+from bench import cpu_description, cpu_line, emit, load_average, median, run_per_isa
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -104,7 +104,7 @@ def child(args) -> None:
 def report(cpu: dict, results: list[dict]) -> str:
     import torch
 
-    lines = [f"CPU: {cpu['model']} (avx2 {cpu['avx2']}, avx512f {cpu['avx512f']}, avx512_bf16 {cpu['avx512_bf16']})",
+    lines = [cpu_line(cpu),
              "", "| kernels | trunk | trunk forward (s) | speed-up | accuracy | flips | max abs diff | mean abs diff |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
