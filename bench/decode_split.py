@@ -9,7 +9,7 @@ LM head included), so it is bound by memory. This prints:
 * the memory's read speed (a sum over 1 GiB), the bound;
 * the step's matmuls alone, in the order a step makes them: each Linear separately (211 calls),
   and with q, k, v and gate, up stacked as `smollm.onednn.OneDNNFused` makes them (121 calls),
-  both with oneDNN reading the weights in place as `generate` does at batch 1;
+  both packed as `generate` packs them at batch 1 (`smollm.onednn.packed_weight`);
 * the whole step inside `smollm.generate` (128 new tokens after a 40-token prompt, best of 3).
 
 The difference between the last two is what the step spends outside the matmuls (norms, rotary,

@@ -19,7 +19,7 @@ H query heads, KV key/value heads, D head dim.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ class Layout:
     """
     mask: torch.Tensor | None = None
     segments: tuple["Segment", ...] | None = None
+    # the boolean mask as SDPA's additive float mask (0 or -inf), per dtype: made once per
+    # forward, not once per layer (SDPA would convert a boolean mask at every call)
+    _additive: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.mask is not None and self.segments is not None:
@@ -49,7 +52,15 @@ class Layout:
             return torch.cat([_attend_segment(q, k, v, seg) for seg in self.segments], dim=2)
         if self.mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.additive_mask(q.dtype), enable_gqa=True)
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask [B, 1, T, S] as 0 where attending is allowed and -inf elsewhere, in `dtype`:
+        what SDPA turns a boolean mask into at each call, made once and kept."""
+        if dtype not in self._additive:
+            self._additive[dtype] = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill_(
+                ~self.mask, float("-inf"))
+        return self._additive[dtype]
 
 
 def _attend_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: "Segment") -> torch.Tensor:

@@ -287,6 +287,36 @@ def test_a_layout_is_causal_masked_or_packed():
     assert layout.mask.shape == (2, 1, 4, 4) and positions[1].tolist() == [0, 0, 1, 2]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_masked_layout_attends_as_sdpa_with_its_boolean_mask(dtype):
+    """Layout.attend turns its boolean mask into SDPA's additive one once per dtype and keeps it;
+    the output has the very bits of SDPA given the boolean mask (which converts it at each call)."""
+    import torch.nn.functional as F
+
+    from smollm.layout import Layout
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 3, 8, generator=g).to(dtype)  # [B, H, T, D]
+    k, v = (torch.randn(2, 2, 5, 8, generator=g).to(dtype) for _ in range(2))  # [B, KV, S, D]
+    mask = torch.rand(2, 1, 3, 5, generator=g) > 0.4
+    mask[..., -1] = True  # every query sees at least one key
+    layout = Layout(mask=mask)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.equal(layout.attend(q, k, v), expected)
+    assert layout.additive_mask(dtype) is layout.additive_mask(dtype)  # made once
+    assert layout.additive_mask(dtype).dtype == dtype
+    assert torch.equal(layout.additive_mask(dtype) == 0, mask)
+
+
+def test_rms_norm_keeps_the_bits_of_mean():
+    """The norm's mean of squares, written as a sum divided by C, has mean's very bits."""
+    from smollm.autograd import _rstd
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(4, 7, 576, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+        assert torch.equal(_rstd(x, 1e-5), torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5))
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_hidden_states_in_two_slices_equal_one_pass(padded):
     """hidden_states(end=k) then hidden_states(start=k, x=...) is the full pass, padded rows (packed)
