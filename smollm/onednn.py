@@ -60,7 +60,7 @@ class OneDNNLinear(nn.Module):
         return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return _matmul(x, self.packed)
 
 
 class OneDNNFused(nn.Module):
@@ -80,7 +80,12 @@ class OneDNNFused(nn.Module):
         self.packed = packed_weight(weight, batch_size)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "").split(self.sizes, -1)
+        return _matmul(x, self.packed).split(self.sizes, -1)
+
+
+def _matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [.., in] @ W^T -> [.., out] by oneDNN, W a `packed_weight` copy."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def packed_weight(weight: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -101,15 +106,16 @@ def _swappable(module: nn.Module) -> bool:
         type(w.data) is torch.Tensor  # not a DTensor shard, a quantized or a meta tensor
 
 
-def _fusable(module: nn.Module) -> list[str] | None:
-    """The names of the Linear layers of `module` that one matmul can compute (they read the
-    same input), when every one of them is swappable: q, k, v of an Attention, gate and up of an
-    MLP. None otherwise (e.g. a LoRA adapter on q or v: it keeps its own forward)."""
-    names = {Attention: ["q_proj", "k_proj", "v_proj"], MLP: ["gate_proj", "up_proj"]}.get(type(module))
-    return names if names and all(_swappable(getattr(module, n)) for n in names) else None
+# module type -> (the attribute its forward reads a fused matmul from, the Linear layers it fuses)
+_FUSIONS = {Attention: ("fused_qkv", ("q_proj", "k_proj", "v_proj")), MLP: ("fused_gate_up", ("gate_proj", "up_proj"))}
 
 
-_FUSED_NAME = {Attention: "fused_qkv", MLP: "fused_gate_up"}
+def _fusable(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
+    """(attribute, names) of the Linear layers of `module` that one matmul can compute (they read
+    the same input), when every one of them is swappable: q, k, v of an Attention, gate and up of
+    an MLP. None otherwise (e.g. a LoRA adapter on q or v: it keeps its own forward)."""
+    fusion = _FUSIONS.get(type(module))
+    return fusion if fusion and all(_swappable(getattr(module, n)) for n in fusion[1]) else None
 
 
 @contextlib.contextmanager
@@ -127,22 +133,22 @@ def onednn_linears(model: nn.Module, batch_size: int = 1, enabled: bool = True) 
     if not enabled or torch.is_autocast_enabled("cpu") or not available():
         yield 0
         return
-    fused, swapped = [], []  # (module, names of its fused layers); (parent, attribute name, original module)
+    fused, swapped = [], []  # (module, attribute, names of its fused layers); (parent, attribute name, original)
     for parent in list(model.modules()):
-        names = _fusable(parent)
+        attribute, names = _fusable(parent) or (None, ())
         if names:
-            fused.append((parent, names))
+            fused.append((parent, attribute, names))
         for name, child in parent.named_children():
-            if _swappable(child) and not (names and name in names):
+            if _swappable(child) and name not in names:
                 swapped.append((parent, name, child))
     try:
-        for parent, names in fused:
-            setattr(parent, _FUSED_NAME[type(parent)], OneDNNFused([getattr(parent, n) for n in names], batch_size))
+        for parent, attribute, names in fused:
+            setattr(parent, attribute, OneDNNFused([getattr(parent, n) for n in names], batch_size))
         for parent, name, child in swapped:
             setattr(parent, name, OneDNNLinear(child, batch_size))
-        yield len(swapped) + sum(len(names) for _, names in fused)
+        yield len(swapped) + sum(len(names) for *_, names in fused)
     finally:
-        for parent, _ in fused:
-            setattr(parent, _FUSED_NAME[type(parent)], None)
+        for parent, attribute, _ in fused:
+            setattr(parent, attribute, None)
         for parent, name, child in swapped:
             setattr(parent, name, child)
