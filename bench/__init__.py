@@ -203,6 +203,16 @@ def run_per_isa(module: str, isas: list[str], threads: int, flags: list[str]) ->
     return results
 
 
+def per_call_ms(fn, reps: int) -> float:
+    """Milliseconds per call of `fn()`: the mean of `reps` calls after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
 def emit(result: dict) -> None:
     """A child's result: one JSON line on stdout."""
     print(json.dumps(result), flush=True)

@@ -19,20 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-from bench import cpu_description, cpu_line
+from bench import cpu_description, cpu_line, per_call_ms
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def per_call_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / reps * 1e3
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,21 +21,11 @@ timings do not depend on the values. Each instruction set runs in its own proces
 from __future__ import annotations
 
 import argparse
-import time
 
-from bench import cpu_description, cpu_line, emit, run_per_isa
+from bench import cpu_description, cpu_line, emit, per_call_ms, run_per_isa
 
 SHAPES = {"q/k/v": (960, 576), "o": (576, 576), "gate/up": (3072, 576), "down": (576, 1536), "head": (49152, 576)}
 BLOCKS = 30
-
-
-def per_call_s(fn, calls: int, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / (reps * calls)
 
 
 def child(args) -> None:
@@ -59,7 +49,7 @@ def child(args) -> None:
             for way, (fn, ws) in ways.items():
                 call = (lambda ws=ws: [F.linear(x, w) for w in ws]) if fn is F.linear else \
                     (lambda ws=ws: [linear(x, w, None, "none", [], "") for w in ws])
-                s = per_call_s(call, copies, args.reps if name != "head" else 3 * args.reps)
+                s = per_call_ms(call, args.reps if name != "head" else 3 * args.reps) / 1e3 / copies
                 rows[name][way] = {"ms": s * 1e3, "gb_s": N * K * 4 / s / 1e9, "gflop_s": 2 * B * N * K / s / 1e9}
         result["batches"][str(B)] = rows
     emit(result)
