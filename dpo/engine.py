@@ -13,8 +13,8 @@ of them the same way, whatever is trained (the last N blocks, every block, adapt
   policy's tail (with grad) and the reference's. With nothing shared (K = 0: full
   fine-tuning, or `share_trunk=False`), each model runs from its own embedding.
 * **The head only where it is scored.** The LM head runs only at positions that predict a
-  response token, a chunk at a time: the [N, V] logits are never held whole, and backward
-  recomputes them chunk by chunk (`HeadLogProbs`).
+  response token, a chunk at a time: the [N, V] logits are held for backward only up to a
+  budget, and backward recomputes the rest chunk by chunk (`HeadLogProbs`).
 
 The engine calls the model's modules (embedding, blocks, norm, head); the only weight it reads
 directly is a plain Linear head's, which is exactly what calling it computes
@@ -40,31 +40,40 @@ Batch = dict[str, torch.Tensor]
 
 
 HEAD_CHUNK = 256  # positions per chunk of logits in HeadLogProbs: 256 x 49,152 fp32 = 50 MB
+HEAD_KEEP_BYTES = 512 * 2**20  # logits HeadLogProbs keeps for backward, at most; the rest are recomputed
 
 
 class HeadLogProbs(torch.autograd.Function):
     """log_softmax(h @ W^T)[target] for N positions, HEAD_CHUNK positions at a time.
 
     h [N, C], weight [V, C], targets [N] -> log-probs [N] fp32. The same numbers as
-    `F.linear(h, weight).float().log_softmax(-1).gather(...)`, without holding [N, V]:
-    forward keeps only h, the targets and each position's logsumexp [N]; backward recomputes
-    a chunk's logits, turns them into d log p / d logits = onehot(target) - softmax, and
-    accumulates the gradients of h and weight. Costs one extra [chunk, C] x [C, V] matmul per
-    chunk; saves the [N, V] fp32 logits (and their gradient) that autograd would keep.
+    `F.linear(h, weight).float().log_softmax(-1).gather(...)`, without holding [N, V] beyond a
+    budget: forward keeps h, the targets, each position's logsumexp [N] and, when a gradient is
+    wanted, the logits of its first chunks up to `keep_bytes` (HEAD_KEEP_BYTES: 512 MiB, the
+    default run's ~870 response positions a step take 170 MB); backward recomputes the logits of
+    any other chunk (one more [chunk, C] x [C, V] matmul: on an AVX2 CPU, a quarter of the head's
+    time in a step), turns them into d log p / d logits = onehot(target) - softmax, and
+    accumulates the gradients of h and weight. A kept chunk and a recomputed one are the same
+    matmul of the same operands, so the gradients do not depend on the budget.
     Under autocast, call it with h and weight already cast (see `head_logps`).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int = HEAD_CHUNK):
+    def forward(ctx, h, weight, targets, chunk: int = HEAD_CHUNK, keep_bytes: int = HEAD_KEEP_BYTES):
         N = h.shape[0]
         out = torch.empty(N, device=h.device, dtype=torch.float32)
         lse = torch.empty(N, device=h.device, dtype=torch.float32)
+        room = keep_bytes if any(ctx.needs_input_grad[:2]) else 0  # nothing to keep without a backward
+        kept = []  # the first chunks' logits [n, V], while they fit in the budget
         for s in range(0, N, chunk):
             logits = (h[s:s + chunk] @ weight.T).float()  # [n, V]
             lse[s:s + chunk] = logits.logsumexp(-1)
             out[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            if len(kept) == s // chunk and logits.numel() * logits.element_size() <= room:
+                kept.append(logits)
+                room -= logits.numel() * logits.element_size()
         ctx.save_for_backward(h, weight, targets, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.kept = chunk, kept
         return out
 
     @staticmethod
@@ -73,10 +82,12 @@ class HeadLogProbs(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_w else None
-        for s in range(0, h.shape[0], ctx.chunk):
+        for i, s in enumerate(range(0, h.shape[0], ctx.chunk)):
             hc, g = h[s:s + ctx.chunk], grad_out[s:s + ctx.chunk].float()  # [n, C], [n]
+            logits = ctx.kept[i] if i < len(ctx.kept) else (hc @ weight.T).float()  # [n, V]
             # d out / d logits = onehot(target) - softmax(logits), times the incoming gradient
-            grad_logits = (hc @ weight.T).float().sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])
+            # (out of place: a kept chunk stays intact for a second backward with retain_graph)
+            grad_logits = logits.sub(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])
             grad_logits.scatter_add_(-1, targets[s:s + ctx.chunk, None], g[:, None])  # [n, V]
             grad_logits = grad_logits.to(h.dtype)
             if want_h:
@@ -85,7 +96,7 @@ class HeadLogProbs(torch.autograd.Function):
                 grad_w.addmm_(grad_logits.T, hc)  # [V, C], accumulated in place
             elif want_w:
                 grad_w += (grad_logits.T @ hc).float()  # [V, C], low-precision matmul, fp32 sum
-        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
 
 
 def _head_token_logps(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

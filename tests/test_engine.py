@@ -213,6 +213,45 @@ def test_head_log_probs_equal_full_logits(chunk, train_weight):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_head_log_probs_keeping_logits_changes_no_bit(train_weight):
+    """Logits kept for backward (all, the first chunks only, none) or recomputed: the very same
+    gradients, since a kept chunk and a recomputed one are the same matmul; and a kept chunk
+    survives a first backward (retain_graph) to give the same gradients again."""
+    torch.manual_seed(0)
+    h0 = torch.randn(10, 32)
+    w0 = 0.3 * torch.randn(1000, 32)
+    targets = torch.randint(0, 1000, (10,))
+    probe = torch.randn(10)
+    chunk_bytes = 3 * 1000 * 4  # one chunk of 3 positions' fp32 logits
+    grads = {}
+    for keep in (0, 2 * chunk_bytes, 10**9):  # recompute all 4 chunks; keep the first 2; keep all
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_(train_weight)
+        out = HeadLogProbs.apply(h, w, targets, 3, keep)
+        (out * probe).sum().backward(retain_graph=True)
+        first = [h.grad.clone()] + ([w.grad.clone()] if train_weight else [])
+        h.grad = w.grad = None
+        (out * probe).sum().backward()
+        second = [h.grad] + ([w.grad] if train_weight else [])
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+        grads[keep] = first
+    for keep in (2 * chunk_bytes, 10**9):
+        for a, b in zip(grads[0], grads[keep]):
+            assert torch.equal(a, b)
+
+
+def test_head_log_probs_keep_logits_only_for_a_backward_within_the_budget():
+    h, w = torch.randn(10, 32, requires_grad=True), torch.randn(1000, 32)
+    targets = torch.randint(0, 1000, (10,))
+    out = HeadLogProbs.apply(h, w, targets, 3, 2 * 3 * 1000 * 4 + 1)
+    assert [t.shape for t in out.grad_fn.kept] == [(3, 1000), (3, 1000)]  # 2 of the 4 chunks fit
+    with torch.no_grad():
+        assert HeadLogProbs.apply(h, w, targets, 3).grad_fn is None  # no graph, nothing kept
+    frozen = HeadLogProbs.apply(h.detach(), w, targets, 3)  # no input wants a gradient
+    assert frozen.grad_fn is None
+
+
 def test_head_logps_under_bf16_autocast_is_close_to_fp32():
     model = random_model(small_config())
     batch = collate_pairs(crafted_pairs(4), pad_token_id=0)
@@ -421,7 +460,7 @@ def test_recomputed_tail_gives_the_same_gradients():
 def test_trainer_takes_recompute_tail_from_the_config_and_uses_fused_adamw(recompute):
     from dpo.config import build_parser, config_from_args
 
-    flags = [] if recompute else ["--no-recompute-tail"]
+    flags = ["--recompute-tail"] if recompute else []  # off by default: faster, ~250 MB more at the default settings
     config = config_from_args(build_parser().parse_args(flags + ["--batch-size", "4"]))
     assert config.recompute_tail is recompute
     policy, reference = _policy_and_reference(1)
