@@ -12,6 +12,9 @@ of them the same way, whatever is trained (the last N blocks, every block, adapt
   compute identical hidden states up to block K: the trunk runs once, under no_grad, then the
   policy's tail (with grad) and the reference's. With nothing shared (K = 0: full
   fine-tuning, or `share_trunk=False`), each model runs from its own embedding.
+* **oneDNN where nothing is differentiated.** The trunk (and, in an evaluation, both tails)
+  runs its Linear layers with oneDNN on a CPU in fp32, 10-20% faster than MKL with AVX2
+  kernels (`run_layers`); what is trained runs through autograd's ordinary matmuls.
 * **The head only where it is scored.** The LM head runs only at positions that predict a
   response token, a chunk at a time: the [N, V] logits are held for backward only up to a
   budget, and backward recomputes the rest chunk by chunk (`HeadLogProbs`).
@@ -30,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from smollm import SmolLM
+from smollm import onednn
 from smollm.autograd import plain_linear
 from smollm.layout import Packing
 
@@ -66,7 +70,7 @@ class HeadLogProbs(torch.autograd.Function):
         room = keep_bytes if any(ctx.needs_input_grad[:2]) else 0  # nothing to keep without a backward
         kept = []  # the first chunks' logits [n, V], while they fit in the budget
         for s in range(0, N, chunk):
-            logits = (h[s:s + chunk] @ weight.T).float()  # [n, V]
+            logits = onednn.linear(h[s:s + chunk], weight).float()  # [n, V]
             lse[s:s + chunk] = logits.logsumexp(-1)
             out[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
             if len(kept) == s // chunk and logits.numel() * logits.element_size() <= room:
@@ -84,7 +88,7 @@ class HeadLogProbs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_w else None
         for i, s in enumerate(range(0, h.shape[0], ctx.chunk)):
             hc, g = h[s:s + ctx.chunk], grad_out[s:s + ctx.chunk].float()  # [n, C], [n]
-            logits = ctx.kept[i] if i < len(ctx.kept) else (hc @ weight.T).float()  # [n, V]
+            logits = ctx.kept[i] if i < len(ctx.kept) else onednn.linear(hc, weight).float()  # [n, V]
             # d out / d logits = onehot(target) - softmax(logits), times the incoming gradient
             # (out of place: a kept chunk stays intact for a second backward with retain_graph)
             grad_logits = logits.sub(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])
@@ -148,20 +152,24 @@ def head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.
 
 
 def run_layers(model: SmolLM, x: torch.Tensor, batch: Batch, packing: Packing | None, start: int,
-               end: int | None = None, recompute: bool = False) -> torch.Tensor:
+               end: int | None = None, recompute: bool = False, fast: bool = False) -> torch.Tensor:
     """Blocks [start, end) of `model` on the residual stream x [R, T, C] of a batch's rows.
 
     With a `Packing`, only its packed tokens run (each shared prefix once, in its first row:
     a reusing row's states at its shared positions are not read, its partner's stand for
     them) and the result comes back as [R, T, C], zeros at padding; without one, the padded
     rows run with their attention mask.
+    fast: their Linear layers multiply with oneDNN on a CPU in fp32 (`smollm.onednn.onednn_linears`,
+    packed=False: 10-20% faster than MKL with AVX2 kernels), which has no backward; for blocks
+    that run without a gradient. Its sums differ from MKL's in the last bits.
     """
-    if packing is None:
-        positions, layout = model.positions_and_layout(batch["input_ids"], batch["attention_mask"])
-        return model.run_layers(x, positions, layout, start, end, recompute=recompute)
-    model.check_positions(past=0, new=x.shape[1])
-    x = model.run_layers(packing.pack(x), packing.position_ids, packing.layout, start, end,
-                         recompute=recompute)  # [1, N, C]
+    with onednn.onednn_linears(model.model.layers[start:end], packed=False, enabled=fast and not torch.is_grad_enabled()):
+        if packing is None:
+            positions, layout = model.positions_and_layout(batch["input_ids"], batch["attention_mask"])
+            return model.run_layers(x, positions, layout, start, end, recompute=recompute)
+        model.check_positions(past=0, new=x.shape[1])
+        x = model.run_layers(packing.pack(x), packing.position_ids, packing.layout, start, end,
+                             recompute=recompute)  # [1, N, C]
     return packing.unpack(x)
 
 
@@ -213,20 +221,27 @@ class LogProbEngine:
 
     @torch.no_grad()
     def trunk_states(self, batch: Batch, packing: Packing | None) -> torch.Tensor | None:
-        """The shared trunk's output [R, T, C], the residual stream entering block K (None when K = 0)."""
+        """The shared trunk's output [R, T, C], the residual stream entering block K (None when K = 0).
+        Never differentiated, so its Linear layers run with oneDNN on a CPU in fp32 (`run_layers`)."""
         if self.split == 0:
             return None
         x = self.policy.model.embed_tokens(batch["input_ids"])  # [R, T, C]
-        return run_layers(self.policy, x, batch, packing, 0, self.split)
+        return run_layers(self.policy, x, batch, packing, 0, self.split, fast=True)
 
     def tail_logps(self, model: SmolLM, batch: Batch, trunk: torch.Tensor | None, packing: Packing | None,
-                   reduction: str = "sum", recompute: bool = False) -> torch.Tensor:
+                   reduction: str = "sum", recompute: bool = False, fast: bool | None = None) -> torch.Tensor:
         """Log-probs [R] of `model` (the policy or the reference) from the trunk's output [R, T, C]
         (or from its own embedding when there is no trunk): its blocks [K, L), final norm and
-        head, the head at response positions only."""
+        head, the head at response positions only.
+
+        fast: the blocks' Linear layers with oneDNN (`run_layers`); default: when no gradient is
+        wanted. The policy's and the reference's tails of one batch must agree on it, so that an
+        untrained policy's log-probs equal the reference's to the bit (`__call__` sees to it).
+        """
         ids = batch["input_ids"]
         x = trunk if trunk is not None else model.model.embed_tokens(ids)  # [R, T, C]
-        x = run_layers(model, x, batch, packing, self.split, recompute=recompute)  # [R, T, C]
+        fast = not torch.is_grad_enabled() if fast is None else fast
+        x = run_layers(model, x, batch, packing, self.split, recompute=recompute, fast=fast)  # [R, T, C]
         return head_logps(model.lm_head, model.model.norm(x), ids, batch["response_mask"], reduction)
 
     @torch.no_grad()
@@ -249,10 +264,11 @@ class LogProbEngine:
         if self.reference is None:
             raise ValueError("this engine has no reference model; use policy_logps")
         packing = self.packing(batch)
+        fast = not torch.is_grad_enabled()  # both tails alike: oneDNN only when neither needs a backward
         with torch.no_grad():
             trunk = self.trunk_states(batch, packing)  # [2B, T, C], or None
-            reference = self.tail_logps(self.reference, batch, trunk, packing, reduction)
-        policy = self.tail_logps(self.policy, batch, trunk, packing, reduction, recompute=self.recompute)
+            reference = self.tail_logps(self.reference, batch, trunk, packing, reduction, fast=fast)
+        policy = self.tail_logps(self.policy, batch, trunk, packing, reduction, recompute=self.recompute, fast=fast)
         return policy, reference
 
     def policy_logps(self, batch: Batch, reduction: str = "sum", paired: bool = False) -> torch.Tensor:

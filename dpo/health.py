@@ -27,7 +27,8 @@ lists the problems, one line each. `health_report` computes the numbers for a tr
 Shapes: B batch, T padded sequence length, N answer positions in a batch, V vocabulary.
 The pure functions take plain lists; the model functions batch with right padding and an
 attention mask, and apply the LM head only at the answer positions (so no [B, T, V] tensor
-for the prompt tokens is ever made).
+for the prompt tokens is ever made); on a CPU in fp32 their Linear layers multiply with oneDNN
+(`smollm.onednn.onednn_linears`, packed=False), as the engine's gradient-free blocks do.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from smollm import SmolLM
+from smollm.onednn import onednn_linears
 
 from .answers import eval_mode, text_stats
 from .distributed import same_values
@@ -116,7 +118,7 @@ def reference_nll(reference: SmolLM, prompt_ids: Sequence[Sequence[int]], answer
     _check_inputs(prompt_ids, answer_ids)
     device = torch.device(device)
     total, count = 0.0, 0
-    with eval_mode(reference), autocast_context(device, autocast_dtype):
+    with eval_mode(reference), autocast_context(device, autocast_dtype), onednn_linears(reference, packed=False):
         for ids, mask, rows, cols, targets in _answer_batches(prompt_ids, answer_ids, batch_size, device):
             hidden = reference.hidden_states(ids, mask)  # [B, T, C]
             for part, logp in _answer_log_probs(hidden, reference, rows, cols):  # [n, V]
@@ -165,7 +167,8 @@ def kl_and_reference_nll(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence
     device = torch.device(device)
     kl, nll, count = 0.0, 0.0, 0
     shared = shared_trunk_depth(policy, reference)
-    with eval_mode(policy, reference), autocast_context(device, autocast_dtype):
+    with (eval_mode(policy, reference), autocast_context(device, autocast_dtype),
+          onednn_linears(policy, packed=False), onednn_linears(reference, packed=False)):
         for ids, mask, rows, cols, targets in _answer_batches(prompt_ids, answer_ids, batch_size, device):
             h_pol, h_ref = _both_hidden_states(policy, reference, shared, ids, mask)  # [B, T, C] each
             for (part, logp), (_, logq) in zip(_answer_log_probs(h_pol, policy, rows, cols),

@@ -22,6 +22,13 @@ Exactness: both libraries add the same products in a different order, so a logit
 in its last bits (about 1e-6 relative). Greedy tokens are the same unless the two best
 logits tie to that precision; `tests/test_generation.py` checks the tokens against F.linear's,
 on the real model too. No gradient flows through it: generation runs under inference mode.
+
+Many rows at once (a training batch's 2,000 tokens, a held-out batch) are a different case:
+MKL's kernels are efficient there, but oneDNN's are still faster, 10-20% with AVX2 kernels
+and 2x with AVX-512 (MKL does not use AVX-512 on this AMD EPYC), and a copy of the weights would
+cost memory for little more. `onednn_linears(model, packed=False)` reads each weight where it
+is (`linear`, the function): the frozen trunk and the reference, which run without a gradient
+in every training step (`dpo.engine`), and the evaluations use it.
 """
 from __future__ import annotations
 
@@ -43,24 +50,26 @@ def available() -> bool:
 
 
 class OneDNNLinear(nn.Module):
-    """`linear(x)` computed by oneDNN: x [.., in] -> [.., out].
+    """`linear(x)` computed by oneDNN: x [.., in] -> [.., out]. No gradient flows through it.
 
     batch_size: the rows per call to tune for; the weight is copied once into oneDNN's
     blocked layout for that many rows (at least two; any number of rows still works).
+    packed=False: no copy; each call reads the weight where it is (for calls of many rows).
     """
 
-    def __init__(self, linear: nn.Linear, batch_size: int = 1):
+    def __init__(self, linear: nn.Linear, batch_size: int = 1, packed: bool = True):
         super().__init__()
         self.linear = linear
-        weight = linear.weight.detach()
-        self.packed = packed_weight(weight, batch_size)
+        self.packed = packed_weight(linear.weight.detach(), batch_size) if packed else None
 
     @property
     def weight(self) -> torch.Tensor:
         return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _matmul(x, self.packed)
+        if torch.is_grad_enabled() and (x.requires_grad or self.linear.weight.requires_grad):
+            raise RuntimeError("OneDNNLinear has no backward: call it under torch.no_grad() or inference mode")
+        return _matmul(x, self.packed if self.packed is not None else self.linear.weight.detach())
 
 
 class OneDNNFused(nn.Module):
@@ -83,9 +92,18 @@ class OneDNNFused(nn.Module):
         return _matmul(x, self.packed).split(self.sizes, -1)
 
 
-def _matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x [.., in] @ W^T -> [.., out] by oneDNN, W a `packed_weight` copy."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+def _matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [.., in] @ W^T -> [.., out] by oneDNN, W [out, in] a `packed_weight` copy or a plain weight."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [.., in] @ weight^T -> [.., out], without a gradient: by oneDNN where it applies (the weight
+    a dense fp32 CPU tensor, x too, oneDNN available, CPU autocast off), else by F.linear."""
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and _dense_fp32_cpu(weight)
+            and not torch.is_autocast_enabled("cpu") and available()):
+        return _matmul(x, weight.detach())
+    return torch.nn.functional.linear(x, weight)
 
 
 def packed_weight(weight: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -98,12 +116,13 @@ def packed_weight(weight: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=max(batch_size, 2))
 
 
-def _swappable(module: nn.Module) -> bool:
-    if not plain_linear(module):
-        return False
-    w = module.weight
+def _dense_fp32_cpu(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype == torch.float32 and w.layout == torch.strided and \
         type(w.data) is torch.Tensor  # not a DTensor shard, a quantized or a meta tensor
+
+
+def _swappable(module: nn.Module) -> bool:
+    return plain_linear(module) and _dense_fp32_cpu(module.weight)
 
 
 # module type -> (the attribute its forward reads a fused matmul from, the Linear layers it fuses)
@@ -119,23 +138,26 @@ def _fusable(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
 
 
 @contextlib.contextmanager
-def onednn_linears(model: nn.Module, batch_size: int = 1, enabled: bool = True) -> Iterator[int]:
+def onednn_linears(model: nn.Module, batch_size: int = 1, enabled: bool = True, packed: bool = True
+                   ) -> Iterator[int]:
     """Run the plain fp32 CPU Linear layers of `model` with oneDNN inside the block, tuned for
     `batch_size` rows per call (the sequences decoded together).
 
     q, k and v of each attention, and gate and up of each MLP, run as one matmul each
     (`OneDNNFused`, the model's `fused_qkv` and `fused_gate_up`); every other plain Linear (o,
-    down, the LM head) as a `OneDNNLinear`.
+    down, the LM head) as a `OneDNNLinear`. packed=False copies nothing: every plain Linear
+    becomes a `OneDNNLinear` that reads its weight in place, and nothing is fused.
 
     Yields how many Linear layers oneDNN computes (0 when oneDNN is unavailable, `enabled` is
-    False, CPU autocast is on, or the model lives elsewhere). Not for training: the op has no backward.
+    False, CPU autocast is on, or the model lives elsewhere). Not for training: the op has no
+    backward, so call it where no gradient is wanted (inference mode or no_grad).
     """
     if not enabled or torch.is_autocast_enabled("cpu") or not available():
         yield 0
         return
     fused, swapped = [], []  # (module, attribute, names of its fused layers); (parent, attribute name, original)
     for parent in list(model.modules()):
-        attribute, names = _fusable(parent) or (None, ())
+        attribute, names = (_fusable(parent) if packed else None) or (None, ())
         if names:
             fused.append((parent, attribute, names))
         for name, child in parent.named_children():
@@ -145,7 +167,7 @@ def onednn_linears(model: nn.Module, batch_size: int = 1, enabled: bool = True) 
         for parent, attribute, names in fused:
             setattr(parent, attribute, OneDNNFused([getattr(parent, n) for n in names], batch_size))
         for parent, name, child in swapped:
-            setattr(parent, name, OneDNNLinear(child, batch_size))
+            setattr(parent, name, OneDNNLinear(child, batch_size, packed))
         yield len(swapped) + sum(len(names) for *_, names in fused)
     finally:
         for parent, attribute, _ in fused:

@@ -13,6 +13,7 @@ from dpo.config import TrainConfig
 from dpo.freeze import first_trainable_layer, freeze_all_but_last, frozen_reference
 from dpo.logprobs import sequence_logprobs
 from dpo.tokenization import TokenizedPair, collate_pairs
+from smollm import onednn
 from dpo.trainer import DPOTrainer
 
 from model_utils import crafted_pairs, random_model, small_config, textbook_layers
@@ -50,6 +51,29 @@ def _train(n_train: int, seed: int, pairs: list[TokenizedPair], steps: int, text
                          device="cpu", textbook=textbook)
     losses = [trainer.train_step()["loss"] for _ in range(steps)]
     return trainer, losses, {n: t.clone() for n, t in trainer.trainable_state().items()}
+
+
+@pytest.mark.parametrize("mode", ["last-2-blocks", "full-fine-tuning", "head-only"])
+def test_an_untrained_policy_equals_its_reference_to_the_bit(mode):
+    """The trunk runs with oneDNN (no backward), the trainable tail with autograd's matmuls; the
+    reference's tail must use the policy's kernel in training (and both oneDNN's in an evaluation),
+    or an untrained policy's log-ratios would not be exactly 0 and the step-0 loss not exactly ln 2."""
+    n_train = {"last-2-blocks": 2, "full-fine-tuning": 4, "head-only": 0}[mode]
+    policy = random_model(small_config(num_hidden_layers=4, hidden_size=256, intermediate_size=512), seed=4)
+    freeze_all_but_last(policy, n_train)  # hidden size 256: where oneDNN's and MKL's sums differ
+    reference = frozen_reference(policy)
+    engine = LogProbEngine(policy, reference)
+    batch = collate_pairs(crafted_pairs(4), pad_token_id=0)
+    pol, ref = engine(batch, "sum")  # training: the policy's with grad
+    assert pol.requires_grad and torch.equal(pol.detach(), ref)
+    with torch.no_grad():  # an evaluation
+        pol_eval, ref_eval = engine(batch, "sum")
+    assert torch.equal(pol_eval, ref_eval)
+    assert_fp32_close(pol_eval, ref)  # oneDNN's sums and MKL's agree to rounding
+    if mode != "full-fine-tuning" and onednn.available():  # a trunk ran with oneDNN, the tails not in training
+        with torch.no_grad():
+            mkl = plain_logps(reference, batch)  # every block with MKL
+        assert not torch.equal(ref, mkl)  # the kernels do differ in the last bits at this size
 
 
 # Every way of training, on a 4-block model: (blocks trained, share_trunk, K the shared trunk's depth).

@@ -183,14 +183,42 @@ def test_onednn_linears_swap_plain_fp32_layers_only(model):
     model.float()
     x = torch.randn(3, 2, model.config.hidden_size)
     layer = model.model.layers[0].mlp.up_proj
-    torch.testing.assert_close(OneDNNLinear(layer)(x), layer(x), rtol=1e-5, atol=1e-6)
-    attn = model.model.layers[0].self_attn
-    for batch_size in (1, 3):  # read in place; oneDNN's blocked copy for 3 rows
-        fused = OneDNNFused([attn.q_proj, attn.k_proj, attn.v_proj], batch_size)(x)
-        assert [t.shape[-1] for t in fused] == [attn.q_proj.out_features, attn.k_proj.out_features,
-                                                attn.v_proj.out_features]
-        for got, proj in zip(fused, (attn.q_proj, attn.k_proj, attn.v_proj)):
-            torch.testing.assert_close(got, proj(x), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for packed in (True, False):  # oneDNN's blocked copy; the weight read in place
+            torch.testing.assert_close(OneDNNLinear(layer, packed=packed)(x), layer(x), rtol=1e-5, atol=1e-6)
+        attn = model.model.layers[0].self_attn
+        for batch_size in (1, 3):  # oneDNN's blocked copy for 2 and for 3 rows
+            fused = OneDNNFused([attn.q_proj, attn.k_proj, attn.v_proj], batch_size)(x)
+            assert [t.shape[-1] for t in fused] == [attn.q_proj.out_features, attn.k_proj.out_features,
+                                                    attn.v_proj.out_features]
+            for got, proj in zip(fused, (attn.q_proj, attn.k_proj, attn.v_proj)):
+                torch.testing.assert_close(got, proj(x), rtol=1e-5, atol=1e-6)
+    assert layer.weight.requires_grad
+    with pytest.raises(RuntimeError, match="no backward"):  # its output would silently have no gradient
+        OneDNNLinear(layer, packed=False)(x)
+
+
+@pytest.mark.skipif(not available(), reason="oneDNN's linear op or an x86 AVX2 CPU is missing")
+def test_onednn_linears_in_place_copy_nothing_and_see_weight_updates(model):
+    """packed=False: every plain Linear swapped, nothing fused, the weight read at each call (so
+    an in-place change of it is seen, as the frozen trunk's reader needs nothing but the tensor)."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        before = model(ids)
+        with onednn_linears(model, packed=False) as swapped:
+            assert swapped == sum(isinstance(m, nn.Linear) for m in model.modules())
+            assert all(layer.self_attn.fused_qkv is None and layer.mlp.fused_gate_up is None
+                       for layer in model.model.layers)
+            assert model.model.layers[0].self_attn.q_proj.packed is None
+            torch.testing.assert_close(model(ids), before, rtol=1e-4, atol=1e-4)
+            down = model.model.layers[-1].mlp.down_proj
+            down.weight.mul_(2)
+            changed = model(ids)
+            down.weight.div_(2)
+        assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)  # put back
+        model.model.layers[-1].mlp.down_proj.weight.mul_(2)
+        torch.testing.assert_close(changed, model(ids), rtol=1e-4, atol=1e-4)
+        model.model.layers[-1].mlp.down_proj.weight.div_(2)
 
 
 def test_lora_model_equals_textbook():
