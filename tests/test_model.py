@@ -308,6 +308,42 @@ def test_a_masked_layout_attends_as_sdpa_with_its_boolean_mask(dtype):
     assert torch.equal(layout.additive_mask(dtype) == 0, mask)
 
 
+def test_key_windows_split_rows_only_where_the_reading_shrinks():
+    from smollm.layout import _split_rows
+
+    # 16 long prompts (keys from 0) then 16 short ones (from 450) of 640 positions: two groups
+    assert _split_rows([0] * 16 + [450] * 16, 640, 0, 32) == ((0, 16, 0), (16, 32, 450))
+    assert _split_rows([0, 10, 20, 30], 640, 0, 4) == ((0, 4, 0),)  # nothing worth a second call
+    assert _split_rows([300] * 8, 640, 0, 8) == ((0, 8, 300),)  # one group, still from its first key
+    # split in two at 16, then each half again only where that saves a quarter of its reading:
+    # rows 0-15 (8 x 640 + 8 x 440 against 16 x 640) stay together, rows 16-31 split
+    assert _split_rows([0] * 8 + [200] * 8 + [400] * 8 + [600] * 8, 640, 0, 32) == (
+        (0, 16, 0), (16, 24, 400), (24, 32, 600))
+    groups = _split_rows(list(range(0, 600, 19)), 640, 0, 32)
+    assert [g[:2] for g in groups] == sorted(g[:2] for g in groups) and groups[0][0] == 0 and groups[-1][1] == 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decoding_step_attends_from_each_groups_first_key(dtype):
+    """One query per row (a decoding step of a left-padded batch): rows with long and short prompts
+    attend in groups, each from its first visible key; the output equals SDPA over all keys."""
+    import torch.nn.functional as F
+
+    from smollm.layout import Layout
+
+    g = torch.Generator().manual_seed(1)
+    B, S = 16, 300
+    first = torch.tensor([0, 3, 5, 9, 1, 2, 4, 6, 250, 255, 260, 270, 251, 252, 253, 254])  # each row's first real key
+    mask = (torch.arange(S)[None, :] >= first[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    q = torch.randn(B, 6, 1, 8, generator=g).to(dtype)  # [B, H, 1, D]
+    k, v = (torch.randn(B, 2, S, 8, generator=g).to(dtype) for _ in range(2))  # [B, KV, S, D]
+    layout = Layout(mask=mask)
+    assert layout.key_windows() == ((0, 8, 0), (8, 16, 250))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(layout.attend(q, k, v), expected, **tol)
+
+
 def test_rms_norm_keeps_the_bits_of_mean():
     """The norm's mean of squares, written as a sum divided by C, has mean's very bits."""
     from smollm.autograd import _rstd
