@@ -163,7 +163,8 @@ def run_layers(model: SmolLM, x: torch.Tensor, batch: Batch, packing: Packing | 
     packed=False: 10-20% faster than MKL with AVX2 kernels), which has no backward; for blocks
     that run without a gradient. Its sums differ from MKL's in the last bits.
     """
-    with onednn.onednn_linears(model.model.layers[start:end], packed=False, enabled=fast and not torch.is_grad_enabled()):
+    fast = fast and not torch.is_grad_enabled()
+    with onednn.onednn_linears(model.model.layers[start:end], packed=False, enabled=fast):
         if packing is None:
             positions, layout = model.positions_and_layout(batch["input_ids"], batch["attention_mask"])
             return model.run_layers(x, positions, layout, start, end, recompute=recompute)
@@ -229,18 +230,17 @@ class LogProbEngine:
         return run_layers(self.policy, x, batch, packing, 0, self.split, fast=True)
 
     def tail_logps(self, model: SmolLM, batch: Batch, trunk: torch.Tensor | None, packing: Packing | None,
-                   reduction: str = "sum", recompute: bool = False, fast: bool | None = None) -> torch.Tensor:
+                   reduction: str = "sum", recompute: bool = False, fast: bool = True) -> torch.Tensor:
         """Log-probs [R] of `model` (the policy or the reference) from the trunk's output [R, T, C]
         (or from its own embedding when there is no trunk): its blocks [K, L), final norm and
         head, the head at response positions only.
 
-        fast: the blocks' Linear layers with oneDNN (`run_layers`); default: when no gradient is
-        wanted. The policy's and the reference's tails of one batch must agree on it, so that an
+        fast: the blocks' Linear layers with oneDNN where no gradient is wanted (`run_layers`).
+        The policy's and the reference's tails of one batch must agree on it, so that an
         untrained policy's log-probs equal the reference's to the bit (`__call__` sees to it).
         """
         ids = batch["input_ids"]
         x = trunk if trunk is not None else model.model.embed_tokens(ids)  # [R, T, C]
-        fast = not torch.is_grad_enabled() if fast is None else fast
         x = run_layers(model, x, batch, packing, self.split, recompute=recompute, fast=fast)  # [R, T, C]
         return head_logps(model.lm_head, model.model.norm(x), ids, batch["response_mask"], reduction)
 

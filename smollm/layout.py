@@ -80,7 +80,6 @@ class Layout:
             self._cache["windows"] = _split_rows(firsts, visible.shape[-1], 0, len(firsts))
         return self._cache["windows"]
 
-
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """The mask [B, 1, T, S] as 0 where attending is allowed and -inf elsewhere, in `dtype`:
         what SDPA turns a boolean mask into at each call, made once and kept."""
