@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import torch
 
 from smollm import SmolLM, generate
+from smollm.generation import StreamRecorder
 
 from .precision import autocast_context
 
@@ -64,6 +65,31 @@ def greedy_answers(model: SmolLM, prompts: Sequence[Sequence[int]], *, max_new_t
     produces a stop id ends at `max_new_tokens` (fewer when the model's context runs out) with
     ended False. `progress(n)` is called with the number of prompts each batch finished.
     """
+    return _greedy(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, batch_size=batch_size,
+                   device=device, autocast_dtype=autocast_dtype, progress=progress)[0]
+
+
+# What a model computed while answering, per layer K: the residual stream entering block K
+# (`smollm.generation.StreamRecorder`) at every position of each prompt + answer[:-1], the positions
+# whose next-token distributions score the answer: streams[K][i] is [len(prompt_i) + len(answer_i) - 1, C]
+# (the prompt's length for an empty answer). Blocks [K, L) give those distributions again without
+# blocks [0, K): `dpo.health` scores a model's own answers so, instead of running it over them again.
+Streams = dict[int, list[torch.Tensor]]
+
+
+def answers_with_streams(model: SmolLM, prompts: Sequence[Sequence[int]], layers: Sequence[int], *,
+                         max_new_tokens: int, stop_ids: Sequence[int], batch_size: int = 8,
+                         device: torch.device | str = "cpu",
+                         autocast_dtype: torch.dtype | None = None) -> tuple[list[Answer], Streams]:
+    """`greedy_answers`, and the residual stream entering each block of `layers` (`Streams`) as
+    the answers were computed."""
+    return _greedy(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, batch_size=batch_size,
+                   device=device, autocast_dtype=autocast_dtype, layers=layers)
+
+
+def _greedy(model: SmolLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int],
+            batch_size: int, device: torch.device | str, autocast_dtype: torch.dtype | None, progress=None,
+            layers: Sequence[int] = ()) -> tuple[list[Answer], Streams | None]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for i, p in enumerate(prompts):
@@ -73,6 +99,7 @@ def greedy_answers(model: SmolLM, prompts: Sequence[Sequence[int]], *, max_new_t
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     stops = set(stop_ids)
     answers: list[Answer] = [([], False)] * len(prompts)
+    streams: Streams | None = {k: [None] * len(prompts) for k in layers} if layers else None
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -82,16 +109,21 @@ def greedy_answers(model: SmolLM, prompts: Sequence[Sequence[int]], *, max_new_t
             for b, i in enumerate(chunk):
                 ids[b, T - len(prompts[i]):] = torch.tensor(list(prompts[i]), dtype=torch.long)
                 mask[b, T - len(prompts[i]):] = 1
+            record = StreamRecorder(layers) if layers else None
             with autocast_context(device, autocast_dtype):
                 out = generate(model, ids.to(device), max_new_tokens, eos_token_id=list(stop_ids),
-                               attention_mask=mask.to(device))  # [B, T + N]
+                               attention_mask=mask.to(device), record=record)  # [B, T + N]
             for b, i in enumerate(chunk):
                 new = out[b, T:].tolist()
                 end = next((k for k, t in enumerate(new) if t in stops), None)
                 answers[i] = (new, False) if end is None else (new[:end], True)
+                if record is not None:  # row b's prompt sits in columns [T - len, T), its answer from T on
+                    fed = T + max(len(answers[i][0]) - 1, 0)
+                    for k in layers:
+                        streams[k][i] = record.states[k][b, T - len(prompts[i]):fed].clone()  # [P + A - 1, C]
             if progress is not None:
                 progress(len(chunk))
-    return answers
+    return answers, streams
 
 
 # --------------------------------------------------------------------------- measuring

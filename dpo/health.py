@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from smollm import SmolLM
 from smollm.onednn import onednn_linears
 
-from .answers import eval_mode, text_stats
+from .answers import Streams, answers_with_streams, eval_mode, greedy_answers, text_stats
 from .distributed import same_values
 from .engine import shared_trunk_depth
 from .precision import autocast_context
-from .samples import generate_samples, user_turns
+from .samples import make_samples, user_turns
 
 # --------------------------------------------------------------------------- model measurements
 
@@ -60,30 +60,54 @@ def _check_inputs(prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequ
 
 
 def _answer_batches(prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]],
-                    batch_size: int, device: torch.device):
-    """Right-padded batches of prompt + answer, for the pairs whose answer is not empty.
+                    batch_size: int, device: torch.device, streams: Streams | None = None):
+    """Right-padded batches of prompt + answer[:-1], for the pairs whose answer is not empty.
 
-    Yields (input_ids [B, T], attention_mask [B, T], rows [N], cols [N], targets [N]):
-    answer token t of row b sits at column prompt_len + t and is predicted by the
-    distribution at column prompt_len + t - 1, which is what (rows, cols) index.
+    Yields (input_ids [B, T], attention_mask [B, T], rows [N], cols [N], targets [N], x):
+    answer token t of row b is predicted by the distribution at column prompt_len + t - 1, which
+    is what (rows, cols) index; the answer's last token predicts nothing that is scored, so it is
+    not an input. x: per layer K of `streams` (the answers' own streams, `dpo.answers.Streams`),
+    the stream entering block K at those inputs [B, T, C], zeros at padding.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    items = [(list(p), list(a)) for p, a in zip(prompt_ids, answer_ids) if len(a) > 0]
+    streams = streams or {}
+    for k, per_answer in streams.items():
+        for i, (p, a, st) in enumerate(zip(prompt_ids, answer_ids, per_answer, strict=True)):
+            if len(a) and (st is None or st.shape[0] != len(p) + len(a) - 1):
+                raise ValueError(f"answer {i}: the stream entering block {k} covers "
+                                 f"{None if st is None else st.shape[0]} positions; its prompt + answer[:-1] "
+                                 f"has {len(p) + len(a) - 1}")
+    items = [i for i, a in enumerate(answer_ids) if len(a) > 0]
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        T = max(len(p) + len(a) for p, a in chunk)
+        T = max(len(prompt_ids[i]) + len(answer_ids[i]) - 1 for i in chunk)
         ids = torch.zeros(len(chunk), T, dtype=torch.long)  # the pad id is never read (masked)
         mask = torch.zeros(len(chunk), T, dtype=torch.long)
+        x = {k: torch.zeros(len(chunk), T, st[chunk[0]].shape[-1], dtype=st[chunk[0]].dtype)
+             for k, st in streams.items()}  # [B, T, C] per layer
         rows, cols, targets = [], [], []
-        for b, (p, a) in enumerate(chunk):
-            ids[b, :len(p) + len(a)] = torch.tensor(p + a)
-            mask[b, :len(p) + len(a)] = 1
+        for b, i in enumerate(chunk):
+            p, a = list(prompt_ids[i]), list(answer_ids[i])
+            n = len(p) + len(a) - 1
+            ids[b, :n] = torch.tensor(p + a[:-1])
+            mask[b, :n] = 1
+            for k, st in streams.items():
+                x[k][b, :n] = st[i]
             rows += [b] * len(a)
-            cols += range(len(p) - 1, len(p) + len(a) - 1)
+            cols += range(len(p) - 1, n)
             targets += a
         yield (ids.to(device), mask.to(device), torch.tensor(rows, device=device),
-               torch.tensor(cols, device=device), torch.tensor(targets, device=device))
+               torch.tensor(cols, device=device), torch.tensor(targets, device=device),
+               {k: t.to(device) for k, t in x.items()})
+
+
+def _hidden(model: SmolLM, ids: torch.Tensor, mask: torch.Tensor, x: dict[int, torch.Tensor],
+            below: int | None = None) -> torch.Tensor:
+    """The model's final-normed states [B, T, C], from the deepest kept stream entering a block
+    <= `below` when there is one (blocks [K, L) only), else from the tokens."""
+    k = max((k for k in x if below is None or k <= below), default=0)
+    return model.hidden_states(ids, mask, start=k, x=x[k]) if k else model.hidden_states(ids, mask)
 
 
 HEAD_CHUNK = 256  # answer positions per LM-head call: a [256, V] fp32 slice is 50 MB for SmolLM
@@ -103,7 +127,7 @@ def _answer_log_probs(hidden: torch.Tensor, model: SmolLM, rows: torch.Tensor,
 
 def reference_nll(reference: SmolLM, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]],
                   *, batch_size: int = 8, device: torch.device | str = "cpu",
-                  autocast_dtype: torch.dtype | None = None) -> float:
+                  autocast_dtype: torch.dtype | None = None, streams: Streams | None = None) -> float:
     """The reference's mean per-token NLL (nats) of the given answers to the given prompts.
 
     A fluency proxy that needs no judge: the starting model's surprise at each answer
@@ -114,13 +138,17 @@ def reference_nll(reference: SmolLM, prompt_ids: Sequence[Sequence[int]], answer
     result is nan (the empty answers themselves show in `text_stats`' empty_share).
 
     prompt_ids / answer_ids: per sample, the prompt's tokens (at least one) and the answer's.
+    streams: the reference's own streams from generating these answers
+        (`dpo.answers.answers_with_streams`): the blocks below the deepest one do not run again.
     """
     _check_inputs(prompt_ids, answer_ids)
     device = torch.device(device)
     total, count = 0.0, 0
+    deepest = {max(streams): streams[max(streams)]} if streams else None
     with eval_mode(reference), autocast_context(device, autocast_dtype), onednn_linears(reference, packed=False):
-        for ids, mask, rows, cols, targets in _answer_batches(prompt_ids, answer_ids, batch_size, device):
-            hidden = reference.hidden_states(ids, mask)  # [B, T, C]
+        for ids, mask, rows, cols, targets, x in _answer_batches(prompt_ids, answer_ids, batch_size, device,
+                                                                 deepest):
+            hidden = _hidden(reference, ids, mask, x)  # [B, T, C]
             for part, logp in _answer_log_probs(hidden, reference, rows, cols):  # [n, V]
                 total -= logp.gather(-1, targets[part, None]).sum().item()
             count += len(targets)
@@ -145,32 +173,44 @@ def kl_on_samples(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence[Sequen
 
 
 def _both_hidden_states(policy: SmolLM, reference: SmolLM, shared: int, ids: torch.Tensor,
-                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both models' final-normed states [B, T, C] of one batch; the first `shared` blocks, which
-    the two share as the very same frozen tensors on a shared embedding
-    (`dpo.engine.shared_trunk_depth`), run once for both. Exact: the same blocks on the same
-    input, only not twice (25 of 30 blocks in the default run)."""
-    if shared == 0:
-        return policy.hidden_states(ids, mask), reference.hidden_states(ids, mask)
+                        mask: torch.Tensor, x: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both models' final-normed states [B, T, C] of one batch.
+
+    x: the policy's own streams (entering some blocks) at these inputs, from generating them.
+    The policy continues from the deepest; the reference from the deepest at or below `shared`,
+    the blocks the two share as the very same frozen tensors on a shared embedding
+    (`dpo.engine.shared_trunk_depth`). Without streams, those shared blocks run once for both:
+    exact, the same blocks on the same input, only not twice (25 of 30 in the default run).
+    """
+    if x or shared == 0:
+        return _hidden(policy, ids, mask, x), _hidden(reference, ids, mask, x, below=shared)
     trunk = policy.hidden_states(ids, mask, end=shared)  # [B, T, C], the stream after block shared-1
     return tuple(m.hidden_states(ids, mask, start=shared, x=trunk) for m in (policy, reference))
 
 
 def kl_and_reference_nll(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence[Sequence[int]],
                          answer_ids: Sequence[Sequence[int]], *, batch_size: int = 8,
-                         device: torch.device | str = "cpu",
-                         autocast_dtype: torch.dtype | None = None) -> tuple[float, float]:
+                         device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+                         streams: Streams | None = None) -> tuple[float, float]:
     """(`kl_on_samples`, `reference_nll`) of the same answers from one forward of each model:
     the reference's log-probs that the KL needs also give its NLL of the answer tokens. The
-    blocks the two models share (a frozen trunk) run once."""
+    blocks the two models share (a frozen trunk) run once.
+
+    streams: the policy's own, from generating these answers (`dpo.answers.answers_with_streams`):
+    the policy then runs only the blocks above its deepest stream (none, for the stream the final
+    norm reads), and the reference only those above its deepest stream inside the shared trunk.
+    The streams are the decoding's, position by position, so the figures may differ from a whole
+    forward's in the last digits.
+    """
     _check_inputs(prompt_ids, answer_ids)
     device = torch.device(device)
     kl, nll, count = 0.0, 0.0, 0
     shared = shared_trunk_depth(policy, reference)
     with (eval_mode(policy, reference), autocast_context(device, autocast_dtype),
           onednn_linears(policy, packed=False), onednn_linears(reference, packed=False)):
-        for ids, mask, rows, cols, targets in _answer_batches(prompt_ids, answer_ids, batch_size, device):
-            h_pol, h_ref = _both_hidden_states(policy, reference, shared, ids, mask)  # [B, T, C] each
+        for ids, mask, rows, cols, targets, x in _answer_batches(prompt_ids, answer_ids, batch_size, device,
+                                                                 streams):
+            h_pol, h_ref = _both_hidden_states(policy, reference, shared, ids, mask, x)  # [B, T, C] each
             for (part, logp), (_, logq) in zip(_answer_log_probs(h_pol, policy, rows, cols),
                                                _answer_log_probs(h_ref, reference, rows, cols)):  # [n, V] each
                 kl += (logp.exp() * (logp - logq)).sum().item()  # KL summed over v, then positions
@@ -397,7 +437,8 @@ class HealthProbe:
                              "away by the length limit")
         self.max_new_tokens, self.logp_reduction, self.stop_ids = max_new_tokens, logp_reduction, list(stop_ids)
         self.kwargs = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
-        self.generate_kwargs = dict(self.kwargs, batch_size=min(len(self.prompts), self.GENERATE_BATCH))
+        self.generate_kwargs = dict(self.kwargs, batch_size=min(len(self.prompts), self.GENERATE_BATCH),
+                                    max_new_tokens=max_new_tokens, stop_ids=self.stop_ids)
         self._reference_side: tuple | None = None  # (answers, stats, tensor versions when computed)
 
     def _versions(self) -> tuple[int, ...]:
@@ -419,14 +460,21 @@ class HealthProbe:
         start = self.reference if self.reference is not None else (
             start_model if start_model is not None else policy if cached is None else None)
         same = start is not None and same_weights(policy, start)
-        samples = generate_samples(policy, start if start is not None else policy, self.tokenizer, self.prompts,
-                                   max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
-                                   reference_answers=None if cached is None else cached[0],
-                                   same_weights=same, **self.generate_kwargs)
-        if cached is None:
-            stats = self._side_stats(samples, "reference", start)
-            cached = self._reference_side = (
-                [(s.reference_ids, s.reference_stopped) for s in samples], stats, self._versions())
+        L = policy.config.num_hidden_layers
+        if cached is None:  # the final stream of the reference's answers gives its NLL of them: head only
+            ref_answers, ref_streams = answers_with_streams(start, self.prompts, [L], **self.generate_kwargs)
+            stats = self._side_stats(make_samples(self.tokenizer, self.prompts, ref_answers, ref_answers),
+                                     "reference", start, ref_streams)
+            cached = self._reference_side = (ref_answers, stats, self._versions())
+        if same:
+            pol_answers, pol_streams = cached[0], None
+        elif self.reference is None:  # no KL to measure: nothing to keep
+            pol_answers, pol_streams = greedy_answers(policy, self.prompts, **self.generate_kwargs), None
+        else:  # the KL reads the policy's final stream, and the reference continues from the shared trunk's
+            shared = shared_trunk_depth(policy, self.reference)
+            pol_answers, pol_streams = answers_with_streams(policy, self.prompts, [L] + [shared] * (shared > 0),
+                                                            **self.generate_kwargs)
+        samples = make_samples(self.tokenizer, self.prompts, cached[0], pol_answers)
         health: dict[str, Any] = {"n_samples": len(samples), **self.selection,
                                   "max_new_tokens": self.max_new_tokens, "logp_reduction": self.logp_reduction}
         if eval_result is not None:
@@ -442,7 +490,8 @@ class HealthProbe:
         else:  # one reference forward gives its NLL of the policy's answers and the KL
             pol_stats = self._side_stats(samples, "policy")
             kl, pol_stats["reference_nll"] = kl_and_reference_nll(
-                policy, self.reference, self.prompts, [s.policy_ids for s in samples], **self.kwargs)
+                policy, self.reference, self.prompts, [s.policy_ids for s in samples], streams=pol_streams,
+                **self.kwargs)
         health.update({f"policy_sample_{k}": v for k, v in pol_stats.items()})
         health.update({f"reference_sample_{k}": v for k, v in ref_stats.items()})
         health["kl_policy_reference"] = kl
@@ -451,18 +500,20 @@ class HealthProbe:
     def prime(self, start_model: SmolLM) -> None:
         """Compute the reference side now, with `start_model` as the reference (a reference-free
         run resumed after its first step: the starting weights, loaded again and then dropped)."""
-        samples = generate_samples(start_model, start_model, self.tokenizer, self.prompts,
-                                   max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
-                                   same_weights=True, **self.generate_kwargs)
-        self._reference_side = ([(s.reference_ids, s.reference_stopped) for s in samples],
-                                self._side_stats(samples, "reference", start_model), self._versions())
+        L = start_model.config.num_hidden_layers
+        answers, streams = answers_with_streams(start_model, self.prompts, [L], **self.generate_kwargs)
+        samples = make_samples(self.tokenizer, self.prompts, answers, answers)
+        self._reference_side = (answers, self._side_stats(samples, "reference", start_model, streams),
+                                self._versions())
 
-    def _side_stats(self, samples: list, side: str, reference: SmolLM | None = None) -> dict[str, float]:
-        """Text statistics of one side's answers (and, for the reference's, its NLL of them)."""
+    def _side_stats(self, samples: list, side: str, reference: SmolLM | None = None,
+                    streams: Streams | None = None) -> dict[str, float]:
+        """Text statistics of one side's answers (and, for the reference's, its NLL of them, from
+        its own `streams` of them when given)."""
         ids = [getattr(s, f"{side}_ids") for s in samples]
         stats = text_stats(ids, [getattr(s, side) for s in samples], [getattr(s, f"{side}_stopped") for s in samples])
         if side == "reference":
-            stats["reference_nll"] = reference_nll(reference, self.prompts, ids, **self.kwargs)
+            stats["reference_nll"] = reference_nll(reference, self.prompts, ids, streams=streams, **self.kwargs)
         return stats
 
 

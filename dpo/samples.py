@@ -54,8 +54,6 @@ class Sample:
 # --------------------------------------------------------------------------- generation
 
 
-
-
 def generate_samples(policy: SmolLM, reference: SmolLM, tokenizer, prompt_ids: Sequence[Sequence[int]], *,
                      max_new_tokens: int = 128, stop_ids: Sequence[int], batch_size: int = 8,
                      device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
@@ -82,12 +80,18 @@ def generate_samples(policy: SmolLM, reference: SmolLM, tokenizer, prompt_ids: S
     with eval_mode(policy, reference):
         ref = reference_answers if reference_answers is not None else greedy_answers(reference, prompt_ids, **kwargs)
         pol = ref if same_weights else greedy_answers(policy, prompt_ids, **kwargs)
+    return make_samples(tokenizer, prompt_ids, ref, pol)
+
+
+def make_samples(tokenizer, prompt_ids: Sequence[Sequence[int]], reference_answers: Sequence[Answer],
+                 policy_answers: Sequence[Answer]) -> list[Sample]:
+    """One `Sample` per prompt from both models' answers (`dpo.answers.Answer`), texts decoded."""
     return [Sample(prompt=tokenizer.decode(list(p), skip_special_tokens=False),
                    reference=tokenizer.decode(r_ids, skip_special_tokens=True),
                    policy=tokenizer.decode(p_ids, skip_special_tokens=True),
                    prompt_ids=list(p), reference_ids=r_ids, policy_ids=p_ids,
                    reference_stopped=r_stop, policy_stopped=p_stop)
-            for p, (r_ids, r_stop), (p_ids, p_stop) in zip(prompt_ids, ref, pol)]
+            for p, (r_ids, r_stop), (p_ids, p_stop) in zip(prompt_ids, reference_answers, policy_answers, strict=True)]
 
 
 # --------------------------------------------------------------------------- rendering

@@ -29,11 +29,62 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+class StreamRecorder:
+    """The residual stream entering given blocks at every position a `generate` call runs.
+
+    `generate(..., record=StreamRecorder([K, L]))` leaves in `states[K]` [B, T + N, C] the
+    stream after block K-1 (what block K reads; K = L, the number of blocks, is the stream the
+    final norm reads) at every position the model ran: each prompt's real tokens and every new
+    token fed back. A row's last new token is never fed back, so its column stays zero, as do the
+    padding and whatever a row would have been fed after it left the batch. Blocks [K, L) can run
+    again from it without blocks [0, K) (`SmolLM.hidden_states(..., start=K, x=...)`): the
+    health checks score a model's own answers this way (`dpo.health`), the trunk the policy shares
+    with its reference not run a second time. The states are what the decoding computed, one
+    position at a time; a forward over the whole sequence sums in another order, so they may
+    differ from its states in the last bits.
+    """
+
+    def __init__(self, layers: Sequence[int]):
+        self.layers = sorted(set(int(k) for k in layers))
+        if not self.layers or self.layers[0] < 1:
+            raise ValueError(f"StreamRecorder records after a block: layers must be >= 1, got {list(layers)}")
+        self.states: dict[int, torch.Tensor] = {}
+        self.rows: torch.Tensor | None = None  # the rows of the batch still being decoded (None: all)
+
+    def start(self, model: SmolLM, B: int, S: int) -> list:
+        """Allocate [B, S, C] per layer and hook the blocks; returns the hooks' handles."""
+        L = model.config.num_hidden_layers
+        if self.layers[-1] > L:
+            raise ValueError(f"StreamRecorder: the model has {L} blocks, no stream after block {self.layers[-1] - 1}")
+        weight = model.model.embed_tokens.weight
+        self.states = {k: torch.zeros(B, S, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
+                       for k in self.layers}
+        self.rows = None
+        return [model.model.layers[k - 1].register_forward_hook(self._hook(k)) for k in self.layers]
+
+    def _hook(self, k: int):
+        def keep(block, args, x):  # x [1, N, C] (a packed prompt) or [b, T', C]
+            cache = args[4] if len(args) > 4 else None  # Block.forward(x, cos, sin, layout, kv_cache, i)
+            states = self.states[k]
+            if cache is not None and cache.slots is not None:  # a packed prompt: each token to its slot
+                rows, cols = cache.slots  # [N] each
+                states[rows, cols] = x[0].to(states.dtype)
+                return
+            at = cache.length if cache is not None else 0
+            cols = slice(at, at + x.shape[1])
+            if self.rows is None:
+                states[:, cols] = x.to(states.dtype)
+            else:
+                states[self.rows, cols] = x.to(states.dtype)
+        return keep
+
+
 def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None,
              attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None,
+             record: StreamRecorder | None = None) -> torch.Tensor:
     """Continue `input_ids` [B, T] by up to `max_new_tokens`; returns prompt + new tokens [B, T + N].
 
     attention_mask [B, T] allows left-padded batches of prompts. `eos_token_id` is one id or
@@ -41,7 +92,7 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     on `<|im_end|>`, a base model on `<|endoftext|>`). A row that has produced any of them is
     finished: it keeps receiving the first of them (as padding) until every row is done, and
     generation stops early when all are. `on_token(tokens [B])` is called after each step
-    (for streaming).
+    (for streaming). `record` keeps the residual stream entering some blocks (`StreamRecorder`).
 
     What makes it fast (docs/benchmarks.md, section 9): inference mode; a padded prompt batch
     computed as its real tokens only; the prompt's LM head at its last position only; buffers
@@ -64,7 +115,10 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
         attention_mask = torch.ones_like(input_ids)
     limit = model.config.max_position_embeddings
     max_new_tokens = min(max_new_tokens, limit - T)
+    hooks = record.start(model, B, T + max(max_new_tokens, 0)) if record is not None else []
     if max_new_tokens <= 0:
+        for h in hooks:
+            h.remove()
         return input_ids
     # Every token and mask column this call will need, allocated once: step t writes column
     # T + t, and the model reads the mask's first S columns (no concatenation per step).
@@ -77,15 +131,18 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     try:
         with torch.inference_mode(), onednn_linears(model, batch_size=B):
             steps = _decode(model, out, mask, T, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                            generator, on_token)
+                            generator, on_token, record)
     finally:
         model.train(was_training)
+        for h in hooks:
+            h.remove()
     return out[:, :T + steps]
 
 
 def _decode(model: SmolLM, out: torch.Tensor, mask: torch.Tensor, T: int, max_new_tokens: int,
             temperature: float, top_k: int | None, top_p: float | None, stop_ids: torch.Tensor,
-            generator: torch.Generator | None, on_token: Callable[[torch.Tensor], None] | None) -> int:
+            generator: torch.Generator | None, on_token: Callable[[torch.Tensor], None] | None,
+            record: StreamRecorder | None = None) -> int:
     """The decoding loop of `generate`: fills out[:, T:], returns how many tokens it made.
 
     Greedy decoding with stop ids drops the rows that have finished from the batch (`KVCache.keep`)
@@ -127,5 +184,7 @@ def _decode(model: SmolLM, out: torch.Tensor, mask: torch.Tensor, T: int, max_ne
             keep = (~finished).nonzero().squeeze(1)  # [b'] positions in the batch of the rows still going
             cache.keep(keep)
             rows = keep if rows is None else rows[keep]
+            if record is not None:
+                record.rows = rows
             tokens, mask, finished = tokens[keep], mask[keep], finished[keep]
     return max_new_tokens

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dpo.answers import distinct_n, greedy_answers, loops, text_stats, words
+from dpo.answers import answers_with_streams, distinct_n, greedy_answers, loops, text_stats, words
 from smollm import generate, load_tokenizer
 from tests.model_utils import random_model, small_config
 
@@ -117,3 +117,27 @@ def test_a_stop_token_ends_the_answer_and_is_not_part_of_it():
 def test_an_empty_prompt_is_a_clear_error():
     with pytest.raises(ValueError, match="prompt 1 has no tokens"):
         greedy_answers(random_model(small_config()), [[1], []], max_new_tokens=2, stop_ids=[2])
+
+
+@pytest.mark.parametrize("batch_size", [4, 2])
+def test_streams_kept_while_answering_are_a_whole_forwards_streams(batch_size):
+    """The stream entering block K at every position of prompt + answer[:-1], as the batched, left-padded
+    decoding computed it (finished rows leaving the batch), equals one forward of that sequence alone,
+    up to the rounding of another summation order; blocks [K, L) continue from it."""
+    model = random_model(small_config(), seed=3)
+    L = model.config.num_hidden_layers
+    prompts = [[5, 17, 300, 41], [8, 9], [1000, 2000, 3000, 4000, 5000, 6], [77]]
+    free = greedy_answers(model, prompts, max_new_tokens=9, stop_ids=[], batch_size=batch_size)
+    stop = free[1][0][3]  # prompt 1 ends after at most 3 tokens, the others may run on: rows leave the batch
+    answers, streams = answers_with_streams(model, prompts, [1, L], max_new_tokens=9, stop_ids=[stop],
+                                            batch_size=batch_size)
+    assert answers == greedy_answers(model, prompts, max_new_tokens=9, stop_ids=[stop], batch_size=batch_size)
+    assert answers[1][1] and len(answers[1][0]) <= 3 and any(not ended for _, ended in answers)
+    with torch.no_grad():
+        for p, (a, _), s1, sL in zip(prompts, answers, streams[1], streams[L]):
+            ids = torch.tensor([p + a[:-1]])  # [1, P + A - 1]: every position that predicts an answer token
+            assert s1.shape == sL.shape == (len(p) + max(len(a) - 1, 0), model.config.hidden_size)
+            torch.testing.assert_close(s1, model.hidden_states(ids, end=1)[0], rtol=1e-5, atol=1e-5)
+            final = model.hidden_states(ids)[0]  # [P + A - 1, C], normed
+            torch.testing.assert_close(model.model.norm(sL), final, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model.hidden_states(ids, start=1, x=s1[None])[0], final, rtol=1e-5, atol=1e-5)

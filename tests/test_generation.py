@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from smollm import generate, load_pretrained, load_tokenizer
-from smollm.generation import filter_logits
+from smollm.generation import StreamRecorder, filter_logits
 from smollm.lora import LoRAConfig, add_lora
 from smollm.onednn import OneDNNFused, OneDNNLinear, available, onednn_linears
 from smollm.sources import EMBEDDED_DISTRIBUTION, embedded_gguf
@@ -140,6 +140,16 @@ def test_context_limit_and_bad_arguments():
         generate(model, ids, -1)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, ids, 3, temperature=-0.5)
+    with pytest.raises(ValueError, match="layers must be >= 1, got \\[0\\]"):
+        StreamRecorder([0])
+    with pytest.raises(ValueError, match="the model has 2 blocks, no stream after block 2"):
+        generate(model, ids, 3, record=StreamRecorder([3]))
+    record = StreamRecorder([2])
+    tokens = generate(model, ids, 3, record=record)  # the stream the final norm reads; the hooks go afterwards
+    assert record.states[2].shape == (1, 12, model.config.hidden_size)
+    assert record.states[2][0, 9:].abs().sum() > 0 and record.states[2][0, 11:].abs().sum() == 0  # last token never fed
+    assert all(not block._forward_hooks for block in model.model.layers)
+    assert torch.equal(tokens, generate(model, ids, 3))
 
 
 def test_model_comes_back_as_it_was(model):

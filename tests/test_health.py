@@ -258,8 +258,9 @@ def test_health_report_is_flat_and_consistent(models, tokenizer_json):
     assert all(isinstance(v, (int, float, str)) for v in health.values())  # flat
     ids = [s.policy_ids for s in samples]
     prompts = [s.prompt_ids for s in samples]
-    assert health["kl_policy_reference"] == pytest.approx(kl_on_samples(other, model, prompts, ids))
-    assert health["policy_sample_reference_nll"] == pytest.approx(reference_nll(model, prompts, ids))
+    # the report scores the answers from the streams their decoding computed: the same up to rounding
+    assert health["kl_policy_reference"] == pytest.approx(kl_on_samples(other, model, prompts, ids), rel=1e-4)
+    assert health["policy_sample_reference_nll"] == pytest.approx(reference_nll(model, prompts, ids), rel=1e-5)
     assert health["kl_policy_reference"] > 0
     assert health["reference_sample_mean_length"] == pytest.approx(sum(len(s.reference_ids) for s in samples) / 2)
     assert isinstance(assess(health), list)
@@ -272,16 +273,15 @@ def _three_pairs(tok) -> list[TokenizedPair]:
 
 
 def test_probe_generates_the_reference_once_and_matches_health_report(models, tokenizer_json, monkeypatch):
-    from dpo import samples as samples_module
+    from dpo import answers as answers_module
 
     model, other = models
     tok = load_tokenizer(tokenizer_json)
     pairs = _three_pairs(tok)
     expected = health_report(other, model, tok, pairs, n_prompts=3, max_new_tokens=6, batch_size=2)
     calls = []
-    real = samples_module.greedy_answers
-    monkeypatch.setattr(samples_module, "greedy_answers",
-                        lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    real = answers_module._greedy  # what greedy_answers and answers_with_streams call
+    monkeypatch.setattr(answers_module, "_greedy", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
     probe = health.HealthProbe(model, tok, pairs, n_prompts=3, max_new_tokens=6, batch_size=2)
     for _ in range(2):
         got = probe.report(other)
@@ -290,7 +290,7 @@ def test_probe_generates_the_reference_once_and_matches_health_report(models, to
 
 
 def test_probe_with_the_reference_weights_generates_once_and_reports_zero_kl(models, tokenizer_json, monkeypatch):
-    from dpo import samples as samples_module
+    from dpo import answers as answers_module
 
     model, _ = models
     tok = load_tokenizer(tokenizer_json)
@@ -300,9 +300,8 @@ def test_probe_with_the_reference_weights_generates_once_and_reports_zero_kl(mod
     with torch.no_grad():
         computed = health_report(twin, model, tok, pairs, n_prompts=3, max_new_tokens=6, batch_size=2)[0]
     calls = []
-    real = samples_module.greedy_answers
-    monkeypatch.setattr(samples_module, "greedy_answers",
-                        lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    real = answers_module._greedy  # what greedy_answers and answers_with_streams call
+    monkeypatch.setattr(answers_module, "_greedy", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
     shortcut, samples = health.HealthProbe(model, tok, pairs, n_prompts=3, max_new_tokens=6,
                                            batch_size=2).report(twin)
     assert len(calls) == 1
@@ -346,14 +345,53 @@ def test_kl_with_a_shared_frozen_trunk_equals_two_full_forwards(models, batch_si
     from dpo.engine import shared_trunk_depth
 
     model, other = models
-    reference = copy.deepcopy(model).requires_grad_(False)
-    trunk = [*reference.model.embed_tokens.parameters(), *reference.model.layers[:-1].parameters()]
-    policy = copy.deepcopy(other, memo={id(p): q for p, q in zip(  # other's trunk equals model's: share it
-        [*other.model.embed_tokens.parameters(), *other.model.layers[:-1].parameters()], trunk)})
-    policy.requires_grad_(False)
+    policy, reference = _shared_trunk_policy(model, other)  # other's trunk equals model's: share it
     assert shared_trunk_depth(policy, reference) == model.config.num_hidden_layers - 1 > 0
     assert shared_trunk_depth(other, model) == 0  # nothing shared: two full forwards
     shared = health.kl_and_reference_nll(policy, reference, PROMPTS, ANSWERS, batch_size=batch_size)
     separate = health.kl_and_reference_nll(other, model, PROMPTS, ANSWERS, batch_size=batch_size)
     assert shared[0] > 1e-4
     assert shared == pytest.approx(separate, rel=1e-6, abs=1e-9)
+
+
+def _shared_trunk_policy(model, other):
+    """`other` as a policy that shares `model`'s embedding and all blocks but the last (as
+    dpo.policy.make_reference shares a frozen trunk), and `model` as its reference."""
+    reference = copy.deepcopy(model).requires_grad_(False)
+    trunk = [*reference.model.embed_tokens.parameters(), *reference.model.layers[:-1].parameters()]
+    policy = copy.deepcopy(other, memo={id(p): q for p, q in zip(
+        [*other.model.embed_tokens.parameters(), *other.model.layers[:-1].parameters()], trunk)})
+    return policy.requires_grad_(False), reference
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-trunk", "nothing-shared"])
+def test_kl_and_nll_from_the_policys_own_streams_equal_whole_forwards(models, shared):
+    """The health report scores the policy's answers from the streams its decoding computed: the
+    policy's final stream (only the norm and the head run again) and, for the reference, the stream
+    entering the first block it does not share. The same figures as whole forwards, to rounding."""
+    from dpo.answers import answers_with_streams
+    from dpo.engine import shared_trunk_depth
+
+    policy, reference = _shared_trunk_policy(*models) if shared else (models[1], models[0])
+    L, K = policy.config.num_hidden_layers, shared_trunk_depth(policy, reference)
+    assert K == (L - 1 if shared else 0)
+    answers, streams = answers_with_streams(policy, PROMPTS, [L] + [K] * (K > 0), max_new_tokens=6, stop_ids=[3],
+                                            batch_size=4)
+    ids = [a for a, _ in answers]
+    whole = health.kl_and_reference_nll(policy, reference, PROMPTS, ids, batch_size=3)
+    kept = health.kl_and_reference_nll(policy, reference, PROMPTS, ids, batch_size=3, streams=streams)
+    assert whole[0] > 1e-4
+    assert kept == pytest.approx(whole, rel=1e-4)
+    own, own_streams = answers_with_streams(reference, PROMPTS, [L], max_new_tokens=6, stop_ids=[3], batch_size=4)
+    own_ids = [a for a, _ in own]
+    assert health.reference_nll(reference, PROMPTS, own_ids, streams=own_streams) == pytest.approx(
+        health.reference_nll(reference, PROMPTS, own_ids), rel=1e-5)
+
+
+def test_streams_that_do_not_fit_the_answers_are_a_clear_error(models):
+    model, other = models
+    L = model.config.num_hidden_layers
+    streams = {L: [torch.zeros(len(p) + len(a), model.config.hidden_size) for p, a in zip(PROMPTS, ANSWERS)]}
+    with pytest.raises(ValueError, match="answer 0: the stream entering block 2 covers 7 positions; its prompt "
+                                         r"\+ answer\[:-1\] has 6"):
+        health.kl_and_reference_nll(other, model, PROMPTS, ANSWERS, streams=streams)
