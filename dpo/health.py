@@ -102,11 +102,10 @@ def _answer_batches(prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Se
                {k: t.to(device) for k, t in x.items()})
 
 
-def _hidden(model: SmolLM, ids: torch.Tensor, mask: torch.Tensor, x: dict[int, torch.Tensor],
-            below: int | None = None) -> torch.Tensor:
-    """The model's final-normed states [B, T, C], from the deepest kept stream entering a block
-    <= `below` when there is one (blocks [K, L) only), else from the tokens."""
-    k = max((k for k in x if below is None or k <= below), default=0)
+def _hidden(model: SmolLM, ids: torch.Tensor, mask: torch.Tensor, x: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The model's final-normed states [B, T, C]: blocks [K, L) from the deepest kept stream x[K]
+    when there is one, else the whole model from the tokens."""
+    k = max(x, default=0)
     return model.hidden_states(ids, mask, start=k, x=x[k]) if k else model.hidden_states(ids, mask)
 
 
@@ -176,16 +175,21 @@ def _both_hidden_states(policy: SmolLM, reference: SmolLM, shared: int, ids: tor
                         mask: torch.Tensor, x: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Both models' final-normed states [B, T, C] of one batch.
 
-    x: the policy's own streams (entering some blocks) at these inputs, from generating them.
-    The policy continues from the deepest; the reference from the deepest at or below `shared`,
-    the blocks the two share as the very same frozen tensors on a shared embedding
-    (`dpo.engine.shared_trunk_depth`). Without streams, those shared blocks run once for both:
-    exact, the same blocks on the same input, only not twice (25 of 30 in the default run).
+    The first `shared` blocks, which the two share as the very same frozen tensors on a shared
+    embedding (`dpo.engine.shared_trunk_depth`), run once for both: exact, the same blocks on the
+    same input, only not twice (25 of 30 in the default run). With x, the policy's own streams at
+    these inputs from generating them, they do not run at all: both models continue from the
+    deepest stream inside the shared trunk. Either way both tails read the same input, so two
+    models with equal tails have a KL of exactly 0.
     """
-    if x or shared == 0:
-        return _hidden(policy, ids, mask, x), _hidden(reference, ids, mask, x, below=shared)
-    trunk = policy.hidden_states(ids, mask, end=shared)  # [B, T, C], the stream after block shared-1
-    return tuple(m.hidden_states(ids, mask, start=shared, x=trunk) for m in (policy, reference))
+    k = max((k for k in x if k <= shared), default=0)
+    if k:
+        trunk = x[k]  # [B, T, C], the stream entering block k
+    elif shared:
+        trunk, k = policy.hidden_states(ids, mask, end=shared), shared  # [B, T, C], after block shared-1
+    else:
+        return policy.hidden_states(ids, mask), reference.hidden_states(ids, mask)
+    return tuple(m.hidden_states(ids, mask, start=k, x=trunk) for m in (policy, reference))
 
 
 def kl_and_reference_nll(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence[Sequence[int]],
@@ -197,9 +201,8 @@ def kl_and_reference_nll(policy: SmolLM, reference: SmolLM, prompt_ids: Sequence
     blocks the two models share (a frozen trunk) run once.
 
     streams: the policy's own, from generating these answers (`dpo.answers.answers_with_streams`):
-    the policy then runs only the blocks above its deepest stream (none, for the stream the final
-    norm reads), and the reference only those above its deepest stream inside the shared trunk.
-    The streams are the decoding's, position by position, so the figures may differ from a whole
+    both models then run only the blocks above the deepest of them inside the shared trunk. The
+    streams are the decoding's, position by position, so the figures may differ from a whole
     forward's in the last digits.
     """
     _check_inputs(prompt_ids, answer_ids)
@@ -470,10 +473,10 @@ class HealthProbe:
             pol_answers, pol_streams = cached[0], None
         elif self.reference is None:  # no KL to measure: nothing to keep
             pol_answers, pol_streams = greedy_answers(policy, self.prompts, **self.generate_kwargs), None
-        else:  # the KL reads the policy's final stream, and the reference continues from the shared trunk's
-            shared = shared_trunk_depth(policy, self.reference)
-            pol_answers, pol_streams = answers_with_streams(policy, self.prompts, [L] + [shared] * (shared > 0),
-                                                            **self.generate_kwargs)
+        elif (shared := shared_trunk_depth(policy, self.reference)) > 0:  # both continue from the trunk's stream
+            pol_answers, pol_streams = answers_with_streams(policy, self.prompts, [shared], **self.generate_kwargs)
+        else:  # nothing shared (full fine-tuning, LoRA): the KL runs both models over the answers
+            pol_answers, pol_streams = greedy_answers(policy, self.prompts, **self.generate_kwargs), None
         samples = make_samples(self.tokenizer, self.prompts, cached[0], pol_answers)
         health: dict[str, Any] = {"n_samples": len(samples), **self.selection,
                                   "max_new_tokens": self.max_new_tokens, "logp_reduction": self.logp_reduction}

@@ -364,27 +364,30 @@ def _shared_trunk_policy(model, other):
     return policy.requires_grad_(False), reference
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-trunk", "nothing-shared"])
-def test_kl_and_nll_from_the_policys_own_streams_equal_whole_forwards(models, shared):
-    """The health report scores the policy's answers from the streams its decoding computed: the
-    policy's final stream (only the norm and the head run again) and, for the reference, the stream
-    entering the first block it does not share. The same figures as whole forwards, to rounding."""
+def test_kl_and_nll_from_the_answers_own_streams_equal_whole_forwards(models):
+    """The health report scores the policy's answers from the streams its decoding computed: both
+    models continue from the stream entering the first block they do not share. The reference's NLL
+    of its own answers comes from its final stream (only the norm and the head run again). The same
+    figures as whole forwards, to rounding; and still exactly 0 for a policy equal to its reference."""
     from dpo.answers import answers_with_streams
     from dpo.engine import shared_trunk_depth
 
-    policy, reference = _shared_trunk_policy(*models) if shared else (models[1], models[0])
+    policy, reference = _shared_trunk_policy(*models)
     L, K = policy.config.num_hidden_layers, shared_trunk_depth(policy, reference)
-    assert K == (L - 1 if shared else 0)
-    answers, streams = answers_with_streams(policy, PROMPTS, [L] + [K] * (K > 0), max_new_tokens=6, stop_ids=[3],
-                                            batch_size=4)
+    assert K == L - 1
+    answers, streams = answers_with_streams(policy, PROMPTS, [K, L], max_new_tokens=6, stop_ids=[3], batch_size=4)
     ids = [a for a, _ in answers]
     whole = health.kl_and_reference_nll(policy, reference, PROMPTS, ids, batch_size=3)
     kept = health.kl_and_reference_nll(policy, reference, PROMPTS, ids, batch_size=3, streams=streams)
     assert whole[0] > 1e-4
     assert kept == pytest.approx(whole, rel=1e-4)
-    own, own_streams = answers_with_streams(reference, PROMPTS, [L], max_new_tokens=6, stop_ids=[3], batch_size=4)
+    trunk = [*reference.model.embed_tokens.parameters(), *reference.model.layers[:K].parameters()]
+    twin = copy.deepcopy(reference, memo={id(p): p for p in trunk})  # its trunk shared, its tail an equal copy
+    assert shared_trunk_depth(twin, reference) == K and twin.model.layers[K] is not reference.model.layers[K]
+    own, own_streams = answers_with_streams(twin, PROMPTS, [K, L], max_new_tokens=6, stop_ids=[3], batch_size=4)
     own_ids = [a for a, _ in own]
-    assert health.reference_nll(reference, PROMPTS, own_ids, streams=own_streams) == pytest.approx(
+    assert health.kl_and_reference_nll(twin, reference, PROMPTS, own_ids, streams=own_streams)[0] == 0.0
+    assert health.reference_nll(reference, PROMPTS, own_ids, streams={L: own_streams[L]}) == pytest.approx(
         health.reference_nll(reference, PROMPTS, own_ids), rel=1e-5)
 
 
