@@ -38,6 +38,7 @@ from smollm.autograd import plain_linear
 from smollm.layout import Packing
 
 from .distributed import same_values
+from .frozen_memo import FrozenMemo
 from .logprobs import sequence_logprobs
 
 Batch = dict[str, torch.Tensor]
@@ -203,12 +204,14 @@ class LogProbEngine:
         activation memory, at the price of one more forward of those blocks.
     share_prefixes: in a paired batch, row i (chosen) and row B + i (rejected) run their common
         leading tokens, the prompt and any first response tokens they agree on, once (in row i).
+    memo: a `dpo.frozen_memo.FrozenMemo` shared by the runs of a sweep: a paired batch seen before
+        takes its trunk output and reference log-probs from it (exact: what the same code computed).
     """
 
     def __init__(self, policy: SmolLM, reference: SmolLM | None = None, *, share_trunk: bool = True,
-                 recompute: bool = True, share_prefixes: bool = True):
+                 recompute: bool = True, share_prefixes: bool = True, memo: FrozenMemo | None = None):
         self.policy, self.reference = policy, reference
-        self.recompute, self.share_prefixes = recompute, share_prefixes
+        self.recompute, self.share_prefixes, self.memo = recompute, share_prefixes, memo
         self.split = shared_trunk_depth(policy, reference) if share_trunk else 0  # K
 
     def packing(self, batch: Batch, paired: bool = True) -> Packing | None:
@@ -265,11 +268,31 @@ class LogProbEngine:
             raise ValueError("this engine has no reference model; use policy_logps")
         packing = self.packing(batch)
         fast = not torch.is_grad_enabled()  # both tails alike: oneDNN only when neither needs a backward
-        with torch.no_grad():
-            trunk = self.trunk_states(batch, packing)  # [2B, T, C], or None
-            reference = self.tail_logps(self.reference, batch, trunk, packing, reduction, fast=fast)
+        trunk, reference = self._frozen_side(batch, packing, reduction, fast)
         policy = self.tail_logps(self.policy, batch, trunk, packing, reduction, recompute=self.recompute, fast=fast)
         return policy, reference
+
+    @torch.no_grad()
+    def _frozen_side(self, batch: Batch, packing: Packing | None, reduction: str,
+                     fast: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the trunk's output [2B, T, C] or None, the reference's log-probs [2B]): from the memo
+        when it has them, else computed (and kept there)."""
+        memo = self.memo
+        if memo is None:
+            trunk = self.trunk_states(batch, packing)
+            return trunk, self.tail_logps(self.reference, batch, trunk, packing, reduction, fast=fast)
+        memo.bind(self.reference)
+        trunk_key, reference_key = memo.keys(batch, split=self.split, share_prefixes=self.share_prefixes,
+                                             reduction=reduction, fast=fast)
+        reference = memo.reference(reference_key)
+        trunk = memo.trunk(trunk_key, packing) if self.split else None
+        if trunk is None and self.split:
+            trunk = self.trunk_states(batch, packing)
+            memo.keep_trunk(trunk_key, trunk, packing)
+        if reference is None:
+            reference = self.tail_logps(self.reference, batch, trunk, packing, reduction, fast=fast)
+            memo.keep_reference(reference_key, reference)
+        return trunk, reference
 
     def policy_logps(self, batch: Batch, reduction: str = "sum", paired: bool = False) -> torch.Tensor:
         """The policy's log-probs [R] alone (with grad when enabled), e.g. SFT's rows (not paired)."""

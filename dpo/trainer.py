@@ -28,6 +28,7 @@ from smollm import SmolLM
 from . import distributed
 from .distributed import Distributed, full_tensor, grad_norm_and_clip, is_sharded, like
 from .engine import LogProbEngine
+from .frozen_memo import FrozenMemo
 from .evaluate import EvalResult, HeldOutCache
 from .objectives import PreferenceObjective
 from .precision import autocast_context, autocast_dtype_for
@@ -287,11 +288,14 @@ class DPOTrainer(Trainer):
     the engine: the oracle the engine is tested against, not a way to train.
     allow_shared_reference: skip `check_reference_is_apart` (only to show the pitfall, as
     notebooks/04_reflection_questions.ipynb does).
+    frozen_memo: a `dpo.frozen_memo.FrozenMemo` that the runs of a sweep from the same reference
+    share: a batch an earlier run trained on reuses its trunk output and reference log-probs.
     """
 
     def __init__(self, policy: SmolLM, reference: SmolLM | None, train_pairs: list[TokenizedPair],
                  config: Any, *, pad_token_id: int, device: torch.device | str | None = None,
-                 textbook: bool = False, allow_shared_reference: bool = False, dist: Distributed | None = None):
+                 textbook: bool = False, allow_shared_reference: bool = False, dist: Distributed | None = None,
+                 frozen_memo: FrozenMemo | None = None):
         config.check()
         if reference is not None and not allow_shared_reference:
             check_reference_is_apart(policy, reference)
@@ -303,7 +307,7 @@ class DPOTrainer(Trainer):
                              "model's log-probs, measured once)")
         self.reference, self.pad_token_id = reference, pad_token_id
         self.engine = LogProbEngine(policy, reference, share_trunk=config.shared_trunk,
-                                    recompute=config.recompute_tail)
+                                    recompute=config.recompute_tail, memo=frozen_memo)
         objective = PreferenceObjective(self.engine, config, pad_token_id=pad_token_id, textbook=textbook)
         super().__init__(policy, train_pairs, config, objective, device=device, dist=dist)
         self.eval_cache: HeldOutCache | None = None  # made by the first evaluate
