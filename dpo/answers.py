@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 
 from smollm import SmolLM, generate
-from smollm.generation import StreamRecorder
+from smollm.generation import PromptPrefixes, StreamRecorder
 
 from .precision import autocast_context
 
@@ -56,7 +56,8 @@ def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
 
 def greedy_answers(model: SmolLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                    stop_ids: Sequence[int], batch_size: int = 8, device: torch.device | str = "cpu",
-                   autocast_dtype: torch.dtype | None = None, progress=None) -> list[Answer]:
+                   autocast_dtype: torch.dtype | None = None, progress=None,
+                   prefixes: PromptPrefixes | None = None) -> list[Answer]:
     """Greedy answers (ids without the stop token, ended?) for each prompt, in order.
 
     Prompts are batched longest first (little padding), left-padded, with an attention mask:
@@ -64,9 +65,11 @@ def greedy_answers(model: SmolLM, prompts: Sequence[Sequence[int]], *, max_new_t
     first real token, so a row's answer equals the answer it gets alone. An answer that never
     produces a stop id ends at `max_new_tokens` (fewer when the model's context runs out) with
     ended False. `progress(n)` is called with the number of prompts each batch finished.
+    prefixes: the prompt batches' first blocks, kept from an earlier call on the same prompts
+    (`smollm.generation.PromptPrefixes`), or kept now for the next one.
     """
     return _greedy(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, batch_size=batch_size,
-                   device=device, autocast_dtype=autocast_dtype, progress=progress)[0]
+                   device=device, autocast_dtype=autocast_dtype, progress=progress, prefixes=prefixes)[0]
 
 
 # What a model computed while answering, per layer K: the residual stream entering block K
@@ -80,16 +83,17 @@ Streams = dict[int, list[torch.Tensor]]
 def answers_with_streams(model: SmolLM, prompts: Sequence[Sequence[int]], layers: Sequence[int], *,
                          max_new_tokens: int, stop_ids: Sequence[int], batch_size: int = 8,
                          device: torch.device | str = "cpu",
-                         autocast_dtype: torch.dtype | None = None) -> tuple[list[Answer], Streams]:
+                         autocast_dtype: torch.dtype | None = None,
+                         prefixes: PromptPrefixes | None = None) -> tuple[list[Answer], Streams]:
     """`greedy_answers`, and the residual stream entering each block of `layers` (`Streams`) as
     the answers were computed."""
     return _greedy(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, batch_size=batch_size,
-                   device=device, autocast_dtype=autocast_dtype, layers=layers)
+                   device=device, autocast_dtype=autocast_dtype, layers=layers, prefixes=prefixes)
 
 
 def _greedy(model: SmolLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int],
             batch_size: int, device: torch.device | str, autocast_dtype: torch.dtype | None, progress=None,
-            layers: Sequence[int] = ()) -> tuple[list[Answer], Streams | None]:
+            layers: Sequence[int] = (), prefixes: PromptPrefixes | None = None) -> tuple[list[Answer], Streams | None]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for i, p in enumerate(prompts):
@@ -112,7 +116,7 @@ def _greedy(model: SmolLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
             record = StreamRecorder(layers) if layers else None
             with autocast_context(device, autocast_dtype):
                 out = generate(model, ids.to(device), max_new_tokens, eos_token_id=list(stop_ids),
-                               attention_mask=mask.to(device), record=record)  # [B, T + N]
+                               attention_mask=mask.to(device), record=record, prefixes=prefixes)  # [B, T + N]
             for b, i in enumerate(chunk):
                 new = out[b, T:].tolist()
                 end = next((k for k, t in enumerate(new) if t in stops), None)

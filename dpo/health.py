@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from smollm import SmolLM
+from smollm.generation import PromptPrefixes
 from smollm.onednn import onednn_linears
 
 from .answers import Streams, answers_with_streams, eval_mode, greedy_answers, text_stats
@@ -419,6 +420,13 @@ class HealthProbe:
     (`smollm.generate`), so one batch of 32 takes about half the time of four batches of 8, each
     as long as its longest answer (docs/benchmarks.md, section 9). The cap bounds the KV cache
     (at most about 1 GB for 32 prompts of 512 tokens and 128 new ones).
+
+    What the frozen trunk that policy and reference share (`dpo.engine.shared_trunk_depth`, 25
+    blocks in the default run) computes is not computed again: the prompts' keys, values and stream
+    through it are kept from the first report's generation (`smollm.generation.PromptPrefixes`;
+    the same tokens), and the KL and the reference's NLL score the answers from the streams their
+    generation computed (`dpo.answers.answers_with_streams`), not from a new forward of the trunk
+    (the same figures to rounding). docs/benchmarks.md, section 10.
     """
 
     GENERATE_BATCH = 32
@@ -443,6 +451,7 @@ class HealthProbe:
         self.generate_kwargs = dict(self.kwargs, batch_size=min(len(self.prompts), self.GENERATE_BATCH),
                                     max_new_tokens=max_new_tokens, stop_ids=self.stop_ids)
         self._reference_side: tuple | None = None  # (answers, stats, tensor versions when computed)
+        self._prefixes: dict[int, PromptPrefixes] = {}  # shared trunk depth -> the prompts' trunk, kept
 
     def _versions(self) -> tuple[int, ...]:
         return () if self.reference is None else tuple(p._version for p in self.reference.parameters())
@@ -464,8 +473,11 @@ class HealthProbe:
             start_model if start_model is not None else policy if cached is None else None)
         same = start is not None and same_weights(policy, start)
         L = policy.config.num_hidden_layers
+        shared = shared_trunk_depth(policy, self.reference) if self.reference is not None else 0
+        prefixes = self._prefixes.setdefault(shared, PromptPrefixes(shared)) if shared else None
         if cached is None:  # the final stream of the reference's answers gives its NLL of them: head only
-            ref_answers, ref_streams = answers_with_streams(start, self.prompts, [L], **self.generate_kwargs)
+            ref_answers, ref_streams = answers_with_streams(start, self.prompts, [L], prefixes=prefixes,
+                                                            **self.generate_kwargs)
             stats = self._side_stats(make_samples(self.tokenizer, self.prompts, ref_answers, ref_answers),
                                      "reference", start, ref_streams)
             cached = self._reference_side = (ref_answers, stats, self._versions())
@@ -473,8 +485,9 @@ class HealthProbe:
             pol_answers, pol_streams = cached[0], None
         elif self.reference is None:  # no KL to measure: nothing to keep
             pol_answers, pol_streams = greedy_answers(policy, self.prompts, **self.generate_kwargs), None
-        elif (shared := shared_trunk_depth(policy, self.reference)) > 0:  # both continue from the trunk's stream
-            pol_answers, pol_streams = answers_with_streams(policy, self.prompts, [shared], **self.generate_kwargs)
+        elif shared:  # both continue from the trunk's stream; the prompts' trunk is kept from the first report
+            pol_answers, pol_streams = answers_with_streams(policy, self.prompts, [shared], prefixes=prefixes,
+                                                            **self.generate_kwargs)
         else:  # nothing shared (full fine-tuning, LoRA): the KL runs both models over the answers
             pol_answers, pol_streams = greedy_answers(policy, self.prompts, **self.generate_kwargs), None
         samples = make_samples(self.tokenizer, self.prompts, cached[0], pol_answers)

@@ -292,10 +292,12 @@ class SmolLM(nn.Module):
         A slice of the blocks: `end` < the number of blocks returns the stream after block end-1,
         not normed; `start` > 0 continues from `x` [B, T, C], the stream after block start-1 of the
         same input_ids and mask. Two models that share their first K blocks can so run them once
-        (dpo.health's KL). Without a KV cache only.
+        (dpo.health's KL). With a KV cache, only the blocks to the last: the cache's blocks
+        [0, start) must then already hold these positions' keys and values
+        (`smollm.generation.PromptPrefixes` puts a prompt's there).
         """
-        if (start or end is not None) and kv_cache is not None:
-            raise ValueError("a slice of the blocks (start, end) runs without a KV cache")
+        if end is not None and end != self.config.num_hidden_layers and kv_cache is not None:
+            raise ValueError("a slice of the blocks that stops before the last runs without a KV cache")
         if (x is None) != (start == 0):
             raise ValueError("x, the residual stream after block start-1, is given exactly when start > 0")
         last = end is None or end == self.config.num_hidden_layers

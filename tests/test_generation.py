@@ -11,12 +11,14 @@ real SmolLM2-135M-Instruct.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from smollm import generate, load_pretrained, load_tokenizer
-from smollm.generation import StreamRecorder, filter_logits
+from smollm.generation import PromptPrefixes, StreamRecorder, filter_logits
 from smollm.lora import LoRAConfig, add_lora
 from smollm.onednn import OneDNNFused, OneDNNLinear, available, onednn_linears
 from smollm.sources import EMBEDDED_DISTRIBUTION, embedded_gguf
@@ -277,3 +279,55 @@ def test_real_model_greedy_tokens_equal_textbook():
     assert torch.equal(ours, ref)
     ends = [next((i for i, t in enumerate(r.tolist()) if t in stop), None) for r in ref[:, ids.shape[1]:]]
     assert len(set(ends)) > 1, ends  # the rows end at different steps: the first ones leave the batch
+
+
+def _sharing_trunk(model, depth: int, seed: int):
+    """A copy of `model` with its embedding and blocks [0, depth) the very same tensors, the rest
+    perturbed (a policy whose frozen trunk is its reference's)."""
+    trunk = [*model.model.embed_tokens.parameters(), *model.model.layers[:depth].parameters()]
+    other = copy.deepcopy(model, memo={id(p): p for p in trunk})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.model.layers[depth:].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return other
+
+
+@pytest.mark.parametrize("lengths", [[9, 3, 6, 1], [5, 5]], ids=["left-padded", "no-padding"])
+def test_prompt_prefixes_skip_the_shared_blocks_and_change_no_token(model, lengths):
+    """The first call on a prompt batch keeps blocks [0, 2) of it; a model with the same tensors
+    there (another tail) then runs only blocks [2, 3) over the prompt: the same tokens and the same
+    streams, to the bit, as without."""
+    ids, mask = left_padded(prompts(lengths, seed=5))
+    policy = _sharing_trunk(model, 2, seed=1)
+    prefixes = PromptPrefixes(2)
+    first = generate(model, ids, 12, attention_mask=mask, eos_token_id=[7], prefixes=prefixes)
+    assert prefixes.hits == 0 and torch.equal(first, generate(model, ids, 12, attention_mask=mask, eos_token_id=[7]))
+    records = [StreamRecorder([2, 3]), StreamRecorder([2, 3])]
+    reused = generate(policy, ids, 12, attention_mask=mask, eos_token_id=[7], prefixes=prefixes, record=records[0])
+    assert prefixes.hits == 1
+    alone = generate(policy, ids, 12, attention_mask=mask, eos_token_id=[7], record=records[1])
+    assert torch.equal(reused, alone) and not torch.equal(reused, first)
+    for k in (2, 3):  # the stream entering block 2 comes from the kept prefix at the prompt's positions
+        assert torch.equal(records[0].states[k], records[1].states[k])
+
+
+def test_prompt_prefixes_are_not_reused_for_other_tensors_prompts_or_an_in_place_change(model):
+    ids, mask = left_padded(prompts([6, 4], seed=2))
+    prefixes = PromptPrefixes(2)
+    generate(model, ids, 4, attention_mask=mask, prefixes=prefixes)
+    twin = copy.deepcopy(model)  # equal values, other tensors
+    assert torch.equal(generate(twin, ids, 4, attention_mask=mask, prefixes=prefixes),
+                       generate(twin, ids, 4, attention_mask=mask))
+    other_ids, other_mask = left_padded(prompts([6, 5], seed=2))
+    generate(model, other_ids, 4, attention_mask=other_mask, prefixes=prefixes)
+    assert prefixes.hits == 0
+    with torch.no_grad():
+        twin.model.layers[0].mlp.up_proj.weight.mul_(1.0)  # modified in place (the same values)
+    generate(twin, ids, 4, attention_mask=mask, prefixes=prefixes)
+    generate(twin, ids, 4, attention_mask=mask, prefixes=prefixes)
+    assert prefixes.hits == 1  # the first call after the change missed, the next one hit
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        PromptPrefixes(0)
+    with pytest.raises(ValueError, match="depth 4 is more than the model's 3 blocks"):
+        generate(model, ids, 2, attention_mask=mask, prefixes=PromptPrefixes(4))
