@@ -6,6 +6,7 @@
     python -m bench.full_run        whole `python -m dpo.train` run vs an equivalent TRL script
     python -m bench.generate_speed  greedy generation, ours vs transformers' generate (and llama.cpp)
     python -m bench.answer_speed    an evaluation's answers to its sample prompts, by batch size
+    python -m bench.health_speed    an evaluation's health checks with and without the frozen trunk's work kept
     python -m bench.trunk_precision the frozen trunk in fp32, bf16 or int8: speed and held-out figures
 
 Results and how to read them: docs/benchmarks.md. The helpers below are shared: a random
