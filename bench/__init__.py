@@ -192,6 +192,18 @@ def cpu_line(cpu: dict) -> str:
     return f"CPU: {cpu['model']} ({flags})"
 
 
+def add_per_isa_arguments(p, reps: int = 2) -> None:
+    """The options of a benchmark that runs once per instruction set in child processes
+    (`run_per_isa`): --reps, --threads, --isa and the hidden --child."""
+    import argparse
+
+    p.add_argument("--reps", type=int, default=reps)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--isa", nargs="+", default=["native", "avx2"], choices=["native", "avx2"],
+                   help="native: this CPU's kernels; avx2: PyTorch, oneDNN and MKL held to AVX2")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+
+
 def run_per_isa(module: str, isas: list[str], threads: int, flags: list[str]) -> list[dict]:
     """`python -m <module> --child <flags> --threads T --isa I` once per instruction set in `isas`,
     each in a fresh process: "native" as this CPU is, "avx2" held to AVX2 kernels (AVX2_ENV).

@@ -24,7 +24,7 @@ import json
 import os
 import time
 
-from bench import cpu_description, cpu_line, emit, load_average, median, run_per_isa
+from bench import add_per_isa_arguments, cpu_description, cpu_line, emit, load_average, median, run_per_isa
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -89,11 +89,7 @@ def main(argv=None) -> int:
                                     "run's sample prompts")
     p.add_argument("--new-tokens", type=int, default=128, help="longest answer (the run's --sample-tokens: 128)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--isa", nargs="+", default=["native", "avx2"], choices=["native", "avx2"],
-                   help="native: this CPU's kernels; avx2: PyTorch, oneDNN and MKL held to AVX2")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_per_isa_arguments(p)
     args = p.parse_args(argv)
     if any(b < 1 for b in args.batch_sizes) or args.reps < 1 or args.threads < 1 or args.new_tokens < 1:
         p.error("--batch-sizes, --new-tokens, --reps and --threads must be positive")

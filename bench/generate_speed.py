@@ -30,7 +30,8 @@ import os
 import time
 from pathlib import Path
 
-from bench import DEFAULT_WORKDIR, cpu_description, cpu_line, emit, load_average, median, run_per_isa
+from bench import (DEFAULT_WORKDIR, add_per_isa_arguments, cpu_description, cpu_line, emit, load_average, median,
+                   run_per_isa)
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUESTIONS = [
@@ -178,14 +179,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--isa", nargs="+", default=["native", "avx2"], choices=["native", "avx2"],
-                   help="native: this CPU's kernels; avx2: PyTorch, oneDNN and MKL held to AVX2")
+    add_per_isa_arguments(p, reps=3)
     p.add_argument("--quick", action="store_true", help="32 new tokens, 1 rep")
     p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.new_tokens, args.reps = min(args.new_tokens, 32), 1

@@ -28,7 +28,7 @@ import argparse
 import os
 import time
 
-from bench import cpu_description, cpu_line, emit, load_average, median, run_per_isa
+from bench import add_per_isa_arguments, cpu_description, cpu_line, emit, load_average, median, run_per_isa
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -94,7 +94,8 @@ def child(args) -> None:
         t, figures["KL + NLL, from the stream"] = timed(
             lambda: health.kl_and_reference_nll(policy, reference, prompts, ids, streams=streams))
         seconds["KL + NLL, from the stream"].append(t)
-        t, figures["reference's own NLL, whole forward"] = timed(lambda: health.reference_nll(reference, prompts, own_ids))
+        t, figures["reference's own NLL, whole forward"] = timed(
+            lambda: health.reference_nll(reference, prompts, own_ids))
         seconds["reference's own NLL, whole forward"].append(t)
         t, figures["reference's own NLL, from its stream"] = timed(
             lambda: health.reference_nll(reference, prompts, own_ids, streams=own_streams))
@@ -123,11 +124,7 @@ def report(cpu: dict, results: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="a default run's policy folder (its final/ or best/)")
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--isa", nargs="+", default=["native", "avx2"], choices=["native", "avx2"],
-                   help="native: this CPU's kernels; avx2: PyTorch, oneDNN and MKL held to AVX2")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_per_isa_arguments(p)
     args = p.parse_args(argv)
     if args.reps < 1 or args.threads < 1:
         p.error("--reps and --threads must be positive")

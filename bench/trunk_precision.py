@@ -33,7 +33,7 @@ import copy
 import time
 import warnings
 
-from bench import cpu_description, cpu_line, emit, load_average, median, run_per_isa
+from bench import add_per_isa_arguments, cpu_description, cpu_line, emit, load_average, median, run_per_isa
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -127,11 +127,7 @@ def report(cpu: dict, results: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=200, help="held-out pairs (the default run has 200)")
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--isa", nargs="+", default=["native", "avx2"], choices=["native", "avx2"],
-                   help="native: this CPU's kernels; avx2: PyTorch, oneDNN and MKL held to AVX2")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_per_isa_arguments(p)
     args = p.parse_args(argv)
     if args.pairs < 1 or args.reps < 1 or args.threads < 1:
         p.error("--pairs, --reps and --threads must be positive")
