@@ -66,9 +66,8 @@ class StreamRecorder:
         def keep(block, args, x):  # x [1, N, C] (a packed prompt) or [b, T', C]
             cache = args[4] if len(args) > 4 else None  # Block.forward(x, cos, sin, layout, kv_cache, i)
             states = self.states[k]
-            if cache is not None and cache.slots is not None:  # a packed prompt: each token to its slot
-                rows, cols = cache.slots  # [N] each
-                states[rows, cols] = x[0].to(states.dtype)
+            if cache is not None and cache.packing is not None:  # a packed prompt: [B, T, C], 0 at padding
+                states[:, :cache.packing.shape[1]] = cache.packing.unpack(x).to(states.dtype)
                 return
             at = cache.length if cache is not None else 0
             cols = slice(at, at + x.shape[1])
@@ -255,20 +254,25 @@ def _prefill(model: SmolLM, prompt: torch.Tensor, mask: torch.Tensor, cache, pre
     kept = prefixes.get(key)
     if kept is None:
         seen = {}
-        hook = model.model.layers[K - 1].register_forward_hook(lambda block, args, x: seen.update(x=x))
+
+        def keep(block, args, x):  # x [1, N, C] packed (cache.packing) or [B, T, C]
+            seen.update(x=x if cache.packing is None else cache.packing.unpack(x))  # [B, T, C]
+        hook = model.model.layers[K - 1].register_forward_hook(keep)
         try:
             logits = model(prompt, mask, kv_cache=cache, last_only=True)[:, -1, :].float()
         finally:
             hook.remove()
-        x = seen["x"]  # [1, N, C] packed (the real tokens, row-major: as rows, cols) or [B, T, C]
-        stream = x[0] if x.shape[0] == 1 and x.shape[1] == len(rows) and len(rows) < mask.numel() else x[rows, cols]
+        stream = seen["x"][rows, cols]  # [N, C]
         prefixes.keep(key, [cache.keys[i][rows, :, cols].clone() for i in range(K)],  # [N, KV, D] each
                       [cache.values[i][rows, :, cols].clone() for i in range(K)], stream.clone())  # [N, C]
         return logits
     keys, values, stream = kept
-    for i in range(K):  # the padding slots are zeroed by the forward below (`KVCache.packed`)
-        cache.keys[i][rows, :, cols] = keys[i]
-        cache.values[i][rows, :, cols] = values[i]
+    T = mask.shape[1]
+    for i in range(K):
+        for store, kept_slots in ((cache.keys[i], keys[i]), (cache.values[i], values[i])):
+            slots = store[:, :, :T]  # [B, KV, T, D]
+            slots.zero_()  # the padding: never attended to, but no uninitialised NaN either
+            slots[rows, :, cols] = kept_slots
     x = stream.new_zeros(*mask.shape, stream.shape[-1])  # [B, T, C]
     x[rows, cols] = stream
     if record is not None and K in record.states:  # the recorder's hook on block K-1 does not run

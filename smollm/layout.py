@@ -145,10 +145,11 @@ class Packing:
     None otherwise. Rows are packed one after another, each one a `Segment`.
 
     Shared prefixes: for a pair of rows (a, b) given to `of`, the tokens b has in common with
-    a from the start (e.g. a prompt that two answers continue) are computed once, in a's
-    segment; b's segment holds only its tokens after them and attends to a's copy of the
-    prefix. Exact: a position's hidden state depends only on the tokens up to it, so the
-    prefix's states are the same in both rows. `unpack` gives both rows their prefix states.
+    a from the start (e.g. a prompt that two answers continue, or the system prompt of a batch
+    of chat prompts) are computed once, in a's segment; b's segment holds only its tokens after
+    them and attends to a's copy of the prefix. Exact: a position's hidden state depends only on
+    the tokens up to it, so the prefix's states are the same in both rows. `unpack` gives both
+    rows their prefix states. Several rows may reuse one row's prefix (`common_prefixes`).
     """
 
     def __init__(self, index: torch.Tensor, position_ids: torch.Tensor, segments: list[Segment],
@@ -164,8 +165,9 @@ class Packing:
            shared_prefixes: list[tuple[int, int]] | None = None) -> "Packing | None":
         """The packing of a [B, T] mask; None when a row's real tokens are not contiguous.
 
-        shared_prefixes: pairs of rows (a, b), each row in at most one pair, whose common
-        leading tokens (by `input_ids`) are computed once, in row a.
+        shared_prefixes: pairs of rows (a, b) whose common leading tokens (by `input_ids`) are
+        computed once, in row a. A row b reuses at most one prefix, and a row a that lends its
+        prefix (to one row or several) computes all of its own tokens.
         """
         device = attention_mask.device
         real = attention_mask.bool().cpu()  # [B, T]: index bookkeeping is done on the CPU
@@ -182,10 +184,11 @@ class Packing:
             if input_ids is None:
                 raise ValueError("shared_prefixes needs input_ids, to find the common prefixes")
             ids = input_ids.cpu()
+            lenders = {a for a, _ in shared_prefixes}
             for a, b in shared_prefixes:
-                if not (0 <= a < B and 0 <= b < B) or a == b or {a, b} & (partner.keys() | set(partner.values())):
-                    raise ValueError(f"shared_prefixes: ({a}, {b}) must be two different rows of {B}, "
-                                     "each in at most one pair")
+                if not (0 <= a < B and 0 <= b < B) or a == b or b in partner or b in lenders:
+                    raise ValueError(f"shared_prefixes: ({a}, {b}) must be two different rows of {B}; a row "
+                                     "reuses at most one prefix, and a row that lends its prefix reuses none")
                 n = min(counts[a], counts[b])
                 differs = (ids[a, first[a]:first[a] + n] != ids[b, first[b]:first[b] + n]).nonzero()
                 partner[b], shared[b] = a, int(differs[0]) if len(differs) else n
@@ -241,3 +244,31 @@ class Packing:
         """[1, N, ...] -> [B, T, ...], zeros at padding positions; a shared prefix goes to both rows."""
         rows = torch.cat([x[0], x.new_zeros((1, *x.shape[2:]))])  # [N + 1, ...]: the last for padding
         return rows[self.gather].view(*self.shape, *x.shape[2:])
+
+
+def common_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[int, int]]:
+    """Pairs (a, b) for `Packing.of`'s shared_prefixes: each row b that begins with at least one
+    of the same tokens as an earlier row, with the earlier row (one computing all its own tokens)
+    it shares the most leading tokens with. A batch of chat prompts shares its system prompt; the
+    rows are left- or right-padded [B, T], each row's real tokens one contiguous run.
+
+    Exact for any pairs (see `Packing`); the work saved is the tokens shared. Made on the CPU:
+    B x (rows lending) x T comparisons."""
+    real = attention_mask.bool().cpu()  # [B, T]
+    ids = input_ids.cpu()
+    B, T = real.shape
+    counts, first = real.sum(-1), real.long().argmax(-1)  # [B] each
+    column = torch.arange(T)
+    # each row's real tokens from column 0 on, -1 after them: [B, T]
+    aligned = torch.where(column < counts[:, None], ids.gather(1, (first[:, None] + column).clamp(max=T - 1)), -1)
+    lenders, pairs = [], []
+    for b in range(B):
+        if lenders:
+            same = (aligned[lenders] == aligned[b]) & (aligned[b] >= 0)  # [lenders, T]
+            shared = same.cumprod(-1).sum(-1)  # [lenders] leading tokens in common with row b
+            best = int(shared.argmax())
+            if int(shared[best]) > 0:
+                pairs.append((lenders[best], b))
+                continue
+        lenders.append(b)
+    return pairs

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .autograd import RMSNormFunction, SwiGLUDown, plain_linear, rms_norm
 from .config import SmolLMConfig
-from .layout import Layout, Packing
+from .layout import Layout, Packing, common_prefixes
 
 
 class RMSNorm(nn.Module):
@@ -98,9 +98,10 @@ class KVCache:
     `length` grows by T and the next forward only needs the new tokens. Only the first
     `length` positions are ever read, so the buffers start uninitialised (no zero-filling).
 
-    A left-padded prompt batch is computed packed (its real tokens only, `Packing`): `packed`
-    then says where each packed token's key and value go, [B, KV, T, D] slot by slot, and
-    zeroes the padding slots (never attended to, but an uninitialised NaN there would still
+    A left-padded prompt batch is computed packed (its real tokens only, a prefix that rows
+    share once: `Packing`): `packed` hands the cache that packing, and each layer's keys and
+    values then go to every row's slots [B, KV, T, D], a shared prefix's to each row that shares
+    it, zeros to the padding slots (never attended to, but an uninitialised NaN there would still
     reach the output through a zero attention weight). `keep` drops finished rows.
     """
 
@@ -111,36 +112,32 @@ class KVCache:
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.max_length = max_length
         self.length = 0  # positions stored (advanced by the model after its last layer)
-        self.slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [N], columns [N]) of a packed forward
+        self.packing: Packing | None = None  # set during a packed forward: where its tokens go
 
     @property
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
 
-    def packed(self, real: torch.Tensor, index: torch.Tensor) -> None:
-        """The next forward is a packed one of a [B, T] batch from position 0: `real` [B, T] is its
-        attention mask, `index` [N] each packed token's flat position b * T + t (`Packing.index`)."""
+    def packed(self, packing: Packing) -> None:
+        """The next forward is `packing`'s packed row [1, N] of a [B, T] batch, from position 0."""
         if self.length != 0:
             raise ValueError("a packed forward fills an empty cache (a prompt), not one with positions in it")
-        T = real.shape[1]
-        if T > self.max_length:
-            raise ValueError(f"KV cache is full: {T} positions requested, {self.max_length} allocated")
-        pad_rows, pad_cols = (~real.bool()).nonzero(as_tuple=True)  # [P] each
-        for store in (self.keys, self.values):
-            for t in store:
-                t[pad_rows, :, pad_cols] = 0
-        self.slots = (index // T, index % T)
+        B, T = packing.shape
+        if T > self.max_length or B != self.batch_size:
+            raise ValueError(f"a packed batch of {B} rows x {T} positions does not fit a KV cache of "
+                             f"{self.batch_size} x {self.max_length}")
+        self.packing = packing
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new k, v [B, KV, T, D] and return all of them so far [B, KV, S, D].
 
-        In a packed forward k, v are [1, KV, N, D]: each token goes to its slot, and k, v come
-        back as they are (the packed layout attends within them)."""
-        if self.slots is not None:
-            rows, cols = self.slots  # [N] each
-            keys, values = self.keys[layer], self.values[layer]
-            keys[rows, :, cols] = k[0].transpose(0, 1).to(keys.dtype)  # [N, KV, D]
-            values[rows, :, cols] = v[0].transpose(0, 1).to(values.dtype)
+        In a packed forward k, v are [1, KV, N, D]: each row's slots get its tokens' (zeros at
+        padding), and k, v come back as they are (the packed layout attends within them)."""
+        if self.packing is not None:
+            T = self.packing.shape[1]
+            for new, store in ((k, self.keys[layer]), (v, self.values[layer])):
+                slots = self.packing.unpack(new.transpose(1, 2))  # [1, N, KV, D] -> [B, T, KV, D]
+                store[:, :, :T] = slots.transpose(1, 2)  # [B, KV, T, D]
             return k, v
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_length:
@@ -275,8 +272,10 @@ class SmolLM(nn.Module):
         attention_mask [B, S], 1 for real tokens and 0 for padding, covers the cached positions
         too (S = kv_cache.length + T). Right or left padding both work: positions count from
         each row's first real token, and no real token attends to a padding token.
-        pack: run a padded batch as its real tokens only (`smollm.layout.Packing`);
-        pack=False computes every padding position too (the textbook way, same real logits).
+        pack: run a padded batch as its real tokens only (`smollm.layout.Packing`), and a prompt
+        batch into an empty KV cache its rows' common leading tokens once (`common_prefixes`: a
+        chat template's system prompt); pack=False computes every padding position too, every
+        row on its own (the textbook way, same real logits).
         last_only: the logits of the last position only [B, 1, V], all that generating the next
         token needs (the LM head is a fifth of SmolLM-135M's weights; a prompt's other
         positions would each pay for it).
@@ -303,19 +302,23 @@ class SmolLM(nn.Module):
         last = end is None or end == self.config.num_hidden_layers
         x = self.model.embed_tokens(input_ids) if x is None else x  # [B, T, C]
         packing = None
-        if (pack and (kv_cache is None or kv_cache.length == 0) and attention_mask is not None
-                and not bool(attention_mask.bool().all())):
-            packing = Packing.of(attention_mask)  # None if a row has holes: the padded path below
+        prompt = kv_cache is not None and kv_cache.length == 0  # a prompt batch into a cache
+        if pack and (attention_mask is not None or prompt) and (kv_cache is None or prompt):
+            real = attention_mask if attention_mask is not None else torch.ones_like(input_ids)  # [B, T]
+            # a prompt batch also runs the prefixes its rows share once (a chat template's system prompt)
+            pairs = common_prefixes(input_ids, real) if prompt and input_ids.shape[0] > 1 else None
+            if pairs or not bool(real.bool().all()):
+                packing = Packing.of(real, input_ids, pairs)  # None if a row has holes: the padded path below
         if packing is not None:  # the real tokens only, as one row [1, N, C]
             self.check_positions(past=0, new=input_ids.shape[1])
-            if kv_cache is not None:  # a left-padded prompt batch: each token's k, v go to its slot
-                kv_cache.packed(attention_mask, packing.index)
+            if kv_cache is not None:  # each row's keys and values go to its slots
+                kv_cache.packed(packing)
             try:
                 x = self.run_layers(packing.pack(x), packing.position_ids, packing.layout, start, end,
                                     kv_cache=kv_cache)
             finally:
                 if kv_cache is not None:
-                    kv_cache.slots = None
+                    kv_cache.packing = None
             if kv_cache is not None:
                 kv_cache.length += input_ids.shape[1]
             return packing.unpack(self.model.norm(x) if last else x)  # [B, T, C], zeros at padding

@@ -123,10 +123,11 @@ def test_an_empty_prompt_is_a_clear_error():
 def test_streams_kept_while_answering_are_a_whole_forwards_streams(batch_size):
     """The stream entering block K at every position of prompt + answer[:-1], as the batched, left-padded
     decoding computed it (finished rows leaving the batch), equals one forward of that sequence alone,
-    up to the rounding of another summation order; blocks [K, L) continue from it."""
+    up to the rounding of another summation order; blocks [K, L) continue from it. Prompts that begin
+    alike share the computation of their common tokens."""
     model = random_model(small_config(), seed=3)
     L = model.config.num_hidden_layers
-    prompts = [[5, 17, 300, 41], [8, 9], [1000, 2000, 3000, 4000, 5000, 6], [77]]
+    prompts = [[5, 17, 300, 41], [8, 9], [1000, 2000, 3000, 4000, 5000, 6], [77], [5, 17, 300, 8, 8]]  # 0, 4 share 3
     free = greedy_answers(model, prompts, max_new_tokens=9, stop_ids=[], batch_size=batch_size)
     stop = free[1][0][3]  # prompt 1 ends after at most 3 tokens, the others may run on: rows leave the batch
     answers, streams = answers_with_streams(model, prompts, [1, L], max_new_tokens=9, stop_ids=[stop],

@@ -392,8 +392,10 @@ def test_shared_prefixes_without_padding_and_bad_pairs():
         shared = run_layers(model, model.model.embed_tokens(ids), batch, Packing.of(mask, ids, [(0, 2)]), 0)
         torch.testing.assert_close(model(ids), model.lm_head(model.model.norm(shared)), atol=1e-5, rtol=0)
     assert len(Packing.of(mask, ids, [(0, 2), (1, 3)]).index) == 24 - 4 - int(ids[1, 0] == ids[3, 0])
-    for bad in ([(0, 2), (2, 3)], [(0, 0)], [(0, 4)]):
-        with pytest.raises(ValueError, match="at most one pair"):
+    ids[3, :3] = ids[0, :3]  # rows 2 and 3 both reuse row 0's prefix: 4 and 3 tokens
+    assert len(Packing.of(mask, ids, [(0, 2), (0, 3)]).index) == 24 - 4 - 3
+    for bad in ([(0, 2), (2, 3)], [(0, 2), (1, 2)], [(0, 0)], [(0, 4)]):
+        with pytest.raises(ValueError, match="reuses at most one prefix, and a row that lends its prefix reuses none"):
             Packing.of(mask, ids, bad)
     with pytest.raises(ValueError, match="needs input_ids"):
         Packing.of(mask, None, [(0, 2)])

@@ -1,13 +1,14 @@
 """The fast `smollm.generate` makes the tokens the textbook loop makes.
 
 `textbook_generate` below is `smollm.generate` as it was before it was made fast (kept here,
-verbatim but for its name, as the reference): the whole logits [B, T, V] of every forward, the
-attention mask grown by one column per step, F.linear (MKL) for every matmul, no inference mode.
-The fast one runs the LM head at the prompt's last position only, writes into buffers
-allocated once, and on an x86 CPU multiplies by oneDNN (`smollm.onednn`), whose sums may differ
-from MKL's in the last bits; tokens must still be equal, on tiny random models (several batch
-shapes, left padding, stop ids, sampling with a seeded generator, LoRA, bf16 autocast) and on the
-real SmolLM2-135M-Instruct.
+verbatim but for its name and `pack=False`, as the reference): every row's whole prompt, padding
+included, the whole logits [B, T, V] of every forward, the attention mask grown by one column per
+step, F.linear (MKL) for every matmul, no inference mode. The fast one runs a prompt batch as its
+real tokens with the prefixes its rows share computed once, the LM head at the prompt's last
+position only, writes into buffers allocated once, and on an x86 CPU multiplies by oneDNN
+(`smollm.onednn`), whose sums may differ from MKL's in the last bits; tokens must still be equal,
+on tiny random models (several batch shapes, left padding, shared prompt prefixes, stop ids,
+sampling with a seeded generator, LoRA, bf16 autocast) and on the real SmolLM2-135M-Instruct.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def textbook_generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=N
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = [input_ids]
     for _ in range(max_new_tokens):
-        logits = model(tokens, mask, kv_cache=cache)[:, -1, :].float()  # [B, V]: the last position
+        logits = model(tokens, mask, kv_cache=cache, pack=False)[:, -1, :].float()  # [B, V]: the last position
         if temperature == 0.0:
             next_token = logits.argmax(-1)  # [B]
         else:
@@ -84,14 +85,18 @@ def model():
     return random_model(small_config(num_hidden_layers=3), seed=11)
 
 
-def prompts(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
+def prompts(lengths: list[int], seed: int = 0, system: int = 0) -> list[torch.Tensor]:
+    """Random prompts of `lengths` tokens, each after the same `system` tokens (a chat template's
+    system prompt, which `generate` computes once for the whole batch)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 1000, (n,), generator=g) for n in lengths]
+    shared = torch.randint(3, 1000, (system,), generator=g)
+    return [torch.cat([shared, torch.randint(3, 1000, (n,), generator=g)]) for n in lengths]
 
 
 @pytest.mark.parametrize("lengths", [[7], [1], [5, 5], [9, 3, 6], [2, 11, 4, 8, 8, 1, 5, 10]])
-def test_greedy_equals_textbook(model, lengths):
-    ids, mask = left_padded(prompts(lengths, seed=len(lengths)))
+@pytest.mark.parametrize("system", [0, 6], ids=["distinct", "system-prompt"])
+def test_greedy_equals_textbook(model, lengths, system):
+    ids, mask = left_padded(prompts(lengths, seed=len(lengths), system=system))
     ours = generate(model, ids, 24, attention_mask=mask)
     assert ours.shape == (len(lengths), ids.shape[1] + 24)
     assert torch.equal(ours, textbook_generate(model, ids, 24, attention_mask=mask))
@@ -293,12 +298,13 @@ def _sharing_trunk(model, depth: int, seed: int):
     return other
 
 
-@pytest.mark.parametrize("lengths", [[9, 3, 6, 1], [5, 5]], ids=["left-padded", "no-padding"])
-def test_prompt_prefixes_skip_the_shared_blocks_and_change_no_token(model, lengths):
+@pytest.mark.parametrize("lengths, system", [([9, 3, 6, 1], 0), ([5, 5], 0), ([9, 3, 0, 1, 3], 4)],
+                         ids=["left-padded", "no-padding", "system-prompt"])
+def test_prompt_prefixes_skip_the_shared_blocks_and_change_no_token(model, lengths, system):
     """The first call on a prompt batch keeps blocks [0, 2) of it; a model with the same tensors
     there (another tail) then runs only blocks [2, 3) over the prompt: the same tokens and the same
     streams, to the bit, as without."""
-    ids, mask = left_padded(prompts(lengths, seed=5))
+    ids, mask = left_padded(prompts(lengths, seed=5, system=system))
     policy = _sharing_trunk(model, 2, seed=1)
     prefixes = PromptPrefixes(2)
     first = generate(model, ids, 12, attention_mask=mask, eos_token_id=[7], prefixes=prefixes)

@@ -125,6 +125,63 @@ def test_left_padded_prompt_is_cached_packed_and_finished_rows_can_leave():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_common_prefixes_pair_each_row_with_the_earlier_row_it_shares_most_with():
+    from smollm.layout import common_prefixes
+
+    P = [5, 6, 7, 8]  # a "system prompt"
+    rows = [P + [9, 10], P + [11], P[:3], [20, 21], P + [9, 10], [5, 6, 30], []]
+    T = 7
+    left = torch.zeros(len(rows), T, dtype=torch.long)
+    right = torch.zeros(len(rows), T, dtype=torch.long)
+    ids = torch.full((len(rows), T), 99)
+    for b, r in enumerate(rows):
+        left[b, T - len(r):] = 1
+        right[b, :len(r)] = 1
+        if r:
+            ids[b, T - len(r):] = torch.tensor(r)
+    expected = [(0, 1), (0, 2), (0, 4), (0, 5)]  # row 3 shares nothing, the empty row nothing
+    assert common_prefixes(ids, left) == expected
+    right_ids = torch.stack([torch.cat([r[m.bool()], r[~m.bool()]]) for r, m in zip(ids, left)])
+    assert common_prefixes(right_ids, right) == expected
+    assert common_prefixes(ids[:1], left[:1]) == []
+
+
+def test_a_prompt_batch_runs_its_common_prefixes_once():
+    """Rows sharing leading tokens (a chat template's system prompt; a row that is another's
+    prefix; a duplicate) are cached from one computation of the shared tokens: block 0 sees only
+    the tokens not shared, every row's cache slots hold its keys and values (zeros at padding),
+    and the logits, now and at the next steps, are those of the padded path."""
+    torch.manual_seed(0)
+    model = random_model(small_config(num_hidden_layers=2)).eval()
+    system = torch.randint(3, 1000, (6,)).tolist()
+    rows = [system + [11, 12, 13], system + [14], system[:4], [15, 16], system + [11, 12, 13]]
+    T = max(len(r) for r in rows)
+    ids, mask = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):], mask[b, T - len(r):] = torch.tensor(r), 1
+    seen = []
+    hook = model.model.layers[0].register_forward_hook(lambda block, args, x: seen.append(x.shape))
+    with torch.no_grad():
+        shared, padded = model.new_kv_cache(5, T + 2), model.new_kv_cache(5, T + 2)
+        for t in shared.keys + shared.values:
+            t.fill_(float("nan"))  # what an uninitialised buffer may hold
+        a = model(ids, mask, kv_cache=shared)
+        b = model(ids, mask, kv_cache=padded, pack=False)
+        hook.remove()
+        assert seen[0] == (1, 9 + 1 + 0 + 2 + 0, 64)  # row 0 whole; 1 token of row 1; row 3; nothing of 2, 4
+        real = mask.bool()
+        torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=0)
+        for x, y in zip(shared.keys + shared.values, padded.keys + padded.values):
+            torch.testing.assert_close(x[:, :, :T].transpose(1, 2)[real], y[:, :, :T].transpose(1, 2)[real],
+                                       atol=1e-5, rtol=0)
+            assert not x[:, :, :T].transpose(1, 2)[~real].any()  # padding slots: zeros, no NaN
+        for step in range(2):
+            grown = torch.cat([mask, torch.ones(5, step + 1, dtype=torch.long)], dim=1)
+            nxt = torch.full((5, 1), 40 + step)
+            torch.testing.assert_close(model(nxt, grown, kv_cache=shared), model(nxt, grown, kv_cache=padded),
+                                       atol=1e-5, rtol=0)
+
+
 def test_kv_cache_overflow_is_an_error():
     cache = KVCache(1, 1, 4, 1, 8)
     with pytest.raises(ValueError, match="KV cache is full"):
