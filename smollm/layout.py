@@ -58,9 +58,12 @@ class Layout:
         if q.shape[2] > 1:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         # one query per row (a decoding step): each group of rows reads keys from its first visible one on
+        windows = self.key_windows()
+        if windows == ((0, q.shape[0], 0),):  # one group, every key: no slicing
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = [F.scaled_dot_product_attention(q[a:b], k[a:b, :, first:], v[a:b, :, first:],
                                               attn_mask=mask[a:b, ..., first:], enable_gqa=True)
-               for a, b, first in self.key_windows()]  # [b - a, H, 1, D] each
+               for a, b, first in windows]  # [b - a, H, 1, D] each
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def key_windows(self) -> tuple[tuple[int, int, int], ...]:

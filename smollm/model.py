@@ -86,8 +86,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate queries or keys [B, heads, T, D] by their positions' angles."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    """Rotate queries or keys [B, heads, T, D] by their positions' angles (cos, sin [B, 1, T, D])."""
+    if cos.dtype != x.dtype:  # the tables are fp32
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
@@ -175,18 +176,20 @@ class Attention(nn.Module):
                 kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
         """x [B, T, C] -> [B, T, C]; `layout` says which positions each one attends to."""
         B, T, _ = x.shape
-        if self.fused_qkv is not None:
-            q, k, v = self.fused_qkv(x)  # [B, T, H*D], [B, T, KV*D], [B, T, KV*D]
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.fused_qkv is not None:  # one matmul; q's and k's heads rotated in one go
+            heads = self.fused_qkv(x).view(B, T, H + 2 * KV, D).transpose(1, 2)  # [B, H+2KV, T, D]
+            qk = apply_rotary(heads[:, :H + KV], cos, sin)  # [B, H+KV, T, D]
+            q, k, v = qk[:, :H], qk[:, H:], heads[:, H + KV:]  # [B, H, T, D], [B, KV, T, D] x 2
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+            k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # [B, KV, T, D]
+            v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)  # [B, KV, T, D]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # [B, KV, S, D]
         y = layout.attend(q, k, v).transpose(1, 2)  # [B, T, H, D]
-        y = y.reshape(B, T, self.num_heads * self.head_dim)  # [B, T, H*D]
+        y = y.reshape(B, T, H * D)  # [B, T, H*D]
         return self.o_proj(y)
 
 
@@ -205,7 +208,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is not None:
-            gate, up = self.fused_gate_up(x)  # [.., I] each
+            gate, up = self.fused_gate_up(x).chunk(2, dim=-1)  # [.., I] each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)  # [.., I] each
         if plain_linear(self.down_proj):  # nothing but F.linear: fused, keeping less for backward

@@ -74,7 +74,7 @@ class OneDNNLinear(nn.Module):
 
 class OneDNNFused(nn.Module):
     """Several Linear layers that read the same input, as one oneDNN matmul of their weights
-    stacked: x [.., in] -> a tuple of [.., out_i], the i-th equal to `linears[i](x)`.
+    stacked: x [.., in] -> [.., sum of out_i], whose i-th slice of out_i columns equals `linears[i](x)`.
 
     A decoding step at one row is bound by reading the weights; one matmul of q, k and v (or of
     gate and up) reads the same bytes as three (two), with one call's overhead instead of
@@ -84,12 +84,11 @@ class OneDNNFused(nn.Module):
 
     def __init__(self, linears: list[nn.Linear], batch_size: int = 1):
         super().__init__()
-        self.sizes = [lin.out_features for lin in linears]
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum of out, in]
         self.packed = packed_weight(weight, batch_size)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return _matmul(x, self.packed).split(self.sizes, -1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _matmul(x, self.packed)  # [.., sum of out]
 
 
 def _matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

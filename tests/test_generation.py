@@ -205,10 +205,10 @@ def test_onednn_linears_swap_plain_fp32_layers_only(model):
             torch.testing.assert_close(OneDNNLinear(layer, packed=packed)(x), layer(x), rtol=1e-5, atol=1e-6)
         attn = model.model.layers[0].self_attn
         for batch_size in (1, 3):  # oneDNN's blocked copy for 2 and for 3 rows
-            fused = OneDNNFused([attn.q_proj, attn.k_proj, attn.v_proj], batch_size)(x)
-            assert [t.shape[-1] for t in fused] == [attn.q_proj.out_features, attn.k_proj.out_features,
-                                                    attn.v_proj.out_features]
-            for got, proj in zip(fused, (attn.q_proj, attn.k_proj, attn.v_proj)):
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            stacked = OneDNNFused(list(projections), batch_size)(x)
+            assert stacked.shape == (3, 2, sum(proj.out_features for proj in projections))
+            for got, proj in zip(stacked.split([proj.out_features for proj in projections], -1), projections):
                 torch.testing.assert_close(got, proj(x), rtol=1e-5, atol=1e-6)
     assert layer.weight.requires_grad
     with pytest.raises(RuntimeError, match="no backward"):  # its output would silently have no gradient
