@@ -145,7 +145,8 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     `prefixes` keeps the prompts' first blocks for the next call on them (`PromptPrefixes`).
 
     What makes it fast (docs/benchmarks.md, section 9): inference mode; a padded prompt batch
-    computed as its real tokens only; the prompt's LM head at its last position only; buffers
+    computed as its real tokens only, the leading tokens its rows share (a chat template's system
+    prompt) once; the prompt's LM head at its last position only; buffers
     for the tokens and the attention mask allocated once; greedy rows dropped from the batch
     once they have finished; and on a CPU, oneDNN's matmul for the Linear layers
     (`smollm.onednn`).
