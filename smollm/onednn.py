@@ -131,9 +131,12 @@ _FUSIONS = {Attention: ("fused_qkv", ("q_proj", "k_proj", "v_proj")), MLP: ("fus
 def _fusable(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
     """(attribute, names) of the Linear layers of `module` that one matmul can compute (they read
     the same input), when every one of them is swappable: q, k, v of an Attention, gate and up of
-    an MLP. None otherwise (e.g. a LoRA adapter on q or v: it keeps its own forward)."""
+    an MLP. None otherwise (e.g. a LoRA adapter on q or v: it keeps its own forward), and when an
+    enclosing `onednn_linears` block has fused them already."""
     fusion = _FUSIONS.get(type(module))
-    return fusion if fusion and all(_swappable(getattr(module, n)) for n in fusion[1]) else None
+    if fusion is None or getattr(module, fusion[0]) is not None:
+        return None
+    return fusion if all(_swappable(getattr(module, n)) for n in fusion[1]) else None
 
 
 @contextlib.contextmanager
@@ -147,18 +150,27 @@ def onednn_linears(model: nn.Module, batch_size: int = 1, enabled: bool = True, 
     down, the LM head) as a `OneDNNLinear`. packed=False copies nothing: every plain Linear
     becomes a `OneDNNLinear` that reads its weight in place, and nothing is fused.
 
-    Yields how many Linear layers oneDNN computes (0 when oneDNN is unavailable, `enabled` is
+    Yields how many Linear layers this block swapped (0 when oneDNN is unavailable, `enabled` is
     False, CPU autocast is on, or the model lives elsewhere). Not for training: the op has no
     backward, so call it where no gradient is wanted (inference mode or no_grad).
+
+    Nested: inside an enclosing block on the same model, the layers it swapped stay as they are
+    (their copies made once), and this block swaps only what it left. `python -m smollm.serve`
+    holds one block for its whole life, so that no request pays for copying the weights.
     """
     if not enabled or torch.is_autocast_enabled("cpu") or not available():
         yield 0
         return
     fused, swapped = [], []  # (module, attribute, names of its fused layers); (parent, attribute name, original)
     for parent in list(model.modules()):
+        if isinstance(parent, OneDNNLinear):  # an enclosing block's: the layer inside it stays as it is
+            continue
         attribute, names = (_fusable(parent) if packed else None) or (None, ())
         if names:
             fused.append((parent, attribute, names))
+        fusion = _FUSIONS.get(type(parent))
+        if fusion is not None and getattr(parent, fusion[0]) is not None:  # fused by an enclosing block
+            names = fusion[1]
         for name, child in parent.named_children():
             if _swappable(child) and name not in names:
                 swapped.append((parent, name, child))

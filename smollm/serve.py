@@ -38,6 +38,7 @@ from typing import Any, Iterator
 import torch
 
 from .generation import generate
+from .onednn import onednn_linears
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -340,17 +341,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     chat = ChatModel(model, tokenizer, args.name or args.model, max_waiting=args.max_waiting,
                      default_max_tokens=args.max_tokens)
-    try:
-        server = serve(chat, args.host, args.port)
-    except OSError as e:
-        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 2
-    host, port = server.server_address[:2]
-    print(f"serving {chat.name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        server.shutdown()
+    # The weights never change while serving: on a CPU in fp32 they are copied into oneDNN's layout
+    # once, here (as much memory again as the weights), not at every request (~0.1 s for SmolLM-135M).
+    with onednn_linears(model, batch_size=1):
+        try:
+            server = serve(chat, args.host, args.port)
+        except OSError as e:
+            print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+            return 2
+        host, port = server.server_address[:2]
+        print(f"serving {chat.name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            server.shutdown()
     return 0
 
 

@@ -238,6 +238,25 @@ def test_onednn_linears_in_place_copy_nothing_and_see_weight_updates(model):
         model.model.layers[-1].mlp.down_proj.weight.div_(2)
 
 
+@pytest.mark.skipif(not available(), reason="oneDNN's linear op or an x86 AVX2 CPU is missing")
+def test_onednn_linears_nested_keep_the_enclosing_blocks_copies(model):
+    """A block inside another on the same model (`generate` inside `smollm.serve`'s) swaps nothing
+    the outer one swapped: its fused and packed copies stay, made once, and the outer block still
+    puts everything back at its end. The tokens are those of `generate` on its own."""
+    ids, mask = left_padded(prompts([5, 3], seed=4, system=2))
+    alone = generate(model, ids, 8, attention_mask=mask)
+    attn = model.model.layers[0].self_attn
+    with torch.inference_mode(), onednn_linears(model, batch_size=2) as outer:
+        fused, o_proj = attn.fused_qkv, attn.o_proj
+        assert outer > 0 and fused is not None and isinstance(o_proj, OneDNNLinear)
+        with onednn_linears(model, batch_size=2) as inner:
+            assert inner == 0 and attn.fused_qkv is fused and attn.o_proj is o_proj
+        assert attn.fused_qkv is fused and attn.o_proj is o_proj  # the inner block's end left them
+        assert torch.equal(generate(model, ids, 8, attention_mask=mask), alone)
+        assert attn.fused_qkv is fused
+    assert attn.fused_qkv is None and isinstance(attn.o_proj, nn.Linear)
+
+
 def test_lora_model_equals_textbook():
     model = random_model(small_config(num_hidden_layers=2), seed=5)
     add_lora(model, LoRAConfig(r=4))
