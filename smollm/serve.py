@@ -16,6 +16,10 @@ here, and `python -m dpo.judge` can use it as a judge. What it serves:
   ends at the template's end-of-turn token (finish_reason "stop") or at `max_tokens` ("length").
 * `GET /health`: {"status": "ok"}.
 
+On a CPU in fp32 the weights are copied into oneDNN's layout once, at start (as much memory again
+as the weights), and not at every request (`smollm.onednn`): a short answer's first token comes
+about 0.1 s sooner.
+
 One model answers one request at a time (a lock); up to `--max-waiting` more wait their turn,
 and beyond that the server answers 503 with Retry-After, as a busy server should: a client
 with retries (the judge has them) comes back later. A bad request gets 400 with OpenAI's error
