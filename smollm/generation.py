@@ -268,12 +268,8 @@ def _prefill(model: SmolLM, prompt: torch.Tensor, mask: torch.Tensor, cache, pre
                       [cache.values[i][rows, :, cols].clone() for i in range(K)], stream.clone())  # [N, C]
         return logits
     keys, values, stream = kept
-    T = mask.shape[1]
     for i in range(K):
-        for store, kept_slots in ((cache.keys[i], keys[i]), (cache.values[i], values[i])):
-            slots = store[:, :, :T]  # [B, KV, T, D]
-            slots.zero_()  # the padding: never attended to, but no uninitialised NaN either
-            slots[rows, :, cols] = kept_slots
+        cache.fill(i, rows, cols, mask.shape[1], keys[i], values[i])
     x = stream.new_zeros(*mask.shape, stream.shape[-1])  # [B, T, C]
     x[rows, cols] = stream
     if record is not None and K in record.states:  # the recorder's hook on block K-1 does not run

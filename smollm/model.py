@@ -147,6 +147,16 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def fill(self, layer: int, rows: torch.Tensor, cols: torch.Tensor, T: int, keys: torch.Tensor,
+             values: torch.Tensor) -> None:
+        """Positions [0, T) of `layer` for a prompt whose keys and values were kept from an earlier
+        forward (`smollm.generation.PromptPrefixes`): keys, values [N, KV, D] go to the real
+        positions (rows [N], cols [N]), zeros to the padding slots."""
+        for new, store in ((keys, self.keys[layer]), (values, self.values[layer])):
+            slots = store[:, :, :T]  # [B, KV, T, D]
+            slots.zero_()
+            slots[rows, :, cols] = new
+
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows `rows` [B'] (in that order), e.g. the sequences still being
         generated: every later forward then costs B' rows instead of B."""

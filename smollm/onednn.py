@@ -131,12 +131,9 @@ _FUSIONS = {Attention: ("fused_qkv", ("q_proj", "k_proj", "v_proj")), MLP: ("fus
 def _fusable(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
     """(attribute, names) of the Linear layers of `module` that one matmul can compute (they read
     the same input), when every one of them is swappable: q, k, v of an Attention, gate and up of
-    an MLP. None otherwise (e.g. a LoRA adapter on q or v: it keeps its own forward), and when an
-    enclosing `onednn_linears` block has fused them already."""
+    an MLP. None otherwise (e.g. a LoRA adapter on q or v: it keeps its own forward)."""
     fusion = _FUSIONS.get(type(module))
-    if fusion is None or getattr(module, fusion[0]) is not None:
-        return None
-    return fusion if all(_swappable(getattr(module, n)) for n in fusion[1]) else None
+    return fusion if fusion and all(_swappable(getattr(module, n)) for n in fusion[1]) else None
 
 
 @contextlib.contextmanager
@@ -165,12 +162,13 @@ def onednn_linears(model: nn.Module, batch_size: int = 1, enabled: bool = True, 
     for parent in list(model.modules()):
         if isinstance(parent, OneDNNLinear):  # an enclosing block's: the layer inside it stays as it is
             continue
-        attribute, names = (_fusable(parent) if packed else None) or (None, ())
-        if names:
-            fused.append((parent, attribute, names))
         fusion = _FUSIONS.get(type(parent))
         if fusion is not None and getattr(parent, fusion[0]) is not None:  # fused by an enclosing block
             names = fusion[1]
+        else:
+            attribute, names = (_fusable(parent) if packed else None) or (None, ())
+            if names:
+                fused.append((parent, attribute, names))
         for name, child in parent.named_children():
             if _swappable(child) and name not in names:
                 swapped.append((parent, name, child))
