@@ -552,7 +552,10 @@ def main(run: Callable, config_cls: type, command: str, description: str, argv: 
     can fix, 128 + the signal's number (130 SIGINT, 143 SIGTERM) when interrupted.
 
     In a torchrun job the user's errors (settings, model, data, a non-finite step) are the same on
-    every rank, so rank 0 alone reports them; other failures say which rank they come from."""
+    every rank, so rank 0 alone reports them; other failures say which rank they come from. After
+    a run that ended well, the ranks leave together: the others wait at a barrier while rank 0
+    writes the run's last files, so that nothing a follower does on its way out (its exit, or a
+    crash in it, which makes torchrun stop every rank) can cut those files short."""
     from .filtering import MissingNLTKDataError
 
     args = build_parser(f"python -m {command}", description, cls=config_cls).parse_args(argv)
@@ -568,6 +571,7 @@ def main(run: Callable, config_cls: type, command: str, description: str, argv: 
     try:
         with TerminateRaises():
             run(config)
+            distributed.current().barrier()  # (only after a run that ended well: a failed rank never comes)
     except USER_ERRORS + (MissingNLTKDataError,) as e:
         say(f"error: {e}")
         return 2

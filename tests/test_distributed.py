@@ -89,6 +89,42 @@ def test_two_ranks_train_as_one_process(two_ranks, setting, tmp_path):
     assert moved or "lora" in setting
 
 
+EXIT_WORKER = """
+import os, sys, time
+from pathlib import Path
+from dpo import cli, distributed
+from dpo.config import TrainConfig
+
+out = Path(sys.argv[1])
+
+
+def run(config):  # rank 0 writes its last file 2 s after the others are done
+    d = distributed.init_from_env("cpu")
+    if d.is_main:
+        time.sleep(2)
+        (out / "rank0-wrote").write_text(repr(time.time()))
+
+
+code = cli.main(run, TrainConfig, "dpo.train", "a run that ends well", argv=["--no-progress"])
+(out / f"rank{os.environ['RANK']}-left").write_text(repr(time.time()))
+sys.exit(code)
+"""
+
+
+def test_after_a_run_that_ended_well_no_rank_leaves_before_rank_0_has_written(tmp_path):
+    """A follower that is done waits at cli.main's barrier until rank 0 has written its last files,
+    so that its exit (or a crash on the way out, which makes torchrun stop every rank) cannot cut
+    them short."""
+    worker = tmp_path / "exit_worker.py"
+    worker.write_text(EXIT_WORKER)
+    proc = subprocess.run(torchrun(2, str(worker), str(tmp_path)), env=env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wrote = float((tmp_path / "rank0-wrote").read_text())
+    assert float((tmp_path / "rank1-left").read_text()) >= wrote
+    assert float((tmp_path / "rank0-left").read_text()) >= wrote
+
+
 def test_a_rank_share_of_a_micro_batch():
     from dpo.distributed import Distributed
 
