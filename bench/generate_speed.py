@@ -135,7 +135,7 @@ def measure(ours, theirs, tokenizer, batch_sizes: list[int], new_tokens: int, re
     return batches
 
 
-def child(args) -> None:
+def child(args) -> dict:
     """One measurement: on the CPU in a child process per instruction set, or on CUDA in this one."""
     import torch
 
