@@ -3,6 +3,7 @@
     python -m bench.step_ab --switch recompute-tail        # keep the tail's activations, or recompute them
     python -m bench.step_ab --switch head-recompute        # keep the head's logits for backward, or recompute them
     python -m bench.step_ab --switch mkl-trunk             # the gradient-free blocks with oneDNN, or with MKL
+    python -m bench.step_ab --switch last-block-everywhere # the last block only where the head reads, or everywhere
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python -m bench.step_ab --switch mkl-trunk
 
 Builds the default run's trainer twice (`bench.default_run_trainer`: the default `TrainConfig`,
@@ -27,6 +28,7 @@ SWITCHES = {
     "recompute-tail": "recompute the trainable blocks' activations in backward (--recompute-tail) instead of keeping them",
     "head-recompute": "recompute the LM head's logits in backward instead of keeping them (HeadLogProbs keep_bytes=0)",
     "mkl-trunk": "the blocks that run without a gradient (the frozen trunk, the reference) with MKL, not oneDNN",
+    "last-block-everywhere": "the last block at every position, not only at those the LM head scores",
 }
 
 
@@ -47,6 +49,16 @@ def switched(name: str):
             finally:
                 engine.HeadLogProbs.apply = apply
         return {}, no_keep
+
+    if name == "last-block-everywhere":
+        @contextlib.contextmanager
+        def everywhere():
+            engine.LAST_BLOCK_WHERE_READ = False
+            try:
+                yield
+            finally:
+                engine.LAST_BLOCK_WHERE_READ = True
+        return {}, everywhere
 
     @contextlib.contextmanager
     def no_onednn():

@@ -17,7 +17,9 @@ of them the same way, whatever is trained (the last N blocks, every block, adapt
   kernels (`run_layers`); what is trained runs through autograd's ordinary matmuls.
 * **The head only where it is scored.** The LM head runs only at positions that predict a
   response token, a chunk at a time: the [N, V] logits are held for backward only up to a
-  budget, and backward recomputes the rest chunk by chunk (`HeadLogProbs`).
+  budget, and backward recomputes the rest chunk by chunk (`HeadLogProbs`). So does the last
+  block, but for the keys and values every position gives attention (`SmolLM.run_layers`'s
+  keep): a prompt's positions feed the head nothing.
 
 The engine calls the model's modules (embedding, blocks, norm, head); the only weight it reads
 directly is a plain Linear head's, which is exactly what calling it computes
@@ -44,6 +46,9 @@ from .logprobs import sequence_logprobs
 Batch = dict[str, torch.Tensor]
 
 
+# The last block runs only at the positions the head scores (and gives the others' keys and values):
+# exact, 4-5% of a default step with AVX2 kernels (docs/benchmarks.md, section 10). bench.step_ab switches it off.
+LAST_BLOCK_WHERE_READ = True
 HEAD_CHUNK = 256  # positions per chunk of logits in HeadLogProbs: 256 x 49,152 fp32 = 50 MB
 HEAD_KEEP_BYTES = 512 * 2**20  # logits HeadLogProbs keeps for backward, at most; the rest are recomputed
 
@@ -135,13 +140,20 @@ def head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.
     only the N positions t-1 whose next token t is a response token go through the head,
     a chunk at a time (`HeadLogProbs`).
     """
+    counted = response_mask[:, 1:].bool()  # [R, T-1]: token t+1 is a response token
+    return scored_logps(lm_head, hidden[:, :-1][counted], input_ids, response_mask, reduction)
+
+
+def scored_logps(lm_head: torch.nn.Module, h: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                 reduction: str = "sum") -> torch.Tensor:
+    """`head_logps` from the final hidden states h [N, C] of the scored positions alone, in the
+    order of `response_mask[:, 1:]`'s True entries (row by row)."""
     R = input_ids.shape[0]
     counted = response_mask[:, 1:].bool()  # [R, T-1]: token t+1 is a response token
-    h = hidden[:, :-1][counted]  # [N, C]: the positions that predict them
     targets = input_ids[:, 1:][counted]  # [N]
     rows = torch.arange(R, device=input_ids.device)[:, None].expand_as(counted)[counted]  # [N]
     token_logps = _head_token_logps(lm_head, h, targets)  # [N]
-    sums = torch.zeros(R, device=hidden.device, dtype=torch.float32).index_add(0, rows, token_logps)
+    sums = torch.zeros(R, device=h.device, dtype=torch.float32).index_add(0, rows, token_logps)
     if reduction == "sum":
         return sums
     if reduction == "mean":
@@ -153,7 +165,8 @@ def head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.
 
 
 def run_layers(model: SmolLM, x: torch.Tensor, batch: Batch, packing: Packing | None, start: int,
-               end: int | None = None, recompute: bool = False, fast: bool = False) -> torch.Tensor:
+               end: int | None = None, recompute: bool = False, fast: bool = False,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
     """Blocks [start, end) of `model` on the residual stream x [R, T, C] of a batch's rows.
 
     With a `Packing`, only its packed tokens run (each shared prefix once, in its first row:
@@ -163,6 +176,8 @@ def run_layers(model: SmolLM, x: torch.Tensor, batch: Batch, packing: Packing | 
     fast: their Linear layers multiply with oneDNN on a CPU in fp32 (`smollm.onednn.onednn_linears`,
     packed=False: 10-20% faster than MKL with AVX2 kernels), which has no backward; for blocks
     that run without a gradient. Its sums differ from MKL's in the last bits.
+    keep [n] (with a Packing): packed positions whose output is read; the last block computes
+    only theirs, returned as [1, n, C] (`SmolLM.run_layers`).
     """
     fast = fast and not torch.is_grad_enabled()
     with onednn.onednn_linears(model.model.layers[start:end], packed=False, enabled=fast):
@@ -171,8 +186,8 @@ def run_layers(model: SmolLM, x: torch.Tensor, batch: Batch, packing: Packing | 
             return model.run_layers(x, positions, layout, start, end, recompute=recompute)
         model.check_positions(past=0, new=x.shape[1])
         x = model.run_layers(packing.pack(x), packing.position_ids, packing.layout, start, end,
-                             recompute=recompute)  # [1, N, C]
-    return packing.unpack(x)
+                             recompute=recompute, keep=keep)  # [1, N, C], or [1, n, C] with keep
+    return x if keep is not None else packing.unpack(x)
 
 
 def shared_trunk_depth(policy: SmolLM, reference: SmolLM | None) -> int:
@@ -242,10 +257,18 @@ class LogProbEngine:
         The policy's and the reference's tails of one batch must agree on it, so that an
         untrained policy's log-probs equal the reference's to the bit (`__call__` sees to it).
         """
-        ids = batch["input_ids"]
+        ids, response_mask = batch["input_ids"], batch["response_mask"]
         x = trunk if trunk is not None else model.model.embed_tokens(ids)  # [R, T, C]
-        x = run_layers(model, x, batch, packing, self.split, recompute=recompute, fast=fast)  # [R, T, C]
-        return head_logps(model.lm_head, model.model.norm(x), ids, batch["response_mask"], reduction)
+        if packing is None or self.split == model.config.num_hidden_layers or not LAST_BLOCK_WHERE_READ:
+            x = run_layers(model, x, batch, packing, self.split, recompute=recompute, fast=fast)  # [R, T, C]
+            return head_logps(model.lm_head, model.model.norm(x), ids, response_mask, reduction)
+        # The last block only where the head reads: the packed positions that predict a response token
+        R, T = ids.shape
+        counted = response_mask[:, 1:].bool()  # [R, T-1]
+        scored = packing.gather.view(R, T)[:, :-1][counted]  # [N] packed position of each, in order
+        keep, where = torch.unique(scored, sorted=True, return_inverse=True)  # [n] (a shared prompt's once), [N]
+        h = run_layers(model, x, batch, packing, self.split, recompute=recompute, fast=fast, keep=keep)  # [1, n, C]
+        return scored_logps(model.lm_head, model.model.norm(h)[0][where], ids, response_mask, reduction)
 
     @torch.no_grad()
     def policy_is_reference(self) -> bool:

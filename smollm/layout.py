@@ -43,13 +43,20 @@ class Layout:
         if self.mask is not None and self.segments is not None:
             raise ValueError("a Layout is masked or packed, not both")
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               queries: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax attention q [B, H, T, D] over k, v [B, KV, S, D] -> [B, H, T, D].
 
         Grouped-query attention: each KV head serves H // KV query heads (enable_gqa: without
         copying k and v H // KV times). A masked decoding step (one query per row) attends per
         group of rows from the group's first visible key (`key_windows`), not over every padded one.
+
+        queries [n]: q [1, H, n, D] holds only these positions (ascending) of a single row, and the
+        output is theirs [1, H, n, D]; k and v hold every position's. (The last block computes its
+        output only where it is read: `SmolLM.run_layers`'s keep.) Causal or packed layouts only.
         """
+        if queries is not None:
+            return self._attend_some(q, k, v, queries)
         if self.segments is not None:
             return torch.cat([_attend_segment(q, k, v, seg) for seg in self.segments], dim=2)
         if self.mask is None:
@@ -65,6 +72,33 @@ class Layout:
                                               attn_mask=mask[a:b, ..., first:], enable_gqa=True)
                for a, b, first in windows]  # [b - a, H, 1, D] each
         return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _attend_some(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """`attend` for the query positions `queries` [n] of one row: each segment's queries (or the
+        row's, causal) with the rows of its mask that belong to them."""
+        if q.shape[0] != 1 or self.mask is not None:
+            raise ValueError("attention for some queries only takes one row, causal or packed")
+        if self.segments is None:  # causal: query i sees keys 0..i
+            mask = torch.arange(k.shape[2], device=q.device)[None, :] <= queries[:, None]  # [n, S]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        ends = torch.tensor([seg.start + seg.length for seg in self.segments], device=queries.device)
+        cuts = [0, *torch.searchsorted(queries, ends).tolist()]  # queries [cuts[i], cuts[i+1]) are segment i's
+        out = []
+        for seg, a, b in zip(self.segments, cuts, cuts[1:]):
+            if a == b:
+                continue
+            local = queries[a:b] - seg.start  # [n_i] positions within the segment
+            own = slice(seg.start, seg.start + seg.length)
+            if seg.prefix_length == 0:
+                keys, values = k[:, :, own], v[:, :, own]  # [1, KV, length, D]
+                mask = torch.arange(seg.length, device=q.device)[None, :] <= local[:, None]  # [n_i, length]
+            else:
+                prefix = slice(seg.prefix_start, seg.prefix_start + seg.prefix_length)
+                keys = torch.cat([k[:, :, prefix], k[:, :, own]], dim=2)  # [1, KV, L + length, D]
+                values = torch.cat([v[:, :, prefix], v[:, :, own]], dim=2)
+                mask = seg.mask[local]  # [n_i, L + length]
+            out.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=mask, enable_gqa=True))
+        return torch.cat(out, dim=2)  # [1, H, n, D]
 
     def key_windows(self) -> tuple[tuple[int, int, int], ...]:
         """Groups of consecutive rows (a, b, first): rows [a, b) see no key before position `first`.

@@ -183,10 +183,23 @@ class Attention(nn.Module):
         self.fused_qkv: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout,
-                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
-        """x [B, T, C] -> [B, T, C]; `layout` says which positions each one attends to."""
+                kv_cache: KVCache | None = None, layer_idx: int = 0, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]; `layout` says which positions each one attends to.
+
+        keep [n]: only these positions' outputs [1, n, C], x being one row: queries for them
+        alone, keys and values for every position (what they attend to)."""
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if keep is not None:
+            if kv_cache is not None:
+                raise ValueError("keep is for a forward without a KV cache")
+            n = keep.shape[0]
+            q = self.q_proj(x[:, keep]).view(B, n, H, D).transpose(1, 2)  # [1, H, n, D]
+            k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # [1, KV, T, D]
+            v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)  # [1, KV, T, D]
+            q, k = apply_rotary(q, cos[:, :, keep], sin[:, :, keep]), apply_rotary(k, cos, sin)
+            y = layout.attend(q, k, v, queries=keep).transpose(1, 2)  # [1, n, H, D]
+            return self.o_proj(y.reshape(B, n, H * D))  # [1, n, C]
         if self.fused_qkv is not None:  # one matmul; q's and k's heads rotated in one go
             heads = self.fused_qkv(x).view(B, T, H + 2 * KV, D).transpose(1, 2)  # [B, H+2KV, T, D]
             qk = apply_rotary(heads[:, :H + KV], cos, sin)  # [B, H+KV, T, D]
@@ -237,8 +250,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
         self.mlp = MLP(hidden_size, intermediate_size)
 
-    def forward(self, x, cos, sin, layout: Layout, kv_cache: KVCache | None = None, layer_idx: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache, layer_idx)
+    def forward(self, x, cos, sin, layout: Layout, kv_cache: KVCache | None = None, layer_idx: int = 0,
+                keep: torch.Tensor | None = None):
+        """x [B, T, C] -> [B, T, C]; with keep [n], one row's positions: [1, n, C], those alone
+        (the others still give attention their keys and values)."""
+        if keep is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache, layer_idx)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x[:, keep] + self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache, layer_idx, keep)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -344,21 +363,27 @@ class SmolLM(nn.Module):
 
     def run_layers(self, x: torch.Tensor, position_ids: torch.Tensor, layout: Layout, start: int = 0,
                    end: int | None = None, *, kv_cache: KVCache | None = None,
-                   recompute: bool = False) -> torch.Tensor:
+                   recompute: bool = False, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks [start, end) on the residual stream x [B, T, C] at `position_ids` [B, T].
 
         Running a slice lets a frozen trunk be computed once and shared (`dpo.engine`).
         recompute (activation checkpointing): keep only each block's input for backward and
         run the block again during backward; same gradients, less memory.
+        keep [n]: the positions of one row (causal or packed) whose output is read, e.g. those the
+        head scores: the last block computes only theirs, [1, n, C] (the others' keys and values
+        still), and skips the rest of its work at every other position.
         """
         end = self.config.num_hidden_layers if end is None else end
+        if keep is not None and start >= end:
+            raise ValueError(f"keep needs a last block to run: blocks [{start}, {end}) are none")
         cos, sin = self.rotary(position_ids)  # [B, 1, T, D] each
         recompute = recompute and kv_cache is None and torch.is_grad_enabled()
         for i in range(start, end):
+            only = keep if i == end - 1 else None
             if recompute:
-                x = checkpoint(self.model.layers[i], x, cos, sin, layout, use_reentrant=False)
+                x = checkpoint(self.model.layers[i], x, cos, sin, layout, None, i, only, use_reentrant=False)
             else:
-                x = self.model.layers[i](x, cos, sin, layout, kv_cache, i)
+                x = self.model.layers[i](x, cos, sin, layout, kv_cache, i, only)
         return x
 
     def check_positions(self, past: int, new: int) -> None:

@@ -425,3 +425,43 @@ def test_hidden_states_in_two_slices_equal_one_pass(padded):
         torch.testing.assert_close(model.hidden_states(ids, mask, start=2, x=trunk), full, rtol=0, atol=0)
     with pytest.raises(ValueError, match="exactly when start > 0"):
         model.hidden_states(ids, mask, start=2)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_run_layers_with_keep_runs_the_last_block_at_those_positions_only(packed):
+    """keep: the last block's output at some positions of one row, the others giving attention
+    their keys and values only: the full pass's values there, and the same gradients (what the
+    training engine uses for the positions its LM head scores)."""
+    from smollm.layout import Layout, Packing
+
+    model = random_model(small_config(num_hidden_layers=3), seed=5)
+    g = torch.Generator().manual_seed(5)
+    if packed:  # two rows sharing 4 leading tokens, the second left-padded by 2
+        ids = torch.randint(5, 1000, (2, 11), generator=g)
+        ids[1, 2:6] = ids[0, :4]
+        mask = torch.ones(2, 11, dtype=torch.long)
+        mask[1, :2] = 0
+        packing = Packing.of(mask, ids, [(0, 1)])
+        x = packing.pack(model.model.embed_tokens(ids))  # [1, N, C]
+        positions, layout = packing.position_ids, packing.layout
+        assert len(packing.segments) == 2 and packing.segments[1].prefix_length == 4
+    else:
+        ids = torch.randint(5, 1000, (1, 11), generator=g)
+        x = model.model.embed_tokens(ids)
+        positions, layout = torch.arange(11)[None], Layout()
+    N = x.shape[1]
+    keep = torch.tensor([0, 3, 4, N - 6, N - 2, N - 1])  # in both segments when packed
+    x = x.detach().requires_grad_(True)
+    full = model.run_layers(x, positions, layout)[:, keep]  # [1, 6, C]
+    (gx_full,) = torch.autograd.grad(full.square().sum(), x)
+    part = model.run_layers(x, positions, layout, keep=keep)
+    assert part.shape == (1, len(keep), model.config.hidden_size)
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-6)
+    (gx_part,) = torch.autograd.grad(part.square().sum(), x)
+    torch.testing.assert_close(gx_part, gx_full, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"keep needs a last block to run: blocks \[3, 3\) are none"):
+        model.run_layers(x, positions, layout, start=3, keep=keep)
+    with pytest.raises(ValueError, match="one row, causal or packed"):
+        Layout(mask=torch.ones(1, 1, N, N, dtype=torch.bool)).attend(torch.zeros(1, 4, 2, 16),
+                                                                     torch.zeros(1, 2, N, 16),
+                                                                     torch.zeros(1, 2, N, 16), queries=keep[:2])
