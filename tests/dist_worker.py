@@ -95,6 +95,7 @@ def main(out_dir: str, settings: list[str]) -> None:
             result = train(setting, Path(out_dir) / f"{setting}-final")
             if d.is_main:
                 save_file({k: v.contiguous() for k, v in result.items()}, str(Path(out_dir) / f"{setting}.safetensors"))
+        d.barrier()  # the ranks leave together, once rank 0 has written its last file (as dpo.cli.main does)
     finally:
         distributed.shutdown()
 
