@@ -190,29 +190,22 @@ class Attention(nn.Module):
         alone, keys and values for every position (what they attend to)."""
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if keep is not None:
-            if kv_cache is not None:
-                raise ValueError("keep is for a forward without a KV cache")
-            n = keep.shape[0]
-            q = self.q_proj(x[:, keep]).view(B, n, H, D).transpose(1, 2)  # [1, H, n, D]
-            k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # [1, KV, T, D]
-            v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)  # [1, KV, T, D]
-            q, k = apply_rotary(q, cos[:, :, keep], sin[:, :, keep]), apply_rotary(k, cos, sin)
-            y = layout.attend(q, k, v, queries=keep).transpose(1, 2)  # [1, n, H, D]
-            return self.o_proj(y.reshape(B, n, H * D))  # [1, n, C]
-        if self.fused_qkv is not None:  # one matmul; q's and k's heads rotated in one go
+        if keep is not None and kv_cache is not None:
+            raise ValueError("keep is for a forward without a KV cache")
+        if self.fused_qkv is not None and keep is None:  # one matmul; q's and k's heads rotated in one go
             heads = self.fused_qkv(x).view(B, T, H + 2 * KV, D).transpose(1, 2)  # [B, H+2KV, T, D]
             qk = apply_rotary(heads[:, :H + KV], cos, sin)  # [B, H+KV, T, D]
             q, k, v = qk[:, :H], qk[:, H:], heads[:, H + KV:]  # [B, H, T, D], [B, KV, T, D] x 2
         else:
-            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+            xq, qcos, qsin = (x, cos, sin) if keep is None else (x[:, keep], cos[:, :, keep], sin[:, :, keep])
+            q = self.q_proj(xq).view(B, xq.shape[1], H, D).transpose(1, 2)  # [B, H, T or n, D]
             k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # [B, KV, T, D]
             v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)  # [B, KV, T, D]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = apply_rotary(q, qcos, qsin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # [B, KV, S, D]
-        y = layout.attend(q, k, v).transpose(1, 2)  # [B, T, H, D]
-        y = y.reshape(B, T, H * D)  # [B, T, H*D]
+        y = layout.attend(q, k, v, queries=keep).transpose(1, 2)  # [B, T or n, H, D]
+        y = y.reshape(B, q.shape[2], H * D)  # [B, T or n, H*D]
         return self.o_proj(y)
 
 
@@ -254,10 +247,8 @@ class Block(nn.Module):
                 keep: torch.Tensor | None = None):
         """x [B, T, C] -> [B, T, C]; with keep [n], one row's positions: [1, n, C], those alone
         (the others still give attention their keys and values)."""
-        if keep is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache, layer_idx)
-            return x + self.mlp(self.post_attention_layernorm(x))
-        x = x[:, keep] + self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache, layer_idx, keep)
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache, layer_idx, keep)
+        x = (x if keep is None else x[:, keep]) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
