@@ -88,14 +88,10 @@ class Layout:
             if a == b:
                 continue
             local = queries[a:b] - seg.start  # [n_i] positions within the segment
-            own = slice(seg.start, seg.start + seg.length)
+            keys, values = _segment_keys(k, v, seg)  # [1, KV, L + length, D] each
             if seg.prefix_length == 0:
-                keys, values = k[:, :, own], v[:, :, own]  # [1, KV, length, D]
                 mask = torch.arange(seg.length, device=q.device)[None, :] <= local[:, None]  # [n_i, length]
             else:
-                prefix = slice(seg.prefix_start, seg.prefix_start + seg.prefix_length)
-                keys = torch.cat([k[:, :, prefix], k[:, :, own]], dim=2)  # [1, KV, L + length, D]
-                values = torch.cat([v[:, :, prefix], v[:, :, own]], dim=2)
                 mask = seg.mask[local]  # [n_i, L + length]
             out.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=mask, enable_gqa=True))
         return torch.cat(out, dim=2)  # [1, H, n, D]
@@ -147,16 +143,23 @@ def _split_rows(firsts: list[int], S: int, a: int, b: int, depth: int = 2) -> tu
     return _split_rows(firsts, S, a, best, depth - 1) + _split_rows(firsts, S, best, b, depth - 1)
 
 
-def _attend_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: "Segment") -> torch.Tensor:
-    """Attention of one packed segment: q [1, H, N, D], k, v [1, KV, N, D] -> [1, H, n, D]."""
+def _segment_keys(k: torch.Tensor, v: torch.Tensor, seg: "Segment") -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values one packed segment attends to, from the packed row's k, v [1, KV, N, D]:
+    its shared prefix's L (none without a prefix), then its own n: [1, KV, L + n, D] each."""
     own = slice(seg.start, seg.start + seg.length)
     if seg.prefix_length == 0:
-        return F.scaled_dot_product_attention(q[:, :, own], k[:, :, own], v[:, :, own], is_causal=True,
-                                              enable_gqa=True)
+        return k[:, :, own], v[:, :, own]
     prefix = slice(seg.prefix_start, seg.prefix_start + seg.prefix_length)
-    keys = torch.cat([k[:, :, prefix], k[:, :, own]], dim=2)  # [1, KV, L + n, D]
-    values = torch.cat([v[:, :, prefix], v[:, :, own]], dim=2)  # [1, KV, L + n, D]
-    return F.scaled_dot_product_attention(q[:, :, own], keys, values, attn_mask=seg.mask, enable_gqa=True)
+    return torch.cat([k[:, :, prefix], k[:, :, own]], dim=2), torch.cat([v[:, :, prefix], v[:, :, own]], dim=2)
+
+
+def _attend_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: "Segment") -> torch.Tensor:
+    """Attention of one packed segment: q [1, H, N, D], k, v [1, KV, N, D] -> [1, H, n, D]."""
+    queries = q[:, :, seg.start:seg.start + seg.length]  # [1, H, n, D]
+    keys, values = _segment_keys(k, v, seg)  # [1, KV, L + n, D] each
+    if seg.prefix_length == 0:
+        return F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(queries, keys, values, attn_mask=seg.mask, enable_gqa=True)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: never compare the mask tensors
