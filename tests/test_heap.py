@@ -55,9 +55,13 @@ print(json.dumps(dict(state=state, with_tensor=with_tensor, after_free=after_fre
 """
 
 
+def clean_env(**env: str) -> dict[str, str]:
+    """This environment without glibc's malloc variables or the switch, plus `env`."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != heap.SWITCH}, **env}
+
+
 def probe(call: bool, **env: str) -> dict:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != heap.SWITCH}
-    out = subprocess.run([sys.executable, "-c", PROBE, "call" if call else "no"], cwd=REPO, env={**base, **env},
+    out = subprocess.run([sys.executable, "-c", PROBE, "call" if call else "no"], cwd=REPO, env=clean_env(**env),
                          capture_output=True, text=True, check=True, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -108,8 +112,7 @@ def test_the_training_commands_ask_for_it():
             "assert heap._state is None\n"
             "rc = cli.main(lambda config: None, TrainConfig, 'dpo.train', 'test', ['--output-dir', 'unused'])\n"
             "print(rc, heap._state)")
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != heap.SWITCH}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=base, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "kept"]
