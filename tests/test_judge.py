@@ -189,11 +189,38 @@ def test_both_orders_reach_the_server_with_the_answers_swapped(server, tiny_run,
     assert "Win rate of the policy" in md and "ended their turn" in md and "both orders" in md
 
 
-def test_every_failure_is_reported_per_item_and_never_counted(server, tiny_run, tmp_path):
+class _Silent(BaseHTTPRequestHandler):
+    """A real HTTP server that reads each request and then says nothing until it is shut down.
+    (A timeout against smollm.serve itself is a race: the abandoned request keeps the server busy,
+    and with --max-waiting 0 the retry may get 503 instead of a second timeout.)"""
+
+    release = threading.Event()
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.release.wait(60)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def silent_server():
+    handler = type("Handler", (_Silent,), {"release": threading.Event()})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    handler.release.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_every_failure_is_reported_per_item_and_never_counted(server, silent_server, tiny_run, tmp_path):
     common = dict(run=str(tiny_run), judge_model="judge", num_prompts=2, max_new_tokens=8, judge_max_tokens=8,
                   judge_retries=1, progress=False, output_dir=str(tmp_path / "f"))
     cases = {  # what the endpoint does -> the error each order of each item reports
-        "timeout": dict(judge_url=server, judge_timeout=0.001),
+        "timeout": dict(judge_url=silent_server, judge_timeout=0.2),
         "connection": dict(judge_url=f"http://127.0.0.1:{unused_port()}/v1"),
         "http 404": dict(judge_url=server, judge_model="no-such-model"),
     }
