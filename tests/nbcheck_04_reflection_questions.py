@@ -53,7 +53,7 @@ def check(ns: dict, out: Path) -> None:
     assert ns["sum_run"]["config"]["logp_reduction"] == "sum"
     # 5. reference = policy: shares trainable weights, the loss is stuck at ln 2, the weights move anyway,
     # and the check (policy_is_reference / same_weights after training) fires; the correct setup passes it.
-    bug, good = ns["q5"]["reference = policy (the bug)"], ns["q5"]["make_reference (correct)"]
+    bug, good = ns["q5"]["reference = policy (the bug)"], ns["q5"]["a reference apart (correct)"]
     assert bug["shared_trainable"] == bug["trainable"] > 0 and good["shared_trainable"] == 0
     assert ns["q5_refusal"].startswith("the reference shares ")  # DPOTrainer refuses the bug by default
     assert [m["loss"] for m in bug["metrics"]] == pytest.approx([ln2] * len(bug["metrics"]), abs=1e-6)
