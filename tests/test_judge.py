@@ -6,6 +6,7 @@ functions, tested on hand-made inputs. tests/test_llama_cpp.py runs the judge ag
 own server when llama-cpp-python is installed."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -189,12 +190,25 @@ def test_both_orders_reach_the_server_with_the_answers_swapped(server, tiny_run,
     assert "Win rate of the policy" in md and "ended their turn" in md and "both orders" in md
 
 
+@contextlib.contextmanager
+def local_server(handler: type[BaseHTTPRequestHandler]):
+    """A real HTTP server on 127.0.0.1 with this handler, from a background thread: yields its /v1 URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 class _Silent(BaseHTTPRequestHandler):
-    """A real HTTP server that reads each request and then says nothing until it is shut down.
+    """Reads each request, then says nothing until `release` is set (the server is closing).
     (A timeout against smollm.serve itself is a race: the abandoned request keeps the server busy,
     and with --max-waiting 0 the retry may get 503 instead of a second timeout.)"""
 
-    release = threading.Event()
+    release: threading.Event
 
     def do_POST(self):  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -207,13 +221,9 @@ class _Silent(BaseHTTPRequestHandler):
 @pytest.fixture
 def silent_server():
     handler = type("Handler", (_Silent,), {"release": threading.Event()})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    handler.release.set()
-    httpd.shutdown()
-    httpd.server_close()
+    with local_server(handler) as url:
+        yield url
+        handler.release.set()  # let the waiting handlers end before the server closes
 
 
 def test_every_failure_is_reported_per_item_and_never_counted(server, silent_server, tiny_run, tmp_path):
@@ -277,14 +287,10 @@ class _Canned(BaseHTTPRequestHandler):
     ("not json", "bad response"), ({"choices": []}, "bad response")])
 def test_refusals_and_broken_replies_are_reported(body, error):
     handler = type("Handler", (_Canned,), {"body": (body if isinstance(body, str) else json.dumps(body)).encode()})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        client = ChatClient(f"http://127.0.0.1:{httpd.server_address[1]}/v1", "m", retries=2, retry_wait=0)
+    with local_server(handler) as url:
+        client = ChatClient(url, "m", retries=2, retry_wait=0)
         result = ask(client, load_template(None), "q", "a", "b")
         assert result["error"] == error and result["verdict"] is None and result["attempts"] == []  # final
-    finally:
-        httpd.shutdown()
 
 
 # --------------------------------------------------------------------------- the command
