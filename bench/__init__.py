@@ -132,16 +132,19 @@ def random_checkpoint(workdir: Path, num_layers: int | None = None, seed: int = 
     return out
 
 
-def real_pairs(n: int, max_length: int, seed: int = 0):
+def real_pairs(n: int, max_length: int, seed: int = 0, *, files: list[Path] | None = None,
+               tokenizer_file: Path | None = None):
     """The first n real HH-RLHF test pairs (after a seeded shuffle) that tokenize, as
-    `dpo.tokenization.TokenizedPair` lists, tokenized exactly as `python -m dpo.train` does."""
+    `dpo.tokenization.TokenizedPair` lists, tokenized exactly as `python -m dpo.train` does;
+    (pairs, tokenizer). files: the splits to read (default the bundled ones, HH_FILES);
+    tokenizer_file: a tokenizer.json (default `tokenizer_json()`)."""
     from dpo.data import load_preferences
     from dpo.tokenization import tokenize_pairs
     from smollm import load_tokenizer
 
-    pairs = load_preferences([str(p) for p in HH_FILES], skip_bad_records=True)
+    pairs = load_preferences([str(p) for p in (files or HH_FILES)], skip_bad_records=True)
     random.Random(seed).shuffle(pairs)
-    tok = load_tokenizer(tokenizer_json())
+    tok = load_tokenizer(tokenizer_file or tokenizer_json())
     out, _ = tokenize_pairs(tok, pairs[:2 * n + 16], max_length=max_length, eos_token_id=tok.eos_token_id)
     if len(out) < n:
         raise RuntimeError(f"only {len(out)} pairs tokenized, wanted {n}")

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import re
 import shlex
 import subprocess
@@ -170,19 +169,11 @@ def checkpoint(work: Path, smoke: bool) -> Path:
 
 
 def real_batch(n: int, max_length: int, seed: int = 0):
-    """The first n real HH-RLHF test pairs (seeded shuffle) that tokenize, as bench.real_pairs,
-    from the files `hh_files` chooses; (pairs, tokenizer)."""
-    from dpo.data import load_preferences
-    from dpo.tokenization import tokenize_pairs
-    from smollm import load_tokenizer
+    """`bench.real_pairs` from the files `hh_files` chooses, with the tokenizer `tokenizer_json`
+    finds (the carried one on the GPU machine); (pairs, tokenizer)."""
+    from bench import real_pairs
 
-    pairs = load_preferences([str(p) for p in hh_files()], skip_bad_records=True)
-    random.Random(seed).shuffle(pairs)
-    tok = load_tokenizer(tokenizer_json())
-    out, _ = tokenize_pairs(tok, pairs[:2 * n + 16], max_length=max_length, eos_token_id=tok.eos_token_id)
-    if len(out) < n:
-        raise RuntimeError(f"only {len(out)} pairs tokenized, wanted {n}")
-    return out[:n], tok
+    return real_pairs(n, max_length, seed, files=hh_files(), tokenizer_file=tokenizer_json())
 
 
 def max_abs(a, b) -> float:
