@@ -13,7 +13,9 @@ side), the same number of torch threads. The chat template starts every prompt w
 24 tokens (its system prompt and the user turn's header), which `smollm.generate` computes once for
 the batch and transformers once per row. Tokens/s counts new tokens only: batch x new tokens
 / the wall time of the whole `generate` call (prompt included). The sides alternate (ours,
-transformers, ours, ...) after one warm-up call each, and medians count.
+transformers, ours, ...) after one warm-up call each, and medians count. Each
+repetition's two calls also give a paired ratio (printed as its median and range): two calls made
+one after the other see the same state of a machine whose speed drifts.
 
 Each instruction set runs in its own child process. `avx2` emulates an AVX2-only CPU (such as
 the issue's EPYC without AVX-512) on an AVX-512 machine: ATEN_CPU_CAPABILITY=avx2,
@@ -130,6 +132,9 @@ def measure(ours, theirs, tokenizer, batch_sizes: list[int], new_tokens: int, re
         batches[str(B)] = {
             **{f"{name}_tok_s": B * new_tokens / median(ts) for name, ts in times.items()},
             **{f"{name}_s": ts for name, ts in times.items()},
+            # each repetition's two calls ran one after the other: their ratio sees the same state of
+            # the machine, where the ratio of the medians may pair a fast minute with a slow one
+            "paired_ratios": [t / o for o, t in zip(times["smollm"], times["transformers"])],
             "rows_equal_to_transformers": same_rows, "prompt_tokens": ids.shape[1], "load": median(loads),
         }
     return batches
@@ -198,13 +203,16 @@ def report(cpu: dict, results: list[dict], args) -> str:
     lines = [f"{where}; torch threads {results[0]['torch_threads']}; "
              f"{args.new_tokens} new tokens, greedy, fp32, median of {args.reps}",
              "",
-             "| kernels | batch | smollm tok/s | transformers tok/s | ratio | rows equal | load avg |",
-             "|---|---|---|---|---|---|---|"]
+             "| kernels | batch | smollm tok/s | transformers tok/s | ratio | paired ratios: median (range) "
+             "| rows equal | load avg |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         isa = f"{r['isa']} ({r['cpu_capability']})" if r["device"] == "cpu" else "cuda"
         for B, m in r["batches"].items():
+            paired = m["paired_ratios"]
             lines.append(f"| {isa} | {B} | {m['smollm_tok_s']:.1f} | {m['transformers_tok_s']:.1f} | "
                          f"**{m['smollm_tok_s'] / m['transformers_tok_s']:.2f}** | "
+                         f"{median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f}) | "
                          f"{m['rows_equal_to_transformers']}/{B} | {m['load']:.1f} |")
     for r in results:
         if "llama_cpp" in r:
@@ -215,7 +223,8 @@ def report(cpu: dict, results: list[dict], args) -> str:
                 lines.append(f"\nllama.cpp {llama['version']} (F32 export, batch 1, {r['isa']}): "
                              f"{llama['tok_s']:.1f} tok/s")
     lines.append("\nrows equal: rows whose tokens equal transformers' (same weights, other kernels: a near-tie "
-                 "may go either way). Ratio: smollm / transformers.")
+                 "may go either way). Ratio: smollm / transformers, of the medians; paired ratios: of each "
+                 "repetition's two calls, made one after the other.")
     return "\n".join(lines)
 
 
