@@ -222,8 +222,10 @@ class _Silent(BaseHTTPRequestHandler):
 def silent_server():
     handler = type("Handler", (_Silent,), {"release": threading.Event()})
     with local_server(handler) as url:
-        yield url
-        handler.release.set()  # let the waiting handlers end before the server closes
+        try:
+            yield url
+        finally:
+            handler.release.set()  # let the waiting handlers end before the server closes, also after a failure
 
 
 def test_every_failure_is_reported_per_item_and_never_counted(server, silent_server, tiny_run, tmp_path):
