@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .compiled import CompiledDecoder
 from .model import SmolLM
 from .onednn import onednn_linears
 
@@ -133,7 +134,8 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
              eos_token_id: int | Sequence[int] | None = None,
              attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
              on_token: Callable[[torch.Tensor], None] | None = None,
-             record: StreamRecorder | None = None, prefixes: PromptPrefixes | None = None) -> torch.Tensor:
+             record: StreamRecorder | None = None, prefixes: PromptPrefixes | None = None,
+             decoder: CompiledDecoder | None = None) -> torch.Tensor:
     """Continue `input_ids` [B, T] by up to `max_new_tokens`; returns prompt + new tokens [B, T + N].
 
     attention_mask [B, T] allows left-padded batches of prompts. `eos_token_id` is one id or
@@ -143,6 +145,9 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     generation stops early when all are. `on_token(tokens [B])` is called after each step
     (for streaming). `record` keeps the residual stream entering some blocks (`StreamRecorder`);
     `prefixes` keeps the prompts' first blocks for the next call on them (`PromptPrefixes`).
+    `decoder`, a `smollm.compiled.CompiledDecoder` of this model, runs every step after the prompt
+    compiled (on a CPU, in fp32; the same tokens, faster once compiled); finished rows then stay in
+    the batch (a new batch size would compile again), and `record` cannot be used with it.
 
     What makes it fast (docs/benchmarks.md, section 9): inference mode; a padded prompt batch
     computed as its real tokens only, the leading tokens its rows share (a chat template's system
@@ -158,6 +163,10 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     B, T = input_ids.shape
+    if decoder is not None:
+        decoder.check(model)
+        if record is not None:
+            raise ValueError("record (a StreamRecorder) hooks the eager blocks, which a CompiledDecoder does not run")
     if isinstance(eos_token_id, int):
         eos_token_id = [eos_token_id]
     device = input_ids.device
@@ -181,9 +190,10 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), onednn_linears(model, batch_size=B):
+        # (the compiled steps read the model's own Linear layers: none is swapped while they run)
+        with torch.inference_mode(), onednn_linears(model, batch_size=B, enabled=decoder is None):
             steps = _decode(model, out, mask, T, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                            generator, on_token, record, prefixes, prefix_key)
+                            generator, on_token, record, prefixes, prefix_key, decoder)
     finally:
         model.train(was_training)
         for h in hooks:
@@ -195,19 +205,23 @@ def _decode(model: SmolLM, out: torch.Tensor, mask: torch.Tensor, T: int, max_ne
             temperature: float, top_k: int | None, top_p: float | None, stop_ids: torch.Tensor,
             generator: torch.Generator | None, on_token: Callable[[torch.Tensor], None] | None,
             record: StreamRecorder | None = None, prefixes: PromptPrefixes | None = None,
-            prefix_key: tuple | None = None) -> int:
+            prefix_key: tuple | None = None, decoder: CompiledDecoder | None = None) -> int:
     """The decoding loop of `generate`: fills out[:, T:], returns how many tokens it made.
 
     Greedy decoding with stop ids drops the rows that have finished from the batch (`KVCache.keep`)
     once they are a quarter of it: a batch of answers of mixed lengths then costs about as many
     rows as are still being written, not B rows until the longest ends. A dropped row's columns
     hold the first stop id, as they would have. (Sampling keeps every row: the generator's draws
-    depend on the batch's shape, and a seeded run must give the same tokens as before.)
+    depend on the batch's shape, and a seeded run must give the same tokens as before. A compiled
+    `decoder` keeps every row too: a new batch size would compile the step again.)
     """
     B = out.shape[0]
     cache = model.new_kv_cache(B, T + max_new_tokens)
     finished = torch.zeros(B, dtype=torch.bool, device=out.device)  # [b] of the rows in the batch
-    compact = temperature == 0.0 and len(stop_ids) > 0 and B > 1
+    compact = temperature == 0.0 and len(stop_ids) > 0 and B > 1 and decoder is None
+    if decoder is not None:
+        visible = mask.bool()  # [B, T + N]: the prompts' real tokens and every new column
+        first = mask[:, :T].sum(1)  # [B] the position of each row's first new token
     if compact:
         out[:, T:] = stop_ids[0]  # what a finished row receives from then on
     rows = None  # [b] the rows of `out` still in the batch; None: all of them
@@ -216,6 +230,8 @@ def _decode(model: SmolLM, out: torch.Tensor, mask: torch.Tensor, T: int, max_ne
         S = T + step
         if step == 0 and prefixes is not None and (record is None or record.layers[0] >= prefixes.depth):
             logits = _prefill(model, tokens, mask[:, :T], cache, prefixes, prefix_key, record)  # [B, V]
+        elif decoder is not None and step > 0:  # the new token of each row, at its position, compiled
+            logits = decoder(tokens[:, 0], first + (step - 1), cache, visible)  # [B, V]
         else:
             logits = model(tokens, mask[:, :S], kv_cache=cache, last_only=True)[:, -1, :].float()  # [b, V]
         if temperature == 0.0:
