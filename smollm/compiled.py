@@ -24,8 +24,8 @@ of the eager ones at batch 1 and 1.28x at batch 16, the same tokens, 2.7x and 2.
 cache on disk saves little of it), and the compiled code holds its own copy of the weights (the
 process's peak memory 2.6 GB instead of 1.4). So it pays for long-lived processes that generate
 a lot (a server, many prompts at one batch size), not for one answer: `generate` compiles nothing
-unless it is given a decoder (`decoder=CompiledDecoder(model)`), and `python -m
-bench.generate_speed --compile` measures it.
+unless it is given a decoder (`decoder=CompiledDecoder(model)`), `python -m smollm.serve --compile`
+builds one before it listens, and `python -m bench.generate_speed --compile` measures it.
 
 Limits: the model as it is when the decoder is built, on a CPU, in fp32, every Linear layer plain
 (no LoRA adapter; merge it first). The weights are copied into the compiled code: a decoder

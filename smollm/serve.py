@@ -18,7 +18,9 @@ here, and `python -m dpo.judge` can use it as a judge. What it serves:
 
 On a CPU in fp32 the weights are copied into oneDNN's layout once, at start (as much memory again
 as the weights), and not at every request (`smollm.onednn`): a short answer's first token comes
-about 0.1 s sooner.
+about 0.1 s sooner. `--compile` compiles the decoding steps instead (`smollm.compiled`), once, before
+the server listens: about a minute and a half for SmolLM2-135M on 2 cores, then answers about
+twice as fast (docs/benchmarks.md, section 16).
 
 One model answers one request at a time (a lock); up to `--max-waiting` more wait their turn,
 and beyond that the server answers 503 with Retry-After, as a busy server should: a client
@@ -31,6 +33,7 @@ for one user or a test, not a production one (no batching across requests, no TL
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
@@ -62,8 +65,10 @@ class RequestError(Exception):
 class ChatModel:
     """A model, its tokenizer and one lock: turns an OpenAI chat request into an answer."""
 
-    def __init__(self, model, tokenizer, name: str, *, max_waiting: int = 8, default_max_tokens: int = 512):
+    def __init__(self, model, tokenizer, name: str, *, max_waiting: int = 8, default_max_tokens: int = 512,
+                 decoder=None):
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.decoder = decoder  # a smollm.compiled.CompiledDecoder of the model, or None (eager steps)
         self.device = next(model.parameters()).device
         self.lock, self.max_waiting, self.default_max_tokens = threading.Lock(), max_waiting, default_max_tokens
         self._waiting, self._count = 0, threading.Lock()
@@ -133,7 +138,7 @@ class ChatModel:
                 with torch.inference_mode():
                     generate(self.model, ids, request["max_tokens"], temperature=request["temperature"],
                              top_p=request["top_p"], eos_token_id=self.stop_ids, generator=generator,
-                             on_token=lambda t: tokens.put(int(t[0])))
+                             on_token=lambda t: tokens.put(int(t[0])), decoder=self.decoder)
                 tokens.put(None)
             except Exception as e:  # noqa: BLE001 - handed to the request thread, which answers 500
                 tokens.put(e)
@@ -326,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding steps before serving (smollm.compiled; a CPU, fp32 and g++: about "
+                        "1.5 min for SmolLM2-135M on 2 cores, then about twice the tokens/s)")
     args = p.parse_args(argv)
     if args.max_waiting < 0 or args.max_tokens < 1 or not 0 <= args.port < 65536:
         p.error("--max-waiting must be >= 0, --max-tokens >= 1 and --port in [0, 65535]")
@@ -343,11 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, TokenizerError, HubError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    decoder = _compiled(model, tokenizer) if args.compile else None
+    if isinstance(decoder, str):
+        print(f"error: --compile: {decoder}", file=sys.stderr)
+        return 2
     chat = ChatModel(model, tokenizer, args.name or args.model, max_waiting=args.max_waiting,
-                     default_max_tokens=args.max_tokens)
+                     default_max_tokens=args.max_tokens, decoder=decoder)
     # The weights never change while serving: on a CPU in fp32 they are copied into oneDNN's layout
     # once, here (as much memory again as the weights), not at every request (~0.1 s for SmolLM-135M).
-    with onednn_linears(model, batch_size=1):
+    # Compiled steps have their own copy, and must see the model's own Linear layers.
+    with contextlib.nullcontext() if decoder is not None else onednn_linears(model, batch_size=1):
         try:
             server = serve(chat, args.host, args.port)
         except OSError as e:
@@ -360,6 +373,23 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             server.shutdown()
     return 0
+
+
+def _compiled(model, tokenizer):
+    """A `CompiledDecoder` of the model, its batch-1 step compiled now (one short answer), or why
+    the model cannot be compiled (a str)."""
+    from .compiled import CompiledDecoder, unsupported
+
+    problems = unsupported(model)
+    if problems:
+        return "; ".join(problems)
+    decoder = CompiledDecoder(model)
+    print("compiling the decoding step (about 1.5 min for SmolLM2-135M on 2 cores) ...", file=sys.stderr, flush=True)
+    ids = torch.tensor([tokenizer.encode_ids("Hello") or [0]])
+    with torch.inference_mode():
+        generate(model, ids, 2, decoder=decoder)
+    print(f"compiled in {decoder.compile_seconds[1]:.0f} s", file=sys.stderr, flush=True)
+    return decoder
 
 
 if __name__ == "__main__":

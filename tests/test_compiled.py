@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from smollm import generate
+from smollm import generate, load_pretrained
 from smollm.compiled import CompiledDecoder, unsupported
 from smollm.generation import StreamRecorder
 from smollm.lora import LoRAConfig, add_lora
@@ -102,3 +102,67 @@ def test_what_cannot_be_compiled_is_refused_with_the_reason(model, decoder):
         CompiledDecoder(adapted)
     with pytest.raises(ValueError, match="StreamRecorder"):
         generate(model, prompts([4])[0], 4, record=StreamRecorder([1]), decoder=decoder)
+
+
+def test_the_server_compiles_before_it_listens_and_answers_as_generate_does(tmp_path, tokenizer_json):
+    """`python -m smollm.serve --compile` on a tiny random checkpoint: the step compiled at start (it
+    says so, with the time), then a greedy answer equal to the eager `generate`'s."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from smollm import load_tokenizer
+
+    from model_utils import save_random_checkpoint
+
+    tokenizer = load_tokenizer(tokenizer_json)
+    folder = save_random_checkpoint(tmp_path / "tiny", small_config(num_hidden_layers=2), seed=3, tokenizer=tokenizer)
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "smollm.serve", "--model", str(folder), "--port", "0",
+                             "--device", "cpu", "--compile"], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "serving" in line, line + proc.stderr.read()
+        url = line.split(" on ")[1].split()[0]
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        request = urllib.request.Request(url + "/chat/completions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"messages": messages, "temperature": 0,
+                                                          "max_tokens": 12}).encode())
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            text = json.loads(reply.read())["choices"][0]["message"]["content"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    err = proc.stderr.read()
+    assert "compiling the decoding step" in err and "compiled in" in err
+    model, tokenizer = load_pretrained(folder), load_tokenizer(folder)  # as the server loaded them
+    assert tokenizer.chat_template is None  # so the server wrote the prompt as plain ChatML
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    ids = torch.tensor([tokenizer.encode_ids(prompt)])
+    stops = list(dict.fromkeys(list(tokenizer.stop_token_ids) + [tokenizer.eos_token_id]))
+    new = generate(model, ids, 12, eos_token_id=stops)[0, ids.shape[1]:].tolist()
+    new = new[:next((i for i, t in enumerate(new) if t in stops), len(new))]
+    assert len(new) >= 4 and text == tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_the_server_refuses_to_compile_what_it_cannot(tmp_path, tokenizer_json):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from smollm import load_tokenizer
+
+    from model_utils import save_random_checkpoint
+
+    folder = save_random_checkpoint(tmp_path / "tiny", small_config(num_hidden_layers=1), tokenizer=load_tokenizer(tokenizer_json))
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "smollm.serve", "--model", str(folder), "--port", "0",
+                           "--device", "cpu", "--dtype", "bfloat16", "--compile"], cwd=repo,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == "error: --compile: the model is not fp32"
