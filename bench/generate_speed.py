@@ -218,29 +218,21 @@ def report(cpu: dict, results: list[dict], args) -> str:
              "| kernels | batch | smollm tok/s | transformers tok/s | ratio | paired ratios: median (range) "
              "| rows equal | load avg |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        isa = f"{r['isa']} ({r['cpu_capability']})" if r["device"] == "cpu" else "cuda"
-        for B, m in r["batches"].items():
-            paired = m["paired_ratios"]
-            lines.append(f"| {isa} | {B} | {m['smollm_tok_s']:.1f} | {m['transformers_tok_s']:.1f} | "
-                         f"**{m['smollm_tok_s'] / m['transformers_tok_s']:.2f}** | "
-                         f"{median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f}) | "
-                         f"{m['rows_equal_to_transformers']}/{B} | {m['load']:.1f} |")
-    if any("compiled_tok_s" in m for r in results for m in r["batches"].values()):
+    rows = [(f"{r['isa']} ({r['cpu_capability']})" if r["device"] == "cpu" else "cuda", B, m)
+            for r in results for B, m in r["batches"].items()]  # (kernels, batch, its figures)
+    for isa, B, m in rows:
+        lines.append(f"| {isa} | {B} | {m['smollm_tok_s']:.1f} | {m['transformers_tok_s']:.1f} | "
+                     f"**{m['smollm_tok_s'] / m['transformers_tok_s']:.2f}** | {_spread(m['paired_ratios'])} | "
+                     f"{m['rows_equal_to_transformers']}/{B} | {m['load']:.1f} |")
+    if any("compiled_tok_s" in m for *_, m in rows):
         lines += ["", "`--compile`: `generate(..., decoder=smollm.compiled.CompiledDecoder(model))`, the same calls "
                   "(its warm-up call compiled the step, timed apart)", "",
                   "| kernels | batch | compiled tok/s | against transformers | paired ratios: median (range) "
                   "| against eager smollm | rows equal to eager smollm | compiling (s) |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in results:
-            isa = f"{r['isa']} ({r['cpu_capability']})" if r["device"] == "cpu" else "cuda"
-            for B, m in r["batches"].items():
-                paired = m["compiled_paired_ratios"]
-                lines.append(f"| {isa} | {B} | {m['compiled_tok_s']:.1f} | "
-                             f"**{m['compiled_tok_s'] / m['transformers_tok_s']:.2f}** | "
-                             f"{median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f}) | "
-                             f"{m['compiled_tok_s'] / m['smollm_tok_s']:.2f} | "
-                             f"{m['compiled_rows_equal_to_smollm']}/{B} | {m['compile_s']:.0f} |")
+        lines += [f"| {isa} | {B} | {m['compiled_tok_s']:.1f} | **{m['compiled_tok_s'] / m['transformers_tok_s']:.2f}** "
+                  f"| {_spread(m['compiled_paired_ratios'])} | {m['compiled_tok_s'] / m['smollm_tok_s']:.2f} | "
+                  f"{m['compiled_rows_equal_to_smollm']}/{B} | {m['compile_s']:.0f} |" for isa, B, m in rows]
     for r in results:
         if "llama_cpp" in r:
             llama = r["llama_cpp"]
@@ -253,6 +245,11 @@ def report(cpu: dict, results: list[dict], args) -> str:
                  "may go either way). Ratio: smollm / transformers, of the medians; paired ratios: of each "
                  "repetition's two calls, made one after the other.")
     return "\n".join(lines)
+
+
+def _spread(ratios: list[float]) -> str:
+    """median (min-max)"""
+    return f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def main(argv=None) -> int:
