@@ -20,8 +20,10 @@ On a CPU in fp32 the weights are copied into oneDNN's layout once, at start (as 
 as the weights), and not at every request (`smollm.onednn`): a short answer's first token comes
 about 0.1 s sooner. `--compile` compiles the decoding steps instead (`smollm.compiled`), once, before
 the server listens: about a minute and a half for SmolLM2-135M on 2 cores, then answers about
-twice as fast (docs/benchmarks.md, section 16).
+1.5x as fast (docs/benchmarks.md, section 16).
 
+Every answer is generated on the main thread (`MainThread`: a second thread computing slows both
+down), while the HTTP threads queue the work and stream the tokens back.
 One model answers one request at a time (a lock); up to `--max-waiting` more wait their turn,
 and beyond that the server answers 503 with Retry-After, as a busy server should: a client
 with retries (the judge has them) comes back later. A bad request gets 400 with OpenAI's error
@@ -35,12 +37,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import queue
 import sys
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -66,9 +69,10 @@ class ChatModel:
     """A model, its tokenizer and one lock: turns an OpenAI chat request into an answer."""
 
     def __init__(self, model, tokenizer, name: str, *, max_waiting: int = 8, default_max_tokens: int = 512,
-                 decoder=None):
+                 decoder=None, run: Callable[[Callable[[], None]], None] | None = None):
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.decoder = decoder  # a smollm.compiled.CompiledDecoder of the model, or None (eager steps)
+        self.run = run or _on_a_new_thread  # run(work): an answer's generation, elsewhere, without waiting
         self.device = next(model.parameters()).device
         self.lock, self.max_waiting, self.default_max_tokens = threading.Lock(), max_waiting, default_max_tokens
         self._waiting, self._count = 0, threading.Lock()
@@ -122,13 +126,13 @@ class ChatModel:
     def answer(self, request: dict) -> Iterator[tuple[str, str | None]]:
         """Yield (new text, None) pieces as tokens arrive, then ("", finish_reason).
 
-        Generation runs in a worker thread that hands each token over a queue, so a streamed answer
-        goes out as it is made. The text of a piece is held back while it could be the start of a
-        stop string, and the answer ends before a stop string (OpenAI: not included).
+        Generation runs on another thread (`self.run`: `python -m smollm.serve` runs it on its main
+        thread, `MainThread`) and hands each token over a queue, so a streamed answer goes out as
+        it is made. The text of a piece is held back while it could be the start of a stop string,
+        and the answer ends before a stop string (OpenAI: not included).
         """
-        import queue
-
         tokens: queue.Queue = queue.Queue()
+        done = threading.Event()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(request["seed"]) if request["seed"] is not None else 0)
         ids = torch.tensor([request["ids"]], device=self.device)
@@ -142,9 +146,10 @@ class ChatModel:
                 tokens.put(None)
             except Exception as e:  # noqa: BLE001 - handed to the request thread, which answers 500
                 tokens.put(e)
+            finally:
+                done.set()
 
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
+        self.run(work)
         new: list[int] = []
         sent, finish, cut = "", "length", -1
         while True:
@@ -170,7 +175,7 @@ class ChatModel:
                 sent = text
             if cut >= 0:
                 break
-        worker.join()  # generation of an answer cut by a stop string runs to its end; nothing more is sent
+        done.wait()  # generation of an answer cut by a stop string runs to its end; nothing more is sent
         if cut < 0:  # ended by a stop token or the limit: what was held back goes out
             rest = self.tokenizer.decode(new, skip_special_tokens=True)
             if len(rest) > len(sent):
@@ -190,6 +195,37 @@ class ChatModel:
     def leave(self) -> None:
         with self._count:
             self._waiting -= 1
+
+
+def _on_a_new_thread(work: Callable[[], None]) -> None:
+    threading.Thread(target=work, daemon=True).start()
+
+
+class MainThread:
+    """Runs the answers' generation on the thread that calls `loop` (the server's main thread).
+
+    Measured (docs/benchmarks.md, section 16): a `generate` call on a fresh thread took 3.2-4.4 s
+    where the same call on the main thread took 2.6-3.1, and once a second thread had computed, the
+    main thread's calls slowed down too. The likely cause (not traced inside OpenMP): each thread
+    that runs PyTorch's parallel loops gets its own OpenMP team, and with more OpenMP threads than
+    cores GNU OpenMP stops spinning while it waits for work and sleeps instead, so each of a
+    step's many small parallel loops pays for a wake-up. One thread doing all the work keeps one team.
+    """
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue()
+
+    def __call__(self, work: Callable[[], None]) -> None:
+        self.jobs.put(work)
+
+    def loop(self) -> None:
+        """Run the jobs as they come, forever (until KeyboardInterrupt)."""
+        while True:
+            try:
+                work = self.jobs.get(timeout=0.5)  # (a timeout, so that Ctrl-C is seen)
+            except queue.Empty:
+                continue
+            work()
 
 
 def _text(content: Any, where: str) -> str:
@@ -333,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding steps before serving (smollm.compiled; a CPU, fp32 and g++: about "
-                        "1.5 min for SmolLM2-135M on 2 cores, then about twice the tokens/s)")
+                        "1.5 min for SmolLM2-135M on 2 cores, then answers about 1.5x as fast)")
     args = p.parse_args(argv)
     if args.max_waiting < 0 or args.max_tokens < 1 or not 0 <= args.port < 65536:
         p.error("--max-waiting must be >= 0, --max-tokens >= 1 and --port in [0, 65535]")
@@ -355,8 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(decoder, str):
         print(f"error: --compile: {decoder}", file=sys.stderr)
         return 2
+    main_thread = MainThread()
     chat = ChatModel(model, tokenizer, args.name or args.model, max_waiting=args.max_waiting,
-                     default_max_tokens=args.max_tokens, decoder=decoder)
+                     default_max_tokens=args.max_tokens, decoder=decoder, run=main_thread)
     # The weights never change while serving: on a CPU in fp32 they are copied into oneDNN's layout
     # once, here (as much memory again as the weights), not at every request (~0.1 s for SmolLM-135M).
     # Compiled steps have their own copy, and must see the model's own Linear layers.
@@ -369,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         host, port = server.server_address[:2]
         print(f"serving {chat.name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
         try:
-            threading.Event().wait()
+            main_thread.loop()  # every answer is generated here, on the thread that loaded the model
         except KeyboardInterrupt:
             server.shutdown()
     return 0
