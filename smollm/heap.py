@@ -20,7 +20,9 @@ keeps memory it no longer uses until it exits.
 
 It changes the whole process, so importing `smollm` or `dpo` does not do it: the training commands
 call it (`python -m dpo.train` and `dpo.sft`, in `dpo.cli.main`), and so do the notebooks and the
-benchmarks of training steps. Generating, which makes few big tensors, showed no difference. It leaves
+benchmarks of training steps. A `generate` call makes few big tensors but one big copy: the weights in
+oneDNN's layout (`smollm.onednn`), which took 330 ms a call without this and 150 ms with it, in one process
+calling again (docs/benchmarks.md, section 16); `python -m smollm` answers once and does not call it. It leaves
 malloc alone where glibc's is not the allocator (macOS, musl, or a preloaded jemalloc, tcmalloc or
 mimalloc), where the user set glibc's own variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_,
 MALLOC_TOP_PAD_, MALLOC_MMAP_MAX_), and with SMOLLM_KEEP_FREED_MEMORY=0.
