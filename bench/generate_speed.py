@@ -136,12 +136,7 @@ def measure(ours, theirs, tokenizer, batch_sizes: list[int], new_tokens: int, re
                 if outs[name].shape != (B, ids.shape[1] + new_tokens):
                     raise RuntimeError(f"{name} made {outs[name].shape[1] - ids.shape[1]} tokens, not {new_tokens}")
         same_rows = sum(torch.equal(outs["smollm"][b], outs["transformers"][b]) for b in range(B))
-        if compiled:
-            batches[str(B)] = {
-                "compiled_rows_equal_to_smollm": sum(torch.equal(outs["compiled"][b], outs["smollm"][b]) for b in range(B)),
-                "compile_s": decoder.compile_seconds[B],
-                "compiled_paired_ratios": [t / c for c, t in zip(times["compiled"], times["transformers"])]}
-        batches[str(B)] = {**batches.get(str(B), {}),
+        batches[str(B)] = {
             **{f"{name}_tok_s": B * new_tokens / median(ts) for name, ts in times.items()},
             **{f"{name}_s": ts for name, ts in times.items()},
             # each repetition's two calls ran one after the other: their ratio sees the same state of
@@ -149,6 +144,11 @@ def measure(ours, theirs, tokenizer, batch_sizes: list[int], new_tokens: int, re
             "paired_ratios": [t / o for o, t in zip(times["smollm"], times["transformers"])],
             "rows_equal_to_transformers": same_rows, "prompt_tokens": ids.shape[1], "load": median(loads),
         }
+        if compiled:
+            batches[str(B)].update(
+                compiled_rows_equal_to_smollm=sum(torch.equal(outs["compiled"][b], outs["smollm"][b]) for b in range(B)),
+                compile_s=decoder.compile_seconds[B],
+                compiled_paired_ratios=[t / c for c, t in zip(times["compiled"], times["transformers"])])
     return batches
 
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autograd import plain_linear, rms_norm
-from .model import KVCache, SmolLM
+from .model import KVCache, SmolLM, apply_rotary
 
 # Inductor settings of the compiled step (see the module docstring); autotuning's tables not printed
 OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
@@ -89,20 +89,14 @@ class DecodeStep(nn.Module):
         for i, block in enumerate(m.model.layers):
             attn, mlp = block.self_attn, block.mlp
             h = rms_norm(x, block.input_layernorm.weight, block.input_layernorm.eps)  # [B, C]
-            q = _rotate(attn.q_proj(h).view(B, H, D), cos, sin)  # [B, H, D]
-            k = _rotate(attn.k_proj(h).view(B, KV, D), cos, sin)  # [B, KV, D]
+            q = apply_rotary(attn.q_proj(h).view(B, H, D), cos, sin)  # [B, H, D]
+            k = apply_rotary(attn.k_proj(h).view(B, KV, D), cos, sin)  # [B, KV, D]
             v = attn.v_proj(h).view(B, KV, D)  # [B, KV, D]
             y = decode_attention(q[:, :, None], k[:, :, None], v[:, :, None], keys[i], values[i], visible, at)
             x = x + attn.o_proj(y.reshape(B, H * D))  # [B, H, 1, D] -> [B, H*D] -> [B, C]
             h = rms_norm(x, block.post_attention_layernorm.weight, block.post_attention_layernorm.eps)
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))  # [B, C]
         return m.lm_head(rms_norm(x, m.model.norm.weight, m.model.norm.eps)).float()  # [B, V]
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of one position per row, x [B, heads, D], cos, sin [B, 1, D] (HF's rotate_half)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class CompiledDecoder:
@@ -137,13 +131,14 @@ class CompiledDecoder:
         visible [B, >= cache.length + 1]: which cached positions (and this one) each row attends to.
         Advances the cache by one position."""
         B = tokens.shape[0]
-        if B not in self.compiled:
+        start = None
+        if B not in self.compiled:  # compiled at this call: traced with the cache's length left free
             self.compiled[B] = torch.compile(self.step, dynamic=False)
+            for t in (*cache.keys, *cache.values):
+                torch._dynamo.maybe_mark_dynamic(t, 2)  # one compiled step for every cache length
+            torch._dynamo.maybe_mark_dynamic(visible, 1)
+            start = time.perf_counter()
         at = torch.tensor(cache.length, device=tokens.device)
-        for t in (*cache.keys, *cache.values):
-            torch._dynamo.maybe_mark_dynamic(t, 2)  # one compiled step for every cache length
-        torch._dynamo.maybe_mark_dynamic(visible, 1)
-        start = time.perf_counter() if B not in self.compile_seconds else None
         from torch._inductor import config as inductor_config
 
         with inductor_config.patch(OPTIONS):  # (torch.compile's options= does not reach freezing)

@@ -387,10 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, TokenizerError, HubError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    decoder = _compiled(model, tokenizer) if args.compile else None
-    if isinstance(decoder, str):
-        print(f"error: --compile: {decoder}", file=sys.stderr)
-        return 2
+    decoder = None
+    if args.compile:
+        from .compiled import unsupported
+
+        problems = unsupported(model)
+        if problems:
+            print(f"error: --compile: {'; '.join(problems)}", file=sys.stderr)
+            return 2
+        decoder = _compiled(model, tokenizer)
     main_thread = MainThread()
     chat = ChatModel(model, tokenizer, args.name or args.model, max_waiting=args.max_waiting,
                      default_max_tokens=args.max_tokens, decoder=decoder, run=main_thread)
@@ -413,13 +418,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compiled(model, tokenizer):
-    """A `CompiledDecoder` of the model, its batch-1 step compiled now (one short answer), or why
-    the model cannot be compiled (a str)."""
-    from .compiled import CompiledDecoder, unsupported
+    """A `CompiledDecoder` of the model, its batch-1 step compiled now (one short answer)."""
+    from .compiled import CompiledDecoder
 
-    problems = unsupported(model)
-    if problems:
-        return "; ".join(problems)
     decoder = CompiledDecoder(model)
     print("compiling the decoding step (about 1.5 min for SmolLM2-135M on 2 cores) ...", file=sys.stderr, flush=True)
     ids = torch.tensor([tokenizer.encode_ids("Hello") or [0]])
