@@ -54,13 +54,21 @@ class Evaluation:
                 "problems": self.problems, "not_judged": self.not_judged, "health": self.health}
 
 
-def evaluation_interval(eval_every: int | None, total_steps: int) -> int:
-    """Steps between evaluations: --eval-every, or by default 4 per run, the start and the end
-    included (75 steps -> 0, 25, 50, 75; each costs ~50 s on the real model on 2 CPU cores, and
-    the default run must fit in 10 minutes); 0: none in between (runs under 5 steps)."""
-    if eval_every is not None:
-        return eval_every
-    return math.ceil(total_steps / 3) if total_steps >= 5 else 0
+# Steps between evaluations by default. An evaluation answers the sample prompts with the policy's
+# greedy decoding and runs its trained blocks over the held-out pairs: on 2 CPU cores with AVX2
+# kernels about as long as 6 training steps; the first one, which also runs the starting model over
+# the held-out pairs and answers with it, about 11. Evaluation within a fifth of a run (a quarter of
+# its training) then allows before and after for a run of 75 steps, the default's, and one more
+# evaluation for every 24 steps beyond that (docs/benchmarks.md, section 17).
+DEFAULT_EVAL_EVERY = 100
+
+
+def evaluation_interval(eval_every: int | None) -> int:
+    """Steps between evaluations, besides the one before training and the one at the end:
+    --eval-every, or by default every DEFAULT_EVAL_EVERY (100) steps, so a run of 75 steps (the
+    default's) evaluates before and after only, and one of 300 also at steps 100 and 200.
+    0: before and after only. A run never evaluates more often than it trains."""
+    return DEFAULT_EVAL_EVERY if eval_every is None else eval_every
 
 
 class RunMonitor:

@@ -156,7 +156,7 @@ def run(config: TrainConfig) -> dict:
     if not resume_state:
         for record in evals:  # the evaluation before training
             tracker.log_evaluation(record)
-    eval_every = evaluation_interval(config.eval_every, trainer.total_steps)
+    eval_every = evaluation_interval(config.eval_every)
     checkpoints = cli.Checkpoints(trainer, out, COMMAND, config.keep_checkpoints,
                                   lambda: dict(data_fingerprint=data_info["fingerprint"], evals=evals),
                                   resumed_from=resume_state[2] if resume_state else None)

@@ -95,10 +95,8 @@ def test_a_healthy_run_does_not_warn(setup, tmp_path):
 
 
 def test_evaluation_interval():
-    assert evaluation_interval(None, 125) == 42  # 4 evaluations: 0, 42, 84 and the end
-    assert evaluation_interval(None, 75) == 25  # the default run: 0, 25, 50, 75
-    assert evaluation_interval(None, 3) == 0  # too short: before and after only
-    assert evaluation_interval(0, 125) == 0 and evaluation_interval(7, 125) == 7
+    assert evaluation_interval(None) == 100  # the default run's 75 steps: before and after only
+    assert evaluation_interval(0) == 0 and evaluation_interval(7) == 7
 
 
 def test_verdict_names_the_problems_and_best():

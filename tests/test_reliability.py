@@ -91,7 +91,7 @@ def never_load_model(monkeypatch):
 # ====================================================================== 1. checkpoints
 def test_checkpoints_hold_everything_needed_to_resume(tiny, tmp_path):
     out = tmp_path / "run"
-    config = small_run(tiny, out, save_every=2, max_steps=5, keep_checkpoints=2)
+    config = small_run(tiny, out, save_every=2, max_steps=5, keep_checkpoints=2, eval_every=2)
     run(config)
     ckpts = list_checkpoints(out)
     # every --save-every steps (2, 4) and at the end (5); only the newest --keep-checkpoints kept
@@ -111,7 +111,7 @@ def test_checkpoints_hold_everything_needed_to_resume(tiny, tmp_path):
     assert meta["step"] == 5 and (meta["epoch"], meta["cursor"]) == (0, 5)  # data-order position
     assert meta["scheduler"]["last_epoch"] == 5 and "python_rng" not in meta  # no unused state
     assert meta["config"] == config.to_dict() and len(meta["data_fingerprint"]) == 16
-    # before training, then every ceil(5 / 3) = 2 steps; the final one comes after this checkpoint
+    # before training, then every --eval-every 2 steps; the final one comes after this checkpoint
     assert [e["step"] for e in meta["evals"]] == [0, 2, 4]
     assert all("health" in e and "healthy" in e for e in meta["evals"])
 
@@ -123,6 +123,16 @@ def test_checkpoints_hold_everything_needed_to_resume(tiny, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4, 5]
     assert [e["step"] for e in json.loads((out / "eval.json").read_text())["history"]] == [0, 2, 4, 5]
+
+
+def test_by_default_a_short_run_evaluates_before_and_after_only(tiny, tmp_path):
+    """The default schedule (no --eval-every): before training and at the end, and in between only every
+    100 steps, so the default 75-step run's evaluations stay within a fifth of its time on a CPU."""
+    out = tmp_path / "run"
+    result = run(small_run(tiny, out, max_steps=6))
+    assert [e["step"] for e in result["history"]] == [0, 6]
+    assert [step for step, _ in result["timing"]["evaluation_seconds"]] == [0, 6]
+    assert not any("eval_policy_accuracy" in r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
 
 
 def _fake_state(step: int) -> tuple[dict, dict]:
