@@ -56,10 +56,10 @@ class Evaluation:
 
 # Steps between evaluations by default. An evaluation answers the sample prompts with the policy's
 # greedy decoding and runs its trained blocks over the held-out pairs: on 2 CPU cores with AVX2
-# kernels about as long as 6 training steps; the first one, which also runs the starting model over
-# the held-out pairs and answers with it, about 11. Evaluation within a fifth of a run (a quarter of
-# its training) then allows before and after for a run of 75 steps, the default's, and one more
-# evaluation for every 24 steps beyond that (docs/benchmarks.md, section 17).
+# kernels about as long as 5 training steps; the first one, which also runs the starting model over
+# the held-out pairs and answers with it, about 13. Evaluation within a fifth of a run (a quarter of
+# the rest of it) then allows before and after for a run of 75 steps, the default's, and one more
+# evaluation for each 22 steps beyond that (docs/benchmarks.md, section 17).
 DEFAULT_EVAL_EVERY = 100
 
 
