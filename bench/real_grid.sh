@@ -31,4 +31,4 @@ names=("$@")
 [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 
 source bench/run_settings.sh
-run_settings GRID "python -m dpo.train --dtype bfloat16 --max-steps $STEPS --eval-every 25" "${names[@]}"
+run_settings GRID "python -m dpo.train --dtype bfloat16 --max-steps $STEPS --eval-every 25 --eval-pairs 200"  # as measured "${names[@]}"
