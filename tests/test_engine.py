@@ -16,7 +16,7 @@ from dpo.tokenization import TokenizedPair, collate_pairs
 from smollm import onednn
 from dpo.trainer import DPOTrainer
 
-from model_utils import crafted_pairs, random_model, small_config, textbook_layers
+from model_utils import assert_fp32_close, crafted_pairs, random_model, small_config, textbook_layers
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -34,13 +34,6 @@ def _policy_and_reference(n_train: int, seed: int = 0):
     policy = random_model(small_config(num_hidden_layers=4), seed=seed)
     freeze_all_but_last(policy, n_train)
     return policy, frozen_reference(policy)
-
-
-def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, msg: str | None = None) -> None:
-    """Equal up to fp32 rounding, which is relative: 1e-5 of the larger of 1 and the largest |value|.
-    (Two summation orders of a gradient of 32.5 differ by about 2e-5 with AVX2 kernels.)"""
-    atol = 1e-5 * max(1.0, float(expected.detach().abs().max()))
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=0, msg=msg)
 
 
 def _train(n_train: int, seed: int, pairs: list[TokenizedPair], steps: int, textbook: bool = False, **settings):
