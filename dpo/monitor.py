@@ -17,7 +17,6 @@ and KL(policy || reference). Then:
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ def evaluation_interval(eval_every: int | None) -> int:
     """Steps between evaluations, besides the one before training and the one at the end:
     --eval-every, or by default every DEFAULT_EVAL_EVERY (100) steps, so a run of 75 steps (the
     default's) evaluates before and after only, and one of 300 also at steps 100 and 200.
-    0: before and after only. A run never evaluates more often than it trains."""
+    0: before and after only. So by default no run evaluates more often than it trains."""
     return DEFAULT_EVAL_EVERY if eval_every is None else eval_every
 
 
