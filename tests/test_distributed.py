@@ -81,7 +81,10 @@ def test_two_ranks_train_as_one_process(two_ranks, setting, tmp_path):
     if "sft" not in setting:  # rank 0 ran batches 0 and 2 of the held-out set (rank 1 batch 1); all 3 under FSDP
         assert int(one.pop("batches_run")) == 3 and int(two.pop("batches_run")) == (3 if "fsdp" in setting else 2)
     for key in sorted(one):
-        torch.testing.assert_close(two[key], one[key].to(two[key].dtype), **TOL, msg=lambda m: f"{key}: {m}")
+        # the gradient norm sums the squares of every gradient, each summed over the ranks in another
+        # order: it moved by 1.0e-5 of itself (74% of TOL) on an Intel host, so it gets 10x the room
+        tol = dict(rtol=1e-4, atol=1e-5) if key == "metric.grad_norm" else TOL
+        torch.testing.assert_close(two[key], one[key].to(two[key].dtype), **tol, msg=lambda m: f"{key}: {m}")
     assert one["metric.tokens"].sum() > 0
     # the weights did move: the comparison is not of two untouched models
     start = dist_worker.random_model(dist_worker.small_config(num_hidden_layers=3), seed=0).state_dict()
